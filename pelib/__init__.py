@@ -19,3 +19,9 @@ _os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 __version__ = "0.1.0"
 
+
+from .inject import count_parameters, trainable_parameters  # noqa: E402
+from .lora import LoRALinear, apply_lora  # noqa: E402
+from .io import load_adapter, save_adapter  # noqa: E402
+from .backbone import load_backbone, tiny_backbone  # noqa: E402
+from .data import load_nlu  # noqa: E402

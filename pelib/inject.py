@@ -1,0 +1,99 @@
+"""Injection: find target modules by name, swap each for a wrapper, freeze everything else.
+
+Every PEFT method in pelib goes through here, so they all agree on what a target name means:
+a module matches `t` when its full name equals `t` or ends with `.t` (peft's rule for a list),
+and a single string that is not a module name is read as a regular expression that must match
+the full name (peft's rule for a string).
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterable
+
+from torch import nn
+
+# Heads that a sequence-classification model creates from scratch; they must train.
+CLASSIFIER_HEADS = ("classifier", "score")
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def find_targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[str]:
+    """Full names of the modules that `target_modules` selects, in model order."""
+    names = [n for n, _ in model.named_modules() if n]
+    if isinstance(target_modules, str):
+        found = [n for n in names if re.fullmatch(target_modules, n)]
+        wanted = [target_modules]
+    else:
+        wanted = list(target_modules)
+        if not wanted:
+            raise ValueError("target_modules is empty; name at least one module, e.g. ['query']")
+        found = [n for n in names if any(_matches(n, t) for t in wanted)]
+        missing = [t for t in wanted if not any(_matches(n, t) for n in names)]
+        if missing:
+            raise ValueError(
+                f"target module(s) {missing} match no module of {type(model).__name__}. "
+                f"Its nn.Linear modules end in: {linear_suffixes(model)}")
+    if not found:
+        raise ValueError(f"target {wanted} matches no module of {type(model).__name__}. "
+                         f"Its nn.Linear modules end in: {linear_suffixes(model)}")
+    return found
+
+
+def linear_suffixes(model: nn.Module) -> list[str]:
+    """The last name part of every nn.Linear: what users usually pass as targets."""
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                   if isinstance(m, nn.Linear)})
+
+
+def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def inject(model: nn.Module, target_modules, wrap: Callable[[str, nn.Module], nn.Module],
+           modules_to_save: Iterable[str] | None = None) -> nn.Module:
+    """Freeze `model`, then replace each target by `wrap(name, module)` (whose new parameters
+    stay trainable) and unfreeze `modules_to_save` (default: a classification head)."""
+    targets = find_targets(model, target_modules)
+    wrapped = [(name, wrap(name, model.get_submodule(name))) for name in targets]  # all checks first
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, new in wrapped:
+        parent, child = get_submodule_parent(model, name)
+        setattr(parent, child, new)
+    for name in resolve_modules_to_save(model, modules_to_save):
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
+    return model
+
+
+def resolve_modules_to_save(model: nn.Module, modules_to_save: Iterable[str] | None) -> list[str]:
+    names = [n for n, _ in model.named_modules() if n]
+    if modules_to_save is None:  # the freshly initialised head of a classifier
+        return [h for h in CLASSIFIER_HEADS if h in names]
+    out = []
+    for t in modules_to_save:
+        hits = [n for n in names if _matches(n, t)]
+        if not hits:
+            raise ValueError(f"modules_to_save entry {t!r} matches no module")
+        out += hits
+    return out
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total). Tied weights are counted once."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return count_parameters(model)[0]

@@ -1,0 +1,133 @@
+"""LoRA: Low-Rank Adaptation (Hu et al., 2021, arXiv:2106.09685).
+
+A frozen linear layer y = x W^T + b gets a trainable low-rank update:
+
+    y = x W^T + b + scaling * (dropout(x) A^T) B^T,     A: (r, in), B: (out, r)
+
+    scaling = alpha / r            (the paper)
+    scaling = alpha / sqrt(r)      (rsLoRA, Kalajdzievski 2023: keeps the update's scale
+                                    stable as r grows)
+
+A is initialised like nn.Linear (kaiming-uniform, a=sqrt(5)) and B = 0, so the adapted model
+equals the base model at step 0 and the first gradient flows into B only.
+After training, W' = W + scaling * B A can be merged: inference then costs nothing extra.
+
+The module and parameter names follow peft (`base_layer`, `lora_A`, `lora_B`), so a state dict
+maps one to one onto peft's adapter files, and the forward pass does the same operations in
+the same order as peft's, which makes the two bitwise equal.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .inject import inject, resolve_modules_to_save
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base_layer: nn.Linear, r: int = 8, alpha: float = 16,
+                 dropout: float = 0.0, use_rslora: bool = False):
+        super().__init__()
+        check_rank(r, base_layer)
+        self.base_layer = base_layer
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        dev, dtype = base_layer.weight.device, base_layer.weight.dtype
+        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=dev, dtype=dtype)
+        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=dev, dtype=dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.merged = False
+
+    in_features = property(lambda self: self.base_layer.in_features)
+    out_features = property(lambda self: self.base_layer.out_features)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (out, in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)  # (..., out)
+        if self.merged:
+            return result
+        x = x.to(self.lora_A.weight.dtype)
+        return result + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}"
+
+
+def check_rank(r, layer: nn.Module) -> None:
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise ValueError(f"r must be a positive integer, got {r!r}")
+    limit = min(layer.in_features, layer.out_features)
+    if r > limit:
+        raise ValueError(f"r={r} exceeds min(in_features, out_features)={limit} of a "
+                         f"{layer.in_features}->{layer.out_features} layer; choose r <= {limit}")
+
+
+def apply_lora(model: nn.Module, target_modules: str | Iterable[str], r: int = 8,
+               alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False,
+               modules_to_save: Iterable[str] | None = None,
+               rank_pattern: dict[str, int] | None = None) -> nn.Module:
+    """Wrap every targeted nn.Linear in a LoRALinear, freeze the rest (a classification head,
+    or `modules_to_save`, stays trainable). `rank_pattern` maps a name suffix to its own r."""
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("this model already has LoRA layers; load a fresh backbone first")
+    if not isinstance(r, int) or r <= 0:
+        raise ValueError(f"r must be a positive integer, got {r!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    rank_pattern = dict(rank_pattern or {})
+
+    def wrap(name: str, module: nn.Module) -> nn.Module:
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"{name!r} is a {type(module).__name__}; LoRA here targets nn.Linear "
+                            f"modules only")
+        r_here = next((v for k, v in rank_pattern.items()
+                       if name == k or name.endswith("." + k)), r)
+        try:
+            return LoRALinear(module, r_here, alpha, dropout, use_rslora)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+
+    inject(model, target_modules, wrap, modules_to_save)
+    model.pelib_adapter = dict(
+        peft_type="LORA", r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora,
+        target_modules=target_modules if isinstance(target_modules, str) else
+        sorted(set(target_modules)),
+        modules_to_save=resolve_modules_to_save(model, modules_to_save),
+        rank_pattern=rank_pattern)
+    return model
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold scaling * B A into every base weight; forward then skips the adapter path."""
+    for _, m in lora_layers(model):
+        m.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    for _, m in lora_layers(model):
+        m.unmerge()
+    return model
