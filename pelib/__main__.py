@@ -1,0 +1,173 @@
+"""Command line: `python -m pelib finetune ...` (and `pelib finetune ...` once installed).
+
+    python -m pelib finetune --model minilm --data banking77 --method lora --r 8 --epochs 3
+
+prints a result table and writes results/<run>.json (metrics, trainable parameters, time, peak
+memory, config) and results/<run>_loss.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+METHODS = ("full", "lora")
+DEFAULT_LR = {"full": 1e-4, "lora": 2e-3}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pelib", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    f = sub.add_parser("finetune", help="fine-tune a packaged backbone on a packaged data set")
+    f.add_argument("--model", default="minilm", choices=["minilm", "smollm2"])
+    f.add_argument("--data", default="banking77", choices=["banking77", "clinc150"])
+    f.add_argument("--method", default="lora", choices=METHODS)
+    f.add_argument("--impl", default="pelib", choices=["pelib", "peft"],
+                   help="build the LoRA model with pelib or with the peer library peft")
+    f.add_argument("--r", type=int, default=8)
+    f.add_argument("--alpha", type=float, default=None, help="default: 2*r")
+    f.add_argument("--rslora", action="store_true")
+    f.add_argument("--dropout", type=float, default=0.0)
+    f.add_argument("--targets", nargs="+", default=None, help="default: the backbone's usual set")
+    f.add_argument("--epochs", type=float, default=3)
+    f.add_argument("--lr", type=float, default=None, help=f"default per method: {DEFAULT_LR}")
+    f.add_argument("--batch-size", type=int, default=32)
+    f.add_argument("--grad-accum", type=int, default=1)
+    f.add_argument("--max-length", type=int, default=64)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--bf16", action="store_true", help="bf16 autocast (a real speed-up on AMX CPUs)")
+    f.add_argument("--train-limit", type=int, default=None, help="train on a seeded subset")
+    f.add_argument("--eval-limit", type=int, default=None)
+    f.add_argument("--eval-split", default="test", choices=["dev", "test"])
+    f.add_argument("--tiny", action="store_true", help="a toy-size random model (for tests)")
+    f.add_argument("--out", default="results")
+    f.add_argument("--name", default=None, help="run name (file stem under --out)")
+    f.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def writable_dir(path: str) -> Path:
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".pelib-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f"pelib: cannot write results to {out}/ ({e.strerror}); pass --out DIR "
+                         "with a folder you can write to")
+    return out
+
+
+def build(args):
+    import pelib
+    from pelib.backbone import DEFAULT_TARGETS
+
+    data = pelib.load_nlu(args.data, "train", limit=args.train_limit, seed=args.seed)
+    n_labels = len(data.label_names)
+    if args.tiny:
+        model, tokenizer = pelib.tiny_backbone(args.model, n_labels, seed=args.seed)
+    else:
+        import torch
+
+        torch.manual_seed(args.seed)  # the new classification head
+        model, tokenizer = pelib.load_backbone(args.model, num_labels=n_labels)
+    targets = args.targets or DEFAULT_TARGETS[args.model]
+    alpha = args.alpha if args.alpha is not None else 2 * args.r
+    if args.method == "lora" and args.impl == "peft":
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(
+            task_type=TaskType.SEQ_CLS, r=args.r, lora_alpha=alpha, lora_dropout=args.dropout,
+            target_modules=targets, use_rslora=args.rslora))
+    elif args.method == "lora":
+        pelib.apply_lora(model, targets, r=args.r, alpha=alpha, dropout=args.dropout,
+                         use_rslora=args.rslora)
+    elif args.impl == "peft":
+        raise SystemExit(f"pelib: --impl peft is only for --method lora, not {args.method}")
+    return model, tokenizer, data
+
+
+def run_name(args) -> str:
+    if args.name:
+        return args.name
+    method = args.method + (f"-r{args.r}" if args.method != "full" else "")
+    return "_".join([args.model + ("-tiny" if args.tiny else ""), args.data, method, args.impl,
+                     f"s{args.seed}"])
+
+
+def plot_losses(losses: list[float], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .io import atomic_write
+
+    k = max(1, len(losses) // 50)  # moving average over ~2% of the run
+    smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1])
+              for i in range(len(losses))]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(losses, alpha=0.3, label="loss per step")
+    ax.plot(smooth, label=f"moving average ({k} steps)")
+    ax.set(xlabel="optimizer step", ylabel="cross-entropy", title=title)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def table(rows: list[dict]) -> str:
+    cols = ["run", "acc", "P", "R", "F1", "trainable", "s/epoch", "peak MB"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        m = r["metrics"]
+        lines.append(f"| {r['name']} | {m['accuracy']:.4f} | {m['precision']:.4f} | "
+                     f"{m['recall']:.4f} | {m['f1']:.4f} | {r['trainable_params']:,} | "
+                     f"{r['seconds_per_epoch']:.1f} | {r['peak_memory_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def finetune(args) -> dict:
+    import pelib
+    from pelib.io import atomic_write
+    from pelib.train import TrainConfig, train
+
+    out = writable_dir(args.out)
+    if args.r <= 0:
+        raise SystemExit(f"pelib: --r must be a positive integer, got {args.r}")
+    cfg = TrainConfig(epochs=args.epochs, lr=args.lr or DEFAULT_LR[args.method],
+                      batch_size=args.batch_size, grad_accum=args.grad_accum,
+                      max_length=args.max_length, bf16=args.bf16, seed=args.seed,
+                      progress=not args.no_progress)
+    try:
+        model, tokenizer, data = build(args)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"pelib: {e}")
+    evaluation = pelib.load_nlu(args.data, args.eval_split, limit=args.eval_limit, seed=args.seed)
+    dev = pelib.load_nlu(args.data, "dev", limit=args.eval_limit, seed=args.seed)
+    result = train(model, tokenizer, data, evaluation, cfg, dev_data=dev)
+    name = run_name(args)
+    record = dict(name=name, **asdict(result), seconds_per_epoch=result.train_seconds / args.epochs,
+                  args=vars(args), eval_split=args.eval_split, train_rows=len(data.texts),
+                  eval_rows=len(evaluation.texts))
+    atomic_write(out / f"{name}.json",
+                 lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
+    plot_losses(result.losses, out / f"{name}_loss.png", name)
+    print(table([record]))
+    print(f"wrote {out / name}.json and {out / name}_loss.png")
+    return record
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "finetune":
+        finetune(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""Accuracy and macro-averaged precision, recall and F1 (the metrics of the seed's tables).
+
+Macro averaging gives every class the same weight: per class c,
+    P_c = TP_c / (TP_c + FP_c),  R_c = TP_c / (TP_c + FN_c),  F1_c = 2 P_c R_c / (P_c + R_c)
+and the macro score is the plain mean over the classes that occur in the true or the predicted
+labels (scikit-learn's default), with 0 where a denominator is 0 (zero_division=0).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def confusion_matrix(y_true, y_pred, num_labels: int | None = None) -> torch.Tensor:
+    t, p = torch.as_tensor(y_true).long(), torch.as_tensor(y_pred).long()
+    if t.shape != p.shape:
+        raise ValueError(f"y_true and y_pred differ in shape: {tuple(t.shape)} vs {tuple(p.shape)}")
+    n = num_labels or int(max(t.max(), p.max())) + 1
+    return torch.bincount(t * n + p, minlength=n * n).reshape(n, n)  # rows: true, cols: predicted
+
+
+def classification_metrics(y_true, y_pred) -> dict[str, float]:
+    cm = confusion_matrix(y_true, y_pred).double()
+    tp = cm.diag()
+    support, predicted = cm.sum(1), cm.sum(0)
+    present = (support + predicted) > 0  # classes seen in either list
+    div = lambda a, b: torch.where(b > 0, a / torch.where(b > 0, b, 1.0), 0.0)  # noqa: E731
+    precision, recall = div(tp, predicted), div(tp, support)
+    f1 = div(2 * precision * recall, precision + recall)
+    return dict(accuracy=(tp.sum() / cm.sum()).item(),
+                precision=precision[present].mean().item(),
+                recall=recall[present].mean().item(),
+                f1=f1[present].mean().item())

@@ -1,0 +1,237 @@
+"""One training loop for every method: AdamW, warmup + linear decay, gradient accumulation,
+optional bf16 autocast, length-grouped batches, evaluation, wall time and peak memory.
+
+Methods plug in through hooks instead of editing the loop. A hook is any object with some of:
+    param_groups(model) -> list of AdamW param-group dicts (e.g. SoRA's gates with their own lr)
+    loss(model, loss)   -> loss   (e.g. AdaLoRA adds its orthogonality regulariser)
+    step(model, step)             called after optimizer.step(), before zero_grad(), so the
+                                  gradients are still there (AdaLoRA's allocator, SoRA's prox)
+"""
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .inject import count_parameters
+from .metrics import classification_metrics
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 3
+    lr: float = 2e-3
+    batch_size: int = 32
+    grad_accum: int = 1
+    max_length: int = 64
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.0
+    bf16: bool = False
+    seed: int = 0
+    eval_batch_size: int = 128
+    progress: bool = True
+
+    def __post_init__(self):
+        for k in ("batch_size", "grad_accum", "max_length", "eval_batch_size"):
+            if int(getattr(self, k)) < 1:
+                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if not self.epochs > 0 or not self.lr > 0:
+            raise ValueError(f"epochs and lr must be > 0, got {self.epochs}, {self.lr}")
+
+
+@dataclass
+class TrainResult:
+    metrics: dict  # on the evaluation split after training
+    history: list = field(default_factory=list)  # per epoch: {"epoch", "loss", **eval metrics}
+    losses: list = field(default_factory=list)  # per optimizer step
+    trainable_params: int = 0
+    total_params: int = 0
+    train_seconds: float = 0.0  # optimizer steps only: the per-epoch dev evaluation is excluded
+    eval_seconds: float = 0.0
+    seconds_per_step: float = 0.0
+    peak_memory_mb: float = 0.0
+    memory_kind: str = ""
+    steps: int = 0
+    config: dict = field(default_factory=dict)
+
+
+class PeakMemory:
+    """Peak memory while the block runs: max_memory_allocated on CUDA, else the peak resident
+    set size of this process, sampled every 20 ms (ru_maxrss would be the lifetime peak)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.peak = 0
+        self.kind = "cuda max_memory_allocated" if self.cuda else "process RSS (sampled)"
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            return self
+        import psutil
+
+        proc, self._stop = psutil.Process(), threading.Event()
+        self.peak = proc.memory_info().rss
+
+        def sample():
+            while not self._stop.wait(0.02):
+                self.peak = max(self.peak, proc.memory_info().rss)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+
+    @property
+    def mb(self) -> float:
+        return self.peak / 2**20
+
+
+def encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Shuffle, sort within windows of 50 batches by length, cut into batches, shuffle those:
+    random order, little padding (2.3x faster an epoch than plain shuffling, measured here)."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = 50 * batch_size
+    batches = []
+    for i in range(0, len(order), window):
+        chunk = sorted(order[i:i + window], key=lambda j: lengths[j])
+        batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(ids: list[list[int]], index: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    T = max(len(ids[i]) for i in index)
+    input_ids = torch.full((len(index), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(index), T), dtype=torch.long)
+    for row, i in enumerate(index):  # right padding
+        input_ids[row, :len(ids[i])] = torch.tensor(ids[i])
+        mask[row, :len(ids[i])] = 1
+    return dict(input_ids=input_ids, attention_mask=mask)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, ids: list[list[int]], pad_id: int, batch_size: int = 128,
+            bf16: bool = False) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # little padding
+    preds = torch.empty(len(ids), dtype=torch.long)
+    for k in range(0, len(order), batch_size):
+        index = order[k:k + batch_size]
+        batch = {n: t.to(device) for n, t in collate(ids, index, pad_id).items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            preds[index] = model(**batch).logits.argmax(-1).cpu()
+    model.train(was_training)
+    return preds
+
+
+def evaluate(model, tokenizer, data, max_length=64, batch_size=128, bf16=False) -> dict:
+    ids = encode(tokenizer, data.texts, max_length)
+    return classification_metrics(data.labels, predict(model, ids, tokenizer.pad_token_id,
+                                                       batch_size, bf16))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, hooks) -> torch.optim.AdamW:
+    groups, taken = [], set()
+    for h in hooks:
+        for g in getattr(h, "param_groups", lambda m: [])(model):
+            groups.append(g)
+            taken |= {id(p) for p in g["params"]}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
+    if not rest and not groups:
+        raise ValueError("the model has no trainable parameters; inject a method first")
+    return torch.optim.AdamW([{"params": rest}] + groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def warmup_linear(total: int, warmup: int):
+    return lambda s: (s + 1) / max(1, warmup) if s < warmup else \
+        max(0.0, (total - s) / max(1, total - warmup))
+
+
+def train(model: nn.Module, tokenizer, train_data, eval_data, cfg: TrainConfig,
+          hooks=(), dev_data=None) -> TrainResult:
+    """Fine-tune the trainable parameters of `model` on train_data; evaluate on eval_data."""
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    device = next(model.parameters()).device
+    ids = encode(tokenizer, train_data.texts, cfg.max_length)
+    labels = torch.tensor(train_data.labels)
+    dev_ids = encode(tokenizer, dev_data.texts, cfg.max_length) if dev_data else None
+    steps_per_epoch = math.ceil(math.ceil(len(ids) / cfg.batch_size) / cfg.grad_accum)
+    total = max(1, round(cfg.epochs * steps_per_epoch))
+    optimizer = make_optimizer(model, cfg, hooks)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_linear(total, round(cfg.warmup_ratio * total)))
+    trainable, n_total = count_parameters(model)
+    result = TrainResult(metrics={}, trainable_params=trainable, total_params=n_total,
+                         config=asdict(cfg))
+    model.train()
+    step, epoch = 0, 0
+    bar = tqdm(total=total, desc="train", disable=not cfg.progress, dynamic_ncols=True)
+    start = time.perf_counter()
+    with PeakMemory(device) as mem:
+        while step < total:
+            epoch += 1
+            batches = length_grouped_batches([len(x) for x in ids], cfg.batch_size, rng)
+            epoch_losses = []
+            for k in range(0, len(batches), cfg.grad_accum):
+                if step >= total:
+                    break
+                group = batches[k:k + cfg.grad_accum]
+                loss_sum = 0.0
+                for index in group:
+                    batch = {n: t.to(device) for n, t in collate(ids, index, tokenizer.pad_token_id).items()}
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                        loss = model(**batch, labels=labels[index].to(device)).loss
+                    for h in hooks:
+                        loss = getattr(h, "loss", lambda m, l: l)(model, loss)
+                    (loss / len(group)).backward()
+                    loss_sum += loss.item() / len(group)
+                if not math.isfinite(loss_sum):
+                    raise FloatingPointError(f"loss became {loss_sum} at step {step}; lower the "
+                                             f"learning rate (now {cfg.lr})")
+                optimizer.step()
+                step += 1
+                for h in hooks:
+                    getattr(h, "step", lambda m, s: None)(model, step)
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                result.losses.append(loss_sum)
+                epoch_losses.append(loss_sum)
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{loss_sum:.3f}")
+            entry = dict(epoch=epoch, loss=sum(epoch_losses) / max(1, len(epoch_losses)))
+            if dev_ids is not None:
+                t0 = time.perf_counter()
+                preds = predict(model, dev_ids, tokenizer.pad_token_id, cfg.eval_batch_size, cfg.bf16)
+                entry.update({f"dev_{k}": v for k, v in
+                              classification_metrics(dev_data.labels, preds).items()})
+                result.eval_seconds += time.perf_counter() - t0
+            result.history.append(entry)
+    bar.close()
+    result.train_seconds = time.perf_counter() - start - result.eval_seconds
+    result.seconds_per_step = result.train_seconds / step
+    result.steps = step
+    result.peak_memory_mb, result.memory_kind = mem.mb, mem.kind
+    result.metrics = evaluate(model, tokenizer, eval_data, cfg.max_length, cfg.eval_batch_size,
+                              cfg.bf16)
+    return result

@@ -1,0 +1,84 @@
+"""The shipped data and the packaged pretrained backbones, loaded offline."""
+import hashlib
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import pelib
+from pelib.data import DATA_DIR, load_nlu
+
+ROWS = {("banking77", "train"): 9003, ("banking77", "dev"): 1000, ("banking77", "test"): 3080,
+        ("clinc150", "train"): 18000, ("clinc150", "dev"): 2250, ("clinc150", "test"): 2250}
+
+
+@pytest.mark.parametrize("name,split", list(ROWS))
+def test_rows_labels_and_checksums(name, split):
+    d = load_nlu(name, split)
+    assert len(d.texts) == len(d.labels) == ROWS[name, split]
+    assert len(d.label_names) == {"banking77": 77, "clinc150": 150}[name]
+    assert d.label_names == sorted(d.label_names) and set(d.labels) <= set(range(len(d.label_names)))
+    # data/README.md records the sha256 of every file; the files must still match it
+    readme = (DATA_DIR / "README.md").read_text()
+    digest = hashlib.sha256((DATA_DIR / name / f"{split}.tsv").read_bytes()).hexdigest()
+    assert re.search(rf"{name}/{split}\.tsv\s*\|.*{digest}", readme)
+
+
+def test_multiline_rows_and_stable_subsets():
+    texts = load_nlu("banking77", "train").texts
+    assert any("\n" in t for t in texts)  # quoted multi-line rows survive
+    a, b = load_nlu("banking77", "dev", limit=50, seed=3), load_nlu("banking77", "dev", limit=50, seed=3)
+    assert a == b and len(a.texts) == 50
+
+
+def test_bad_names_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="choose one of.*banking77"):
+        load_nlu("banking", "train")
+    with pytest.raises(ValueError, match="split"):
+        load_nlu("banking77", "validation")
+    with pytest.raises(FileNotFoundError, match="git checkout"):
+        load_nlu("banking77", "train", data_dir=tmp_path)
+    with pytest.raises(ValueError, match="choose one of"):
+        pelib.load_backbone("bert-base", num_labels=3)
+    with pytest.raises(ValueError, match="no causal-LM head"):
+        pelib.load_backbone("minilm", task="causal_lm")
+
+
+def test_minilm_pretrained():
+    model, tok = pelib.load_backbone("minilm", num_labels=77)
+    assert type(model).__name__ == "BertForSequenceClassification"
+    n = sum(p.numel() for n_, p in model.named_parameters() if not n_.startswith("classifier"))
+    assert 22_000_000 < n < 23_000_000  # ~22.7M
+    # pretrained, not random: the two "bank" sentences are closer than an unrelated one
+    enc = tok(["my card was declined", "why was my card payment refused", "the weather is nice"],
+              padding=True, return_tensors="pt")
+    with torch.no_grad():
+        h = model.bert(**enc).last_hidden_state
+    e = torch.nn.functional.normalize((h * enc["attention_mask"][..., None]).sum(1), dim=-1)
+    assert e[0] @ e[1] > e[0] @ e[2] + 0.2
+
+
+def test_smollm2_pretrained_both_heads():
+    model, tok = pelib.load_backbone("smollm2", task="causal_lm")
+    assert model.config.num_hidden_layers == 30 and model.config.num_key_value_heads == 3
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     tokenize=False, add_generation_prompt=True)
+    ids = tok(prompt, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+    clf, _ = pelib.load_backbone("smollm2", num_labels=4)
+    assert type(clf).__name__ == "LlamaForSequenceClassification"
+    assert torch.equal(clf.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
+    enc = tok(["hello there", "a longer second sentence here"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert clf(**enc).logits.shape == (2, 4)
+
+
+def test_tiny_backbones():
+    for name in ("minilm", "smollm2"):
+        m, _ = pelib.tiny_backbone(name, 3, with_tokenizer=False)
+        assert sum(p.numel() for p in m.parameters()) < 3_000_000
+    m, _ = pelib.tiny_backbone("smollm2", task="causal_lm", with_tokenizer=False)
+    assert m.config.num_key_value_heads < m.config.num_attention_heads  # GQA, as SmolLM2

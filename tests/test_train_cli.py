@@ -1,0 +1,96 @@
+"""The training loop and the command line, on toy models and small real-data subsets."""
+import json
+import os
+
+import pytest
+import torch
+
+import pelib
+from pelib.__main__ import main
+from pelib.train import TrainConfig, length_grouped_batches, train, warmup_linear
+
+
+def test_schedule_and_batching():
+    f = warmup_linear(total=100, warmup=10)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(55) == pytest.approx(0.5)
+    import random
+
+    lengths = [random.Random(0).randint(3, 60) for _ in range(1000)]
+    batches = length_grouped_batches(lengths, 32, random.Random(0))
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+    pad = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    assert pad < 1.1 * sum(lengths)  # grouping by length leaves little padding
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
+
+
+class Recorder:
+    """A hook: counts calls, sees gradients at step time, adds a loss term."""
+    def __init__(self):
+        self.steps, self.grads_present, self.loss_calls = [], [], 0
+
+    def loss(self, model, loss):
+        self.loss_calls += 1
+        return loss + 0.0 * sum(p.sum() for p in model.parameters() if p.requires_grad)
+
+    def step(self, model, step):
+        self.steps.append(step)
+        self.grads_present.append(all(p.grad is not None for p in model.parameters() if p.requires_grad))
+
+
+def test_loop_learns_and_calls_hooks():
+    model, tok = pelib.tiny_backbone("minilm", 77)
+    pelib.apply_lora(model, ["query", "value"], r=4, alpha=8)
+    data = pelib.load_nlu("banking77", "train", limit=64)
+    hook = Recorder()
+    cfg = TrainConfig(epochs=3, lr=5e-3, batch_size=8, grad_accum=2, progress=False)
+    res = train(model, tok, data, data, cfg, hooks=[hook], dev_data=data)
+    assert res.steps == 3 * 4 and hook.steps == list(range(1, 13)) and all(hook.grads_present)
+    assert hook.loss_calls == 3 * 8
+    assert res.history[-1]["loss"] < res.history[0]["loss"]  # it learns the 64 examples
+    assert res.trainable_params == pelib.trainable_parameters(model)
+    assert res.peak_memory_mb > 50 and res.train_seconds > 0
+    assert set(res.metrics) == {"accuracy", "precision", "recall", "f1"}
+
+
+def test_grad_accumulation_matches_big_batch():
+    """Equal-length texts: 1 x 8 and 2 x 4 (accumulated) give the same update."""
+    data = pelib.load_nlu("banking77", "train", limit=8)
+    data = data._replace(texts=["card payment declined again today"] * 8)
+    outs = []
+    for bs, acc in [(8, 1), (4, 2)]:
+        model, tok = pelib.tiny_backbone("minilm", 77)
+        pelib.apply_lora(model, ["query"], r=2)
+        model.config.hidden_dropout_prob = 0.0
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        train(model, tok, data, data, TrainConfig(epochs=1, lr=1e-2, batch_size=bs, grad_accum=acc,
+                                                  warmup_ratio=0, progress=False))
+        outs.append(torch.cat([p.flatten() for p in model.parameters() if p.requires_grad]))
+    assert (outs[0] - outs[1]).abs().max() < 1e-6
+
+
+def test_cli_writes_json_and_png(tmp_path, capsys):
+    main(["finetune", "--tiny", "--train-limit", "96", "--eval-limit", "40", "--epochs", "1",
+          "--r", "2", "--out", str(tmp_path), "--no-progress", "--name", "run"])
+    rec = json.loads((tmp_path / "run.json").read_text())
+    assert rec["trainable_params"] > 0 and rec["args"]["r"] == 2 and rec["eval_rows"] == 40
+    assert set(rec["metrics"]) == {"accuracy", "precision", "recall", "f1"}
+    assert (tmp_path / "run_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| run |" in capsys.readouterr().out
+
+
+def test_cli_bad_inputs(tmp_path):
+    with pytest.raises(SystemExit):  # argparse: unknown method
+        main(["finetune", "--method", "dora", "--tiny"])
+    with pytest.raises(SystemExit, match="choose r <= 32"):
+        main(["finetune", "--tiny", "--r", "64", "--out", str(tmp_path), "--train-limit", "8"])
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o500)
+    if os.access(ro, os.W_OK):  # running as root: make the path impossible instead
+        ro = tmp_path / "file"
+        ro.write_text("")
+    with pytest.raises(SystemExit, match="cannot write results"):
+        main(["finetune", "--tiny", "--out", str(ro / "sub")])
