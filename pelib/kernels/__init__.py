@@ -1,0 +1,23 @@
+"""pelib.kernels: Triton kernels for PEFT training, each beside its pure-torch reference.
+
+    nf4            NF4 (+ double quantisation) dequantisation, bit-exact with bitsandbytes
+    rmsnorm        RMSNorm forward and backward (dx and dW)
+    swiglu         h = silu(g) * u, forward and backward
+    rope           rotary position embedding on Q and K (HF rotate_half convention, GQA)
+    cross_entropy  logsumexp cross-entropy, chunked over the vocabulary
+    lora           fused LoRA linear y = x W^T + s (x A^T) B^T, W dense or NF4
+    patch          swap these into a transformers Llama model (and back)
+    bench          timings against torch eager and the bandwidth limit
+
+On a machine without CUDA the kernels run in Triton's interpreter. It reads TRITON_INTERPRET
+when each `@triton.jit` decorator runs, so it is set here, before any kernel file is imported.
+"""
+import os as _os
+
+import torch as _torch
+
+if not _torch.cuda.is_available():
+    _os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from ._dispatch import backend, get_backend, set_backend, use_triton  # noqa: E402
+from .nf4 import NF4Weight, nf4_dequantize, nf4_dequantize_ref  # noqa: E402
