@@ -26,3 +26,4 @@ from .swiglu import SwiGLUFunction, swiglu, swiglu_ref  # noqa: E402
 from .rope import RoPEFunction, apply_rope, apply_rope_ref  # noqa: E402
 from .cross_entropy import CrossEntropyFunction, cross_entropy, cross_entropy_ref  # noqa: E402
 from .lora import LoRALinearFunction, lora_linear, lora_linear_ref  # noqa: E402
+from .patch import causal_lm_loss, patch, unpatch  # noqa: E402
