@@ -190,15 +190,28 @@ def run(sizes, device, dtype, out_dir, peaks=None):
         rows.append(row)
         print(_fmt(row), flush=True)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "versions": _versions(),
               "dtype": str(dtype), "sizes": sizes, "peaks": peaks, "measured_copy_Bps": copy_bw, "rows": rows}
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(result, f, indent=1)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(f"# pelib.kernels bench on {result['device']} ({dtype})\n\nsizes {sizes}\n\n")
+        f.write(f"versions {result['versions']}\n\n")
         f.write(f"limits at {peaks['bandwidth'] / 1e9:.0f} GB/s and {peaks['bf16_flops'] / 1e12:.1f} TFLOP/s; "
                 f"measured copy here {copy_bw / 1e9:.0f} GB/s\n\n")
         f.write("\n".join(_fmt(r) for r in rows) + "\n")
     return result
+
+
+def _versions():
+    import triton
+    v = {"torch": torch.__version__, "triton": triton.__version__}
+    try:
+        import bitsandbytes
+        v["bitsandbytes"] = bitsandbytes.__version__
+    except Exception:
+        v["bitsandbytes"] = None
+    return v
 
 
 def _fmt(row):
