@@ -21,7 +21,6 @@ W dense or NF4) needs pelib.lora's layer class, written elsewhere; `LORA_HOOK` b
 plugs in. The attention itself (softmax(QK^T)V) is left to transformers.
 """
 import torch.nn.functional as F
-import transformers.models.llama.modeling_llama as llama
 
 from .cross_entropy import cross_entropy
 from .rmsnorm import rms_norm
@@ -59,8 +58,15 @@ def _mlp_forward(module):
     return forward
 
 
+def _llama():
+    # imported here, not at the top: `import pelib.kernels` stays free of transformers
+    import transformers.models.llama.modeling_llama as llama
+    return llama
+
+
 def patch(model):
     """Use pelib's kernels in a transformers Llama model (in place); returns the model."""
+    llama = _llama()
     if getattr(model, "_pelib_patched", False):
         return model
     swaps = []                                                                  # (module, new forward)
@@ -88,6 +94,7 @@ def patch(model):
 
 def unpatch(model):
     """Undo `patch`: instance forwards removed, RoPE and loss function restored."""
+    llama = _llama()
     if not getattr(model, "_pelib_patched", False):
         return model
     for m in model._pelib_swapped:
