@@ -7,7 +7,14 @@
     cross_entropy  logsumexp cross-entropy, chunked over the vocabulary
     lora           fused LoRA linear y = x W^T + s (x A^T) B^T, W dense or NF4
     patch          swap these into a transformers Llama model (and back)
-    bench          timings against torch eager and the bandwidth limit
+    bench          timings against torch eager and the bandwidth limit (`python -m pelib.kernels.bench`)
+
+Each public function dispatches (see _dispatch.py): the Triton kernel for CUDA tensors or in
+the interpreter, the `_ref` otherwise, or whichever `with pelib.kernels.backend("ref"):` asks
+for. The `_triton` / `_fused` variants in each file call the kernel directly.
+
+Note: `pelib.kernels.swiglu` and `pelib.kernels.cross_entropy` name the functions; the modules
+of the same names are imported as `from pelib.kernels.swiglu import ...`.
 
 On a machine without CUDA the kernels run in Triton's interpreter. It reads TRITON_INTERPRET
 when each `@triton.jit` decorator runs, so it is set here, before any kernel file is imported.

@@ -14,6 +14,7 @@ The switch is process-wide and is meant for tests, benchmarks and the notebook:
         y = pelib.kernels.rms_norm(x, w)      # the torch reference, whatever the device
 """
 import contextlib
+import functools
 import os
 
 import torch
@@ -67,6 +68,11 @@ def launch_options() -> dict:
     return {} if interpreting() else {"enable_fp_fusion": False}
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def num_programs(device: torch.device, cap_interpreter: int = 4) -> int:
     """How many programs a persistent (grid-stride) kernel launches.
 
@@ -74,5 +80,5 @@ def num_programs(device: torch.device, cap_interpreter: int = 4) -> int:
     3 ms of Python, so a handful of large ones is fastest.
     """
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return cap_interpreter

@@ -145,7 +145,9 @@ def cases(sz, device, dtype):
                                      "torch": _grad_fn(lambda: cross_entropy_ref(logits, labels), (logits,), one)},
                                     3 * N * V * B, 6 * N * V)
 
-    # LoRA MLP forward + backward: gate/up (m, h), down (h, m), rank r, W in NF4 or dense
+    # LoRA MLP forward + backward: gate/up (m, h), down (h, m), rank r, W in NF4 or dense.
+    # bytes: the three NF4 weights read twice (n/2 each) + activations; FLOPs: per projection
+    # 4*N*in*out (y, dx) + N*r*(8*in + 6*out) (LoRA terms, see lora.py)
     X, dY = rnd(N, h).requires_grad_(), rnd(N, h)
     Wg4, Wu4, Wd4 = w4, _nf4_weight((m, h), dev, dtype)[0], _nf4_weight((h, m), dev, dtype)[0]
     Wg, Wu, Wd = (W.dequantize(dtype) for W in (Wg4, Wu4, Wd4))
@@ -162,7 +164,7 @@ def cases(sz, device, dtype):
         "ours_dense": _grad_fn(mlp(lora_linear_fused, swiglu_triton, (Wg, Wu, Wd)), ins, dY),
         "torch_nf4": _grad_fn(mlp(lora_linear_ref, swiglu_ref, (Wg4, Wu4, Wd4)), ins, dY),
         "torch_dense": _grad_fn(mlp(lora_linear_ref, swiglu_ref, (Wg, Wu, Wd)), ins, dY)},
-        (3 * m * h // 2 + 6 * N * (h + m)) * B, 12 * N * h * m + 18 * N * r * (h + m))
+        3 * m * h + 6 * N * (h + m) * B, 12 * N * h * m + N * r * (22 * h + 20 * m))
     return out
 
 

@@ -26,8 +26,8 @@ save is traffic: the LoRA term is added into y in place (`addmm_`, no (N, out) t
 dx likewise, and the NF4 weight is dequantised by one Triton kernel, read as 4 bits, never
 stored in 16 bits across the forward-backward gap. This is Unsloth's choice as well.
 
-FLOPs per call (forward + backward): 2*N*in*out * 2 (y, dx) + 2*N*r*(in + out) * 3
-(xa twice and dA/dB, dxa and the LoRA term of y and dx).
+FLOPs per call (forward + backward): 4*N*in*out (x W^T, dy W) + N*r*(8*in + 6*out) (x A^T
+twice, dA and dxa A over `in`; the LoRA term of y, dB and dxa over `out`).
 """
 import torch
 
