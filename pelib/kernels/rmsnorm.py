@@ -74,7 +74,8 @@ def _rmsnorm_bwd_kernel(
         dn = dy * w[None, :]
         c = tl.sum(dn * xhat, axis=1) / H                                      # (BLOCK_R,)
         dx = rstd[:, None] * (dn - xhat * c[:, None])
-        tl.store(dx_ptr + rows64 * sdx + cols[None, :], round_to(dx, dx_ptr.dtype.element_ty).to(dx_ptr.dtype.element_ty), mask=m)
+        DT: tl.constexpr = dx_ptr.dtype.element_ty
+        tl.store(dx_ptr + rows64 * sdx + cols[None, :], round_to(dx, DT).to(DT), mask=m)
     tl.store(dw_partial_ptr + pid * H + cols, dw, mask=cmask)
 
 

@@ -69,7 +69,8 @@ def _launch(q, k, cos, sin, backward):
     cos = cos if cos.stride(-1) == 1 else cos.contiguous()
     sin = sin if sin.stride() == cos.stride() else sin.contiguous()
     assert sin.stride() == cos.stride(), "cos and sin must share a layout"
-    qo, ko = torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k, memory_format=torch.contiguous_format)
+    qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)                # (B, Hq, T, D) contiguous
+    ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)                # (B, Hk, T, D)
     scb = 0 if cos.shape[0] == 1 else cos.stride(0)
     HALF = D // 2
     BLOCK_T = min(triton.next_power_of_2(T), 1024 if interpreting() else 32)
