@@ -1,0 +1,84 @@
+"""Which implementation runs: the Triton kernel or the pure-torch reference.
+
+Every kernel file in `pelib.kernels` has two paths with one signature, `<name>` (Triton) and
+`<name>_ref` (torch). The public function asks `use_triton(t)` which one to take:
+
+    backend "auto"   Triton when `t` is on a CUDA device, or when it is on the CPU and the
+                     Triton interpreter is on (TRITON_INTERPRET=1); the reference otherwise.
+    backend "triton" always Triton (fails on a CPU tensor without the interpreter).
+    backend "ref"    always the reference.
+
+The switch is process-wide and is meant for tests, benchmarks and the notebook:
+
+    with pelib.kernels.backend("ref"):
+        y = pelib.kernels.rms_norm(x, w)      # the torch reference, whatever the device
+"""
+import contextlib
+import functools
+import os
+
+import torch
+
+_BACKENDS = ("auto", "triton", "ref")
+_state = {"backend": os.environ.get("PELIB_KERNELS", "auto")}
+
+
+def interpreting() -> bool:
+    """True when Triton runs its numpy interpreter (read once, when kernels were defined)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def get_backend() -> str:
+    return _state["backend"]
+
+
+def set_backend(name: str) -> None:
+    if name not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
+    _state["backend"] = name
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """Temporarily select "auto", "triton" or "ref"."""
+    old = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(old)
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    b = get_backend()
+    if b == "ref":
+        return False
+    if b == "triton":
+        return True
+    return t.is_cuda or (t.device.type == "cpu" and interpreting())
+
+
+def launch_options() -> dict:
+    """Extra keyword arguments for a kernel launch.
+
+    On a GPU, LLVM fuses `a * b + c` into one FMA (one rounding instead of two). Kernels that
+    promise bit-exact results against a library that rounds twice pass these options; the
+    interpreter (numpy) never fuses and takes no compiler options.
+    """
+    return {} if interpreting() else {"enable_fp_fusion": False}
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_programs(device: torch.device, cap_interpreter: int = 4) -> int:
+    """How many programs a persistent (grid-stride) kernel launches.
+
+    GPU: a few per SM keeps every SM busy. Interpreter: each program instance costs about
+    3 ms of Python, so a handful of large ones is fastest.
+    """
+    if device.type == "cuda":
+        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return cap_interpreter

@@ -1,0 +1,123 @@
+"""Fused LoRA linear with a manual backward; the frozen W dense or NF4 (QLoRA).
+
+LoRA (Hu et al. 2021) keeps W (out, in) frozen and learns A (r, in), B (out, r):
+
+    y = x W^T + s * (x A^T) B^T + bias          s = alpha / r (the `scaling`)
+
+Shapes: x (N, in), xa = x A^T (N, r), y (N, out). With dy = dL/dy (N, out):
+
+    dB  = s * dy^T xa                           (out, r)
+    dxa = s * dy B                              (N, r)
+    dA  = dxa^T x                               (r, in)
+    dx  = dy W + dxa A                          (N, in)
+    W and bias are frozen: no gradient.
+
+What is saved for backward: x, A, B, and W as it was given: the dense W (a reference to the
+parameter, no new memory), or for NF4 only its packed bytes and statistics (n/2 bytes plus
+~n/64 bytes with double quantisation). The dense dequantised W is made in forward, used, and
+dropped; the backward dequantises it again. xa is recomputed (2*N*in*r FLOPs, ~r/out of the
+forward's cost) instead of being saved.
+
+Why torch matmuls and not a Triton matmul: the five products here are compute-bound (for
+N=8192, in=4096, out=14336 the x W^T product alone is 0.96 TFLOP, ~1.2 ms at ~790 TFLOP/s bf16
+on an H200) and cuBLAS runs them at the hardware's peak, which a hand-written Triton matmul
+matches only after per-shape autotuning (unavailable in the interpreter). What fusion can
+save is traffic: the LoRA term is added into y in place (`addmm_`, no (N, out) temporary),
+dx likewise, and the NF4 weight is dequantised by one Triton kernel, read as 4 bits, never
+stored in 16 bits across the forward-backward gap. This is Unsloth's choice as well.
+
+FLOPs per call (forward + backward): 4*N*in*out (x W^T, dy W) + N*r*(8*in + 6*out) (x A^T
+twice, dA and dxa A over `in`; the LoRA term of y, dB and dxa over `out`).
+"""
+import torch
+
+from ._dispatch import use_triton
+from .nf4 import NF4Weight, nf4_dequantize_ref
+
+
+def _nf4_tensors(w: NF4Weight):
+    """The NF4 weight as a flat tuple of tensors (autograd saves tensors, not dataclasses)."""
+    if isinstance(w.absmax, torch.Tensor):
+        return (w.packed, w.code, w.absmax)
+    qabsmax, absmax2, code2, offset = w.absmax
+    offset = torch.as_tensor(offset, dtype=torch.float32, device=w.packed.device)
+    return (w.packed, w.code, qabsmax, absmax2, code2, offset)
+
+
+def _nf4_rebuild(meta, tensors):
+    shape, blocksize, blocksize2, dq = meta
+    packed, code, *stats = tensors
+    absmax = tuple(stats) if dq else stats[0]
+    return NF4Weight(packed, absmax, code, shape, blocksize, None, blocksize2)
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """y = x W^T + s (x A^T) B^T (+ bias); returns grads for x, A, B only.
+
+    Saves for backward: x, A, B, and either the dense W (the frozen parameter itself) or the
+    NF4 tensors (packed uint8, code, absmax or qabsmax/absmax2/code2/offset); never a dense
+    dequantised copy of W.
+    """
+
+    @staticmethod
+    def forward(ctx, x, A, B, scaling, bias, W, nf4_meta, *nf4_tensors):
+        X = x.reshape(-1, x.shape[-1])                                         # (N, in)
+        if nf4_meta is None:
+            Wd = W.to(X.dtype)                                                  # (out, in)
+        else:
+            Wd = _nf4_rebuild(nf4_meta, nf4_tensors).dequantize(X.dtype)       # (out, in), dropped below
+        Ac, Bc = A.to(X.dtype), B.to(X.dtype)
+        xa = X @ Ac.t()                                                         # (N, r)
+        y = torch.addmm(bias.to(X.dtype), X, Wd.t()) if bias is not None else X @ Wd.t()  # (N, out)
+        y.addmm_(xa, Bc.t(), alpha=scaling)                                     # y += s xa B^T, in place
+        if nf4_meta is None:
+            ctx.save_for_backward(x, A, B, W)
+        else:
+            ctx.save_for_backward(x, A, B, *nf4_tensors)
+        ctx.scaling, ctx.nf4_meta = scaling, nf4_meta
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, A, B, *w = ctx.saved_tensors
+        s = ctx.scaling
+        X = x.reshape(-1, x.shape[-1])                                         # (N, in)
+        dY = dy.reshape(-1, dy.shape[-1]).to(X.dtype)                          # (N, out)
+        Ac, Bc = A.to(X.dtype), B.to(X.dtype)
+        xa = X @ Ac.t()                                                         # (N, r) recomputed
+        dB = (dY.t() @ xa).mul_(s)                                              # (out, r)
+        dxa = (dY @ Bc).mul_(s)                                                 # (N, r)
+        dA = dxa.t() @ X                                                        # (r, in)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            if ctx.nf4_meta is None:
+                Wd = w[0].to(X.dtype)
+            else:
+                Wd = _nf4_rebuild(ctx.nf4_meta, w).dequantize(X.dtype)         # dequantised again
+            dx = (dY @ Wd).addmm_(dxa, Ac).reshape(x.shape)                    # (N, in)
+        n_nf4 = len(w) if ctx.nf4_meta is not None else 0
+        return (dx, dA.to(A.dtype), dB.to(B.dtype), None, None, None, None) + (None,) * n_nf4
+
+
+def lora_linear_ref(x, W, A, B, scaling, bias=None):
+    """Plain torch under autograd. W is a dense tensor or an NF4Weight (dequantised in torch)."""
+    if isinstance(W, NF4Weight):
+        W = nf4_dequantize_ref(W.packed, W.absmax, W.code, W.shape, W.blocksize, x.dtype, W.blocksize2)
+    W = W.detach().to(x.dtype)
+    y = torch.nn.functional.linear(x, W, None if bias is None else bias.detach().to(x.dtype))
+    return y + scaling * torch.nn.functional.linear(torch.nn.functional.linear(x, A.to(x.dtype)), B.to(x.dtype))
+
+
+def lora_linear_fused(x, W, A, B, scaling, bias=None):
+    if isinstance(W, NF4Weight):
+        meta = (tuple(W.shape), W.blocksize, W.blocksize2, not isinstance(W.absmax, torch.Tensor))
+        return LoRALinearFunction.apply(x, A, B, scaling, bias, None, meta, *_nf4_tensors(W))
+    return LoRALinearFunction.apply(x, A, B, scaling, bias, W, None)
+
+
+def lora_linear(x, W, A, B, scaling, bias=None):
+    """y = x W^T + scaling * (x A^T) B^T + bias, W (out, in) dense or NF4Weight, frozen.
+
+    x (..., in), A (r, in), B (out, r) -> y (..., out). Gradients flow to x, A and B.
+    """
+    return (lora_linear_fused if use_triton(x) else lora_linear_ref)(x, W, A, B, scaling, bias)

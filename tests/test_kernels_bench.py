@@ -1,0 +1,25 @@
+"""bench/gpu.sh's CPU path: tiny sizes, the result files written (no timing asserted)."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gpu_script_cpu_path_writes_results(tmp_path):
+    env = dict(os.environ, BENCH_FLAGS="", PYTHON=sys.executable)
+    r = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu.sh"), str(tmp_path)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = json.loads((tmp_path / "results.json").read_text())
+    names = [row["case"] for row in data["rows"]]
+    assert names == ["nf4_dq_dequant", "rmsnorm_fwd_bwd", "swiglu_fwd_bwd", "rope_qk_fwd_bwd",
+                     "cross_entropy_fwd_bwd", "lora_mlp_fwd_bwd"]
+    for f in ("results.md", "bench.log", "env.txt"):
+        assert (tmp_path / f).stat().st_size > 0
+    for row in data["rows"]:
+        assert row["limit_ms"] > 0
+        assert any(k.startswith("torch") and k.endswith("_ms") and v > 0 for k, v in row.items())
+        assert row["rel_diff"] < 2e-2                        # bf16: ours and torch agree
+    assert data["rows"][0]["rel_diff"] == 0                  # NF4 dequant is bit-exact
