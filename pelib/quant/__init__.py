@@ -4,6 +4,7 @@
 Notebooks 04 (the NF4 code) and 05 (blockwise and double quantisation) derive each piece;
 bitsandbytes is the peer every test compares against.
 """
+from .bench import bench_dequant
 from .blockwise import (
     DQ_BLOCKSIZE,
     SUPPORTED_BLOCKSIZES,
@@ -19,3 +20,13 @@ from .blockwise import (
     unpack_4bit,
 )
 from .codes import NF4_OFFSET, create_dynamic_map, create_fp4_map, create_int4_map, create_normal_map, get_code
+from .ledger import (
+    LLAMA_7B,
+    SMOLLM2_135M,
+    bits_per_param,
+    llama_linear_shapes,
+    model_ledger,
+    quantized_nbytes,
+    state_nbytes,
+)
+from .linear4bit import Dequant4bitLinear, Linear4bit
