@@ -20,6 +20,7 @@ from pelib.quant import (
     quantize_blockwise,
     unpack_4bit,
 )
+from pelib.quant.blockwise import CHUNK_BYTES
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU import logs a warning
 bnbF = pytest.importorskip("bitsandbytes.functional")
@@ -150,11 +151,14 @@ def test_fast_equals_reference(shape, dtype):
         n_block_bytes = math.ceil(packed.numel() / block_bytes)
         # One block a chunk (small shapes), about five chunks, one chunk: chunk edges everywhere.
         chunks = [block_bytes] if n_block_bytes < 100 else []
-        chunks += [block_bytes * math.ceil(n_block_bytes / 5), 1 << 20]
+        chunks += [block_bytes * math.ceil(n_block_bytes / 5), CHUNK_BYTES]
         for chunk_bytes in chunks:
             assert torch.equal(dequantize_4bit(packed, state, chunk_bytes=chunk_bytes), ref)
         for out_dtype in DTYPES:
-            assert torch.equal(dequantize_4bit(packed, state, out_dtype), dequantize_4bit_ref(packed, state, out_dtype))
+            ref = dequantize_4bit_ref(packed, state, out_dtype)
+            assert torch.equal(dequantize_4bit(packed, state, out_dtype), ref)
+            out = torch.full(shape, float("nan"), dtype=out_dtype)
+            assert dequantize_4bit(packed, state, out_dtype, out=out) is not None and torch.equal(out, ref)
 
 
 def test_pack_layout():
@@ -219,3 +223,5 @@ def test_errors_are_clear():
     packed, state = quantize_4bit(W)
     with pytest.raises(ValueError, match="uint8 bytes"):
         dequantize_4bit(packed[:-1], state)
+    with pytest.raises(ValueError, match="out must be"):
+        dequantize_4bit(packed, state, out=torch.empty(8, 64, dtype=torch.float16))

@@ -4,7 +4,6 @@
 Notebooks 04 (the NF4 code) and 05 (blockwise and double quantisation) derive each piece;
 bitsandbytes is the peer every test compares against.
 """
-from .bench import bench_dequant
 from .blockwise import (
     DQ_BLOCKSIZE,
     SUPPORTED_BLOCKSIZES,
@@ -30,3 +29,11 @@ from .ledger import (
     state_nbytes,
 )
 from .linear4bit import Dequant4bitLinear, Linear4bit
+
+
+def __getattr__(name):  # the benchmark imports bitsandbytes: load it only when asked for
+    if name == "bench_dequant":
+        from .bench import bench_dequant
+
+        return bench_dequant
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,9 +2,10 @@
 
     python -m pelib.quant.bench --n 4096 [--dtype float32] [--threads 1]
 
-Both libraries dequantise the same N(0, 1) weight (NF4, blocksize 64, double quantisation)
+Both libraries dequantise the same bytes and scales (bitsandbytes' NF4 of an N(0, 1) weight,
+blocksize 64, double quantisation)
 in the same process, alternating runs so that both see the same machine load; we print the
-median of each, their ratio, and two floors:
+medians, their ratio, pelib writing into a preallocated `out`, and two floors:
   - traffic: bytes that must move (n/2 packed bytes in, n * itemsize out, scales) divided
     by the bandwidth of a large tensor copy measured here;
   - a fresh output: allocating and first touching an n-element buffer. The OS maps and
@@ -19,7 +20,7 @@ import time
 
 import torch
 
-from .blockwise import dequantize_4bit, quantize_4bit
+from .blockwise import QuantState, dequantize_4bit
 
 
 def _ms(fn) -> float:
@@ -39,18 +40,30 @@ def bench_dequant(n: int = 4096, repeats: int = 9, dtype: torch.dtype = torch.fl
 
     torch.manual_seed(seed)
     W = torch.randn(n, n).to(dtype)
-    packed, state = quantize_4bit(W, blocksize=64, quant_type="nf4", double_quant=True)
     bnb_packed, bnb_state = bnbF.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
-    assert torch.equal(packed, bnb_packed.reshape(-1)), "packed bytes differ from bitsandbytes"
+    # Both dequantise the same bytes and scales: bitsandbytes', held in our QuantState.
+    packed = bnb_packed.reshape(-1)
+    state = QuantState(shape=W.shape, dtype=dtype, blocksize=64, quant_type="nf4", code=bnb_state.code,
+                       qabsmax=bnb_state.absmax, absmax2=bnb_state.state2.absmax,
+                       code2=bnb_state.state2.code, offset=bnb_state.offset)
 
-    # Warm up both, then alternate so each sees the same load.
-    dequantize_4bit(packed, state)
-    bnbF.dequantize_4bit(bnb_packed, bnb_state)
-    t_pelib, t_bnb = [], []
+    # Warm up, then alternate so each sees the same load. Both return a new tensor (what a
+    # caller sees); pelib is also timed writing into a preallocated `out` (bitsandbytes has
+    # no out= kernel on the CPU), which leaves out the cost of fresh pages.
+    out = torch.empty_like(W)
+    runs = {
+        "pelib": lambda: dequantize_4bit(packed, state),
+        "bnb": lambda: bnbF.dequantize_4bit(bnb_packed, bnb_state),
+        "pelib_out": lambda: dequantize_4bit(packed, state, out=out),
+    }
+    times = {k: [] for k in runs}
+    for fn in runs.values():
+        fn()
     for _ in range(repeats):
-        t_pelib.append(_ms(lambda: dequantize_4bit(packed, state)))
-        t_bnb.append(_ms(lambda: bnbF.dequantize_4bit(bnb_packed, bnb_state)))
-    ms_pelib, ms_bnb = statistics.median(t_pelib), statistics.median(t_bnb)
+        for k, fn in runs.items():
+            times[k].append(_ms(fn))
+    ms = {k: statistics.median(v) for k, v in times.items()}
+    assert torch.equal(out, bnbF.dequantize_4bit(bnb_packed, bnb_state))
 
     # Floors. Copy bandwidth on touched buffers: read + write of the output's size.
     numel, itemsize = n * n, torch.empty((), dtype=dtype).element_size()
@@ -61,15 +74,16 @@ def bench_dequant(n: int = 4096, repeats: int = 9, dtype: torch.dtype = torch.fl
     ms_floor = 1e3 * traffic / bandwidth
     ms_fresh = _median_ms(lambda: torch.empty(numel, dtype=dtype).fill_(0), repeats)
 
-    res = dict(n=n, dtype=str(dtype), threads=torch.get_num_threads(), pelib_ms=ms_pelib, bnb_ms=ms_bnb,
-               ratio=ms_pelib / ms_bnb, traffic_MB=traffic / 1e6, copy_GBps=bandwidth / 1e9,
-               floor_ms=ms_floor, fresh_output_ms=ms_fresh)
+    res = dict(n=n, dtype=str(dtype), threads=torch.get_num_threads(), **{f"{k}_ms": v for k, v in ms.items()},
+               ratio=ms["pelib"] / ms["bnb"],
+               traffic_MB=traffic / 1e6, copy_GBps=bandwidth / 1e9, floor_ms=ms_floor, fresh_output_ms=ms_fresh)
     print(f"dequantize_4bit NF4+DQ, {n}x{n} -> {dtype}, {res['threads']} threads, median of {repeats}")
-    print(f"  pelib          {ms_pelib:8.2f} ms")
-    print(f"  bitsandbytes   {ms_bnb:8.2f} ms")
-    print(f"  ratio          {res['ratio']:8.2f}  (pelib / bitsandbytes)")
+    print(f"  pelib          {ms['pelib']:8.2f} ms")
+    print(f"  bitsandbytes   {ms['bnb']:8.2f} ms")
+    print(f"  ratio          {res['ratio']:8.2f}     (pelib / bitsandbytes)")
+    print(f"  pelib, out=    {ms['pelib_out']:8.2f} ms  (into a preallocated output)")
     print(f"  traffic floor  {ms_floor:8.2f} ms  ({traffic / 1e6:.1f} MB at {bandwidth / 1e9:.1f} GB/s copy bandwidth)")
-    print(f"  fresh output   {ms_fresh:8.2f} ms  (allocate + first touch of the output, paid by both)")
+    print(f"  fresh output   {ms_fresh:8.2f} ms  (allocate + first touch of a new output: in both first rows)")
     return res
 
 

@@ -177,17 +177,17 @@ def quantize_4bit(
     if W.numel() == 0:
         raise ValueError("quantize_4bit: W is empty")
     _check_finite(W, "quantize_4bit")
-    code = get_code(quant_type)  # also validates quant_type
+    code = get_code(quant_type).to(W.device)  # also validates quant_type
 
     n = W.numel()
     q, absmax = quantize_blockwise(W, code, blocksize)  # (n,) uint8, (n_blocks,) fp32
     if n % 2:  # pad one nibble with the index of 0, as zero padding of W would give
-        q = torch.cat([q, nearest_code(torch.zeros(1), code).to(torch.uint8)])
+        q = torch.cat([q, nearest_code(code.new_zeros(1), code).to(torch.uint8)])
     packed = pack_4bit(q)  # (ceil(n/2),) uint8
 
     state = QuantState(shape=W.shape, dtype=W.dtype, blocksize=blocksize, quant_type=quant_type, code=code)
     if double_quant:
-        code2 = dynamic_code()
+        code2 = dynamic_code().to(W.device)
         state.offset = absmax.mean()  # () fp32
         state.qabsmax, state.absmax2 = quantize_blockwise(absmax - state.offset, code2, DQ_BLOCKSIZE)
         state.code2 = code2
@@ -216,15 +216,21 @@ def dequantize_4bit_ref(packed: torch.Tensor, state: QuantState, dtype: torch.dt
 
 # Byte -> (high nibble, low nibble): the 256 x 2 index table behind the fast path.
 _BYTE_NIBBLES = torch.stack([torch.arange(256) >> 4, torch.arange(256) & 0xF], dim=1)  # (256, 2)
-# 1 MiB of packed bytes a chunk: its int32 indices (4 MiB) stay in cache, and the chunks are
-# few enough that starting threads for each op costs little.
-CHUNK_BYTES = 1 << 20
+# 4 MiB of packed bytes a chunk: its int32 indices (16 MiB) stay in a 32 MiB L3, and the chunks
+# are few, because every op starts its threads again (slow on a busy machine).
+CHUNK_BYTES = 1 << 22
 
 
 def dequantize_4bit(
-    packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None, chunk_bytes: int = CHUNK_BYTES
+    packed: torch.Tensor,
+    state: QuantState,
+    dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
 ) -> torch.Tensor:
     """Packed bytes + state -> W~ of state.shape, in `dtype` (default: the original dtype).
+
+    `out`, if given, is a contiguous tensor of that shape and dtype to write into.
 
     Fast path, equal (torch.equal) to dequantize_4bit_ref:
       1. a 256-entry table maps a byte straight to its two code values,
@@ -234,27 +240,34 @@ def dequantize_4bit(
       3. work through the bytes in chunks, so the int32 indices (index_select wants int32 or
          int64; a uint8 index would be read as a mask) and any fp32 scratch stay in cache:
          the one pass over memory is writing the output.
-    Traffic: n/2 bytes read + n * itemsize written (+ 4 n / B for the scales).
+    Traffic: n/2 bytes read + n * itemsize written (+ 4 n / B for the scales). A new output
+    also costs the OS mapping and zeroing its pages, often more than the arithmetic.
     """
     _check_state(packed, state)
     n, B = state.numel, state.blocksize
-    dtype = dtype or state.dtype
+    dtype, device = dtype or state.dtype, packed.device
     if chunk_bytes % (B // 2):
         raise ValueError(f"chunk_bytes ({chunk_bytes}) must hold whole blocks of {B // 2} bytes")
-    lut = state.code[_BYTE_NIBBLES].reshape(-1).view(torch.int64)  # (256,): two fp32 per entry
+    if out is not None and (out.shape != state.shape or out.dtype != dtype or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {tuple(state.shape)}")
+    lut = state.code[_BYTE_NIBBLES.to(device)].reshape(-1).view(torch.int64)  # (256,): two fp32 each
     absmax = state.block_absmax()  # (n_blocks,) fp32
     packed = packed.reshape(-1)  # (n_bytes,) uint8
     n_bytes = packed.numel()
 
-    direct = dtype == torch.float32  # write straight into the output, else via fp32 scratch
-    out = torch.empty(2 * n_bytes if direct else n, dtype=dtype)
-    scratch = None if direct else torch.empty(min(chunk_bytes, n_bytes), dtype=torch.int64)
-    idx = torch.empty(min(chunk_bytes, n_bytes), dtype=torch.int32)
+    # fp32 with whole bytes is written in place; other dtypes (and an odd n into a given out)
+    # go through an fp32 scratch chunk and are rounded on the copy.
+    direct = dtype == torch.float32 and (out is None or n % 2 == 0)
+    if out is None:
+        out = torch.empty(2 * n_bytes if direct else n, dtype=dtype, device=device)
+    out_flat = out.view(-1)
+    scratch = None if direct else torch.empty(min(chunk_bytes, n_bytes), dtype=torch.int64, device=device)
+    idx = torch.empty(min(chunk_bytes, n_bytes), dtype=torch.int32, device=device)
     for c0 in range(0, n_bytes, chunk_bytes):
         c1 = min(c0 + chunk_bytes, n_bytes)
         i = idx[: c1 - c0]
         i.copy_(packed[c0:c1])  # uint8 -> int32
-        pairs = out.view(torch.int64)[c0:c1] if direct else scratch[: c1 - c0]
+        pairs = out_flat.view(torch.int64)[c0:c1] if direct else scratch[: c1 - c0]
         torch.index_select(lut, 0, i, out=pairs)
         vals = pairs.view(torch.float32)  # (2 * (c1 - c0),) code values
         full = vals.numel() - vals.numel() % B  # whole blocks; a ragged tail only in the last chunk
@@ -263,5 +276,5 @@ def dequantize_4bit(
         if full < vals.numel():
             vals[full:].mul_(absmax[-1])
         if not direct:
-            out[2 * c0 : min(2 * c1, n)].copy_(vals[: min(2 * c1, n) - 2 * c0])  # round to dtype
-    return out[:n].view(state.shape)
+            out_flat[2 * c0 : min(2 * c1, n)].copy_(vals[: min(2 * c1, n) - 2 * c0])  # round to dtype
+    return out_flat[:n].view(state.shape)
