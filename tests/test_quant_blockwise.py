@@ -225,3 +225,11 @@ def test_errors_are_clear():
         dequantize_4bit(packed[:-1], state)
     with pytest.raises(ValueError, match="out must be"):
         dequantize_4bit(packed, state, out=torch.empty(8, 64, dtype=torch.float16))
+
+
+def test_bench_runs(capsys):
+    """The benchmark runs end to end (tiny size; its timings are not asserted)."""
+    import pelib.quant
+
+    res = pelib.quant.bench_dequant(n=128, repeats=1)
+    assert {"pelib_ms", "bnb_ms", "ratio", "floor_ms"} <= set(res) and "ratio" in capsys.readouterr().out

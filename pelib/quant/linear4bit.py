@@ -25,8 +25,8 @@ class Dequant4bitLinear(torch.autograd.Function):
     Backward, for L(y):   dL/dx = dL/dy W~          (W~ rebuilt from the saved bytes)
                           dL/db = sum_batch dL/dy    (only if the bias requires grad)
                           dL/dW: none (the 4-bit weight is frozen)
-    Saved for backward: packed (n/2 bytes) and the scales, about 0.56 bytes a weight
-    instead of 2-4 for W~; the price is one extra dequantisation per backward.
+    Saved for backward: packed (n/2 bytes) and the scales, 0.52 to 0.56 bytes a weight
+    instead of 2 or 4 for W~; the price is one extra dequantisation per backward.
     """
 
     @staticmethod
