@@ -1,0 +1,39 @@
+"""4-bit quantisation from first principles: NF4/FP4 code maps, blockwise absmax quantisation,
+4-bit packing, double quantisation, the bits-per-parameter ledger and `Linear4bit`.
+
+Notebooks 04 (the NF4 code) and 05 (blockwise and double quantisation) derive each piece;
+bitsandbytes is the peer every test compares against.
+"""
+from .blockwise import (
+    DQ_BLOCKSIZE,
+    SUPPORTED_BLOCKSIZES,
+    QuantState,
+    dequantize_4bit,
+    dequantize_4bit_ref,
+    dequantize_blockwise,
+    dynamic_code,
+    nearest_code,
+    pack_4bit,
+    quantize_4bit,
+    quantize_blockwise,
+    unpack_4bit,
+)
+from .codes import NF4_OFFSET, create_dynamic_map, create_fp4_map, create_int4_map, create_normal_map, get_code
+from .ledger import (
+    LLAMA_7B,
+    SMOLLM2_135M,
+    bits_per_param,
+    llama_linear_shapes,
+    model_ledger,
+    quantized_nbytes,
+    state_nbytes,
+)
+from .linear4bit import Dequant4bitLinear, Linear4bit
+
+
+def __getattr__(name):  # the benchmark imports bitsandbytes: load it only when asked for
+    if name == "bench_dequant":
+        from .bench import bench_dequant
+
+        return bench_dequant
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

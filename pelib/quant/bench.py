@@ -1,0 +1,103 @@
+"""Benchmark: 4-bit dequantisation on the CPU, pelib against bitsandbytes and the memory floor.
+
+    python -m pelib.quant.bench --n 4096 [--dtype float32] [--threads 1]
+
+Both libraries dequantise the same bytes and scales (bitsandbytes' NF4 of an N(0, 1) weight,
+blocksize 64, double quantisation)
+in the same process, alternating runs so that both see the same machine load; we print the
+medians, their ratio, pelib writing into a preallocated `out`, and two floors:
+  - traffic: bytes that must move (n/2 packed bytes in, n * itemsize out, scales) divided
+    by the bandwidth of a large tensor copy measured here;
+  - a fresh output: allocating and first touching an n-element buffer. The OS maps and
+    zeroes every new page, and both libraries return a new tensor each call, so this cost
+    is in both timings.
+A benchmark, not a test: timings on a shared machine are noisy.
+"""
+import argparse
+import logging
+import statistics
+import time
+
+import torch
+
+from .blockwise import QuantState, dequantize_4bit
+
+
+def _ms(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return 1e3 * (time.perf_counter() - t0)
+
+
+def _median_ms(fn, repeats: int) -> float:
+    return statistics.median(_ms(fn) for _ in range(repeats))
+
+
+def bench_dequant(n: int = 4096, repeats: int = 9, dtype: torch.dtype = torch.float32, seed: int = 0) -> dict:
+    """Time pelib vs bitsandbytes dequantize_4bit of an (n, n) weight; print and return the figures."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU import logs a warning
+    import bitsandbytes.functional as bnbF
+
+    torch.manual_seed(seed)
+    W = torch.randn(n, n).to(dtype)
+    bnb_packed, bnb_state = bnbF.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
+    # Both dequantise the same bytes and scales: bitsandbytes', held in our QuantState.
+    packed = bnb_packed.reshape(-1)
+    state = QuantState(shape=W.shape, dtype=dtype, blocksize=64, quant_type="nf4", code=bnb_state.code,
+                       qabsmax=bnb_state.absmax, absmax2=bnb_state.state2.absmax,
+                       code2=bnb_state.state2.code, offset=bnb_state.offset)
+
+    # Warm up, then alternate so each sees the same load. Both return a new tensor (what a
+    # caller sees); pelib is also timed writing into a preallocated `out` (bitsandbytes has
+    # no out= kernel on the CPU), which leaves out the cost of fresh pages.
+    out = torch.empty_like(W)
+    runs = {
+        "pelib": lambda: dequantize_4bit(packed, state),
+        "bnb": lambda: bnbF.dequantize_4bit(bnb_packed, bnb_state),
+        "pelib_out": lambda: dequantize_4bit(packed, state, out=out),
+    }
+    times = {k: [] for k in runs}
+    for fn in runs.values():
+        fn()
+    for _ in range(repeats):
+        for k, fn in runs.items():
+            times[k].append(_ms(fn))
+    ms = {k: statistics.median(v) for k, v in times.items()}
+    assert torch.equal(out, bnbF.dequantize_4bit(bnb_packed, bnb_state))
+
+    # Floors. Copy bandwidth on touched buffers: read + write of the output's size.
+    numel, itemsize = n * n, torch.empty((), dtype=dtype).element_size()
+    src, dst = torch.randn(numel).to(dtype), torch.zeros(numel, dtype=dtype)
+    ms_copy = _median_ms(lambda: dst.copy_(src), repeats)
+    bandwidth = 2 * numel * itemsize / (ms_copy * 1e-3)  # bytes/s
+    traffic = numel // 2 + numel * itemsize + sum(t.numel() * t.element_size() for t in state.tensors().values())
+    ms_floor = 1e3 * traffic / bandwidth
+    ms_fresh = _median_ms(lambda: torch.empty(numel, dtype=dtype).fill_(0), repeats)
+
+    res = dict(n=n, dtype=str(dtype), threads=torch.get_num_threads(), **{f"{k}_ms": v for k, v in ms.items()},
+               ratio=ms["pelib"] / ms["bnb"],
+               traffic_MB=traffic / 1e6, copy_GBps=bandwidth / 1e9, floor_ms=ms_floor, fresh_output_ms=ms_fresh)
+    print(f"dequantize_4bit NF4+DQ, {n}x{n} -> {dtype}, {res['threads']} threads, median of {repeats}")
+    print(f"  pelib          {ms['pelib']:8.2f} ms")
+    print(f"  bitsandbytes   {ms['bnb']:8.2f} ms")
+    print(f"  ratio          {res['ratio']:8.2f}     (pelib / bitsandbytes)")
+    print(f"  pelib, out=    {ms['pelib_out']:8.2f} ms  (into a preallocated output)")
+    print(f"  traffic floor  {ms_floor:8.2f} ms  ({traffic / 1e6:.1f} MB at {bandwidth / 1e9:.1f} GB/s copy bandwidth)")
+    print(f"  fresh output   {ms_fresh:8.2f} ms  (allocate + first touch of a new output: in both first rows)")
+    return res
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=4096)
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bench_dequant(args.n, args.repeats, getattr(torch, args.dtype))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""Blockwise absmax quantisation, 4-bit packing and double quantisation (QLoRA, arXiv:2305.14314).
+
+Blockwise absmax. Flatten W (n values), cut it into blocks of B = `blocksize` values and
+give each block b its own scale, so one outlier only coarsens its own block:
+
+    absmax_b = max_{i in b} |W_i|
+    q_i      = argmin_k |W_i / absmax_b - code_k|      (nearest code value)
+    W~_i     = code[q_i] * absmax_b
+
+The nearest code value is found by comparing W_i / absmax_b with the midpoints between
+neighbouring sorted code values (`torch.bucketize`); a value exactly on a midpoint goes
+to the lower code. A last partial block is padded with zeros (which never change its
+absmax) and the padding is dropped again on the way back.
+
+Packing. Two 4-bit indices share a byte; the even element takes the high nibble:
+byte_j = q_{2j} << 4 | q_{2j+1}. This is bitsandbytes' layout, so bytes are interchangeable.
+
+Double quantisation (QLoRA section 3). The fp32 absmax costs 32/B bits per weight
+(0.5 at B = 64). Quantise the constants themselves: subtract their mean (they are all
+positive, and a symmetric 8-bit code would waste its sign), then quantise blockwise with
+the 8-bit dynamic map in blocks of B2 = 256:
+
+    offset   = mean_b absmax_b
+    qabsmax_b, absmax2_c = quantize_blockwise(absmax - offset, code2, B2)
+    absmax_b ~= code2[qabsmax_b] * absmax2_{b // B2} + offset
+
+which costs 8/B + 32/(B*B2) bits per weight: 4.127 bits in all instead of 4.5.
+
+Arithmetic follows bitsandbytes (fp32 absmax, multiply by the fp32 reciprocal, clamp to
+[-1, 1]), so the packed bytes match bitsandbytes.functional.quantize_4bit on CPU. One known
+difference: bitsandbytes' CPU kernel (0.50.2) looks the 8-bit code up in a table over 65536
+bins of [-1, 1], so for a value within one bin of a midpoint it can miss the nearest code. We
+take the exact nearest code, so a few double-quantised constants differ (0.2-0.5% of them,
+mostly by one step). tests/test_quant_blockwise.py counts them and models their table exactly.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .codes import create_dynamic_map, get_code
+
+SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DQ_BLOCKSIZE = 256  # blocksize of the second quantisation (QLoRA)
+
+_CODE2: list[torch.Tensor] = []  # the 8-bit dynamic map, built once
+
+
+def dynamic_code() -> torch.Tensor:
+    """The (256,) float32 dynamic map used to quantise the absmax constants."""
+    if not _CODE2:
+        _CODE2.append(create_dynamic_map(signed=True))
+    return _CODE2[0]
+
+
+@dataclass
+class QuantState:
+    """Everything besides the packed bytes that dequantisation needs.
+
+    Without double quantisation the scales are `absmax`; with it they are stored as
+    (`qabsmax`, `absmax2`, `code2`, `offset`) and `absmax` is None.
+    """
+
+    shape: torch.Size
+    dtype: torch.dtype  # dtype of the original W, and of dequantize_4bit's output
+    blocksize: int
+    quant_type: str  # 'nf4' or 'fp4'
+    code: torch.Tensor  # (16,) float32
+    absmax: torch.Tensor | None = None  # (n_blocks,) float32
+    qabsmax: torch.Tensor | None = None  # (n_blocks,) uint8, indices into code2
+    absmax2: torch.Tensor | None = None  # (ceil(n_blocks / 256),) float32
+    code2: torch.Tensor | None = None  # (256,) float32
+    offset: torch.Tensor | None = None  # () float32, mean of the fp32 absmax
+    blocksize2: int = DQ_BLOCKSIZE
+
+    @property
+    def double_quant(self) -> bool:
+        return self.qabsmax is not None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.numel // self.blocksize)
+
+    def block_absmax(self) -> torch.Tensor:
+        """The fp32 scale of every block, (n_blocks,): stored, or decoded from 8 bits."""
+        if not self.double_quant:
+            return self.absmax
+        absmax = dequantize_blockwise(self.qabsmax, self.absmax2, self.code2, self.blocksize2)
+        return absmax + self.offset
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The per-weight tensors this state stores (what the bits/param ledger counts)."""
+        names = ("qabsmax", "absmax2", "offset") if self.double_quant else ("absmax",)
+        return {k: getattr(self, k) for k in names}
+
+
+def _check_finite(x: torch.Tensor, who: str) -> None:
+    if not torch.isfinite(x).all():
+        n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+        raise ValueError(
+            f"{who}: input has {n_nan} NaN and {n_inf} inf values; absmax scaling needs finite weights"
+        )
+
+
+def _to_blocks(x: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """Flatten to fp32 and pad with zeros to whole blocks: (n_blocks, blocksize)."""
+    flat = x.reshape(-1).float()
+    pad = -flat.numel() % blocksize
+    return F.pad(flat, (0, pad)).view(-1, blocksize)
+
+
+def nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest entry of `code` for each value of `scaled` (ties go down).
+
+    The code need not be sorted (FP4 is in bit-pattern order): sort it, search the midpoints
+    of the sorted values, and map the sorted position back to the original index.
+    """
+    order = torch.argsort(code, stable=True)
+    s = code[order]
+    midpoints = (s[:-1] + s[1:]) / 2  # float32
+    return order[torch.bucketize(scaled, midpoints)]
+
+
+def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise absmax quantisation to the nearest code value.
+
+    Returns (q, absmax): (n,) uint8 indices into `code` and (n_blocks,) float32 scales.
+    """
+    n = x.numel()
+    blocks = _to_blocks(x, blocksize)  # (n_blocks, B) fp32
+    absmax = blocks.abs().amax(dim=1)  # (n_blocks,)
+    # Multiply by the reciprocal (as bitsandbytes); an all-zero block keeps q = code index of 0.
+    inv = 1.0 / absmax.clamp(min=torch.finfo(torch.float32).tiny)
+    scaled = (blocks * inv[:, None]).clamp_(-1, 1)  # (n_blocks, B) in [-1, 1]
+    q = nearest_code(scaled.view(-1), code).to(torch.uint8)
+    return q[:n], absmax
+
+
+def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """code[q] * absmax per block: (n,) float32."""
+    n = q.numel()
+    values = F.pad(code[q.reshape(-1).long()], (0, -n % blocksize))  # (n_blocks * B,)
+    return (values.view(-1, blocksize) * absmax[:, None]).view(-1)[:n]
+
+
+def pack_4bit(q: torch.Tensor) -> torch.Tensor:
+    """(n,) indices < 16 -> (ceil(n/2),) uint8, even element in the high nibble."""
+    q = q.reshape(-1).to(torch.uint8)
+    if q.numel() % 2:
+        raise ValueError("pack_4bit needs an even number of indices (pad first)")
+    return (q[0::2] << 4) | q[1::2]
+
+
+def unpack_4bit(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """(ceil(n/2),) uint8 -> (n,) uint8 indices: the inverse of pack_4bit."""
+    packed = packed.reshape(-1)
+    return torch.stack([packed >> 4, packed & 0xF], dim=1).view(-1)[:n]
+
+
+def quantize_4bit(
+    W: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = True
+) -> tuple[torch.Tensor, QuantState]:
+    """Quantise W (any shape; fp32, fp16 or bf16) to packed 4-bit codes.
+
+    Returns (packed, state): packed is (ceil(numel/2),) uint8; state holds the scales.
+    """
+    if blocksize not in SUPPORTED_BLOCKSIZES:
+        raise ValueError(f"blocksize {blocksize} is not supported; use one of {SUPPORTED_BLOCKSIZES}")
+    if W.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"quantize_4bit supports float32, float16 and bfloat16 weights, got {W.dtype}")
+    if W.numel() == 0:
+        raise ValueError("quantize_4bit: W is empty")
+    _check_finite(W, "quantize_4bit")
+    code = get_code(quant_type).to(W.device)  # also validates quant_type
+
+    n = W.numel()
+    q, absmax = quantize_blockwise(W, code, blocksize)  # (n,) uint8, (n_blocks,) fp32
+    if n % 2:  # pad one nibble with the index of 0, as zero padding of W would give
+        q = torch.cat([q, nearest_code(code.new_zeros(1), code).to(torch.uint8)])
+    packed = pack_4bit(q)  # (ceil(n/2),) uint8
+
+    state = QuantState(shape=W.shape, dtype=W.dtype, blocksize=blocksize, quant_type=quant_type, code=code)
+    if double_quant:
+        code2 = dynamic_code().to(W.device)
+        state.offset = absmax.mean()  # () fp32
+        state.qabsmax, state.absmax2 = quantize_blockwise(absmax - state.offset, code2, DQ_BLOCKSIZE)
+        state.code2 = code2
+    else:
+        state.absmax = absmax
+    return packed, state
+
+
+def _check_state(packed: torch.Tensor, state: QuantState) -> None:
+    if state.blocksize not in SUPPORTED_BLOCKSIZES:
+        raise ValueError(f"blocksize {state.blocksize} is not supported; use one of {SUPPORTED_BLOCKSIZES}")
+    if packed.dtype != torch.uint8 or packed.numel() != -(-state.numel // 2):
+        raise ValueError(
+            f"packed must hold ceil({state.numel}/2) = {-(-state.numel // 2)} uint8 bytes, "
+            f"got {packed.numel()} of {packed.dtype}"
+        )
+
+
+def dequantize_4bit_ref(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The plain reference: unpack nibbles, look up the code, scale by the block absmax."""
+    _check_state(packed, state)
+    q = unpack_4bit(packed, state.numel)  # (n,) uint8
+    W = dequantize_blockwise(q, state.block_absmax(), state.code, state.blocksize)  # (n,) fp32
+    return W.view(state.shape).to(dtype or state.dtype)
+
+
+# Byte -> (high nibble, low nibble): the 256 x 2 index table behind the fast path.
+_BYTE_NIBBLES = torch.stack([torch.arange(256) >> 4, torch.arange(256) & 0xF], dim=1)  # (256, 2)
+# 4 MiB of packed bytes a chunk: its int32 indices (16 MiB) stay in a 32 MiB L3, and the chunks
+# are few, because every op starts its threads again (slow on a busy machine).
+CHUNK_BYTES = 1 << 22
+
+
+def dequantize_4bit(
+    packed: torch.Tensor,
+    state: QuantState,
+    dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> torch.Tensor:
+    """Packed bytes + state -> W~ of state.shape, in `dtype` (default: the original dtype).
+
+    `out`, if given, is a contiguous tensor of that shape and dtype to write into.
+
+    Fast path, equal (torch.equal) to dequantize_4bit_ref:
+      1. a 256-entry table maps a byte straight to its two code values,
+         lut[byte] = (code[byte >> 4], code[byte & 15]); viewed as one int64 per byte (the bits of
+         two fp32) it is a single 1-D gather per byte instead of unpack + two lookups;
+      2. multiply in place by the block absmax;
+      3. work through the bytes in chunks, so the int32 indices (index_select wants int32 or
+         int64; a uint8 index would be read as a mask) and any fp32 scratch stay in cache:
+         the one pass over memory is writing the output.
+    Traffic: n/2 bytes read + n * itemsize written (+ 4 n / B for the scales). A new output
+    also costs the OS mapping and zeroing its pages, often more than the arithmetic.
+    """
+    _check_state(packed, state)
+    n, B = state.numel, state.blocksize
+    dtype, device = dtype or state.dtype, packed.device
+    if chunk_bytes % (B // 2):
+        raise ValueError(f"chunk_bytes ({chunk_bytes}) must hold whole blocks of {B // 2} bytes")
+    if out is not None and (out.shape != state.shape or out.dtype != dtype or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {tuple(state.shape)}")
+    lut = state.code[_BYTE_NIBBLES.to(device)].reshape(-1).view(torch.int64)  # (256,): two fp32 each
+    absmax = state.block_absmax()  # (n_blocks,) fp32
+    packed = packed.reshape(-1)  # (n_bytes,) uint8
+    n_bytes = packed.numel()
+
+    # fp32 with whole bytes is written in place; other dtypes (and an odd n into a given out)
+    # go through an fp32 scratch chunk and are rounded on the copy.
+    direct = dtype == torch.float32 and (out is None or n % 2 == 0)
+    if out is None:
+        out = torch.empty(2 * n_bytes if direct else n, dtype=dtype, device=device)
+    out_flat = out.view(-1)
+    scratch = None if direct else torch.empty(min(chunk_bytes, n_bytes), dtype=torch.int64, device=device)
+    idx = torch.empty(min(chunk_bytes, n_bytes), dtype=torch.int32, device=device)
+    for c0 in range(0, n_bytes, chunk_bytes):
+        c1 = min(c0 + chunk_bytes, n_bytes)
+        i = idx[: c1 - c0]
+        i.copy_(packed[c0:c1])  # uint8 -> int32
+        pairs = out_flat.view(torch.int64)[c0:c1] if direct else scratch[: c1 - c0]
+        torch.index_select(lut, 0, i, out=pairs)
+        vals = pairs.view(torch.float32)  # (2 * (c1 - c0),) code values
+        full = vals.numel() - vals.numel() % B  # whole blocks; a ragged tail only in the last chunk
+        b0 = 2 * c0 // B
+        vals[:full].view(-1, B).mul_(absmax[b0 : b0 + full // B, None])
+        if full < vals.numel():
+            vals[full:].mul_(absmax[-1])
+        if not direct:
+            out_flat[2 * c0 : min(2 * c1, n)].copy_(vals[: min(2 * c1, n) - 2 * c0])  # round to dtype
+    return out_flat[:n].view(state.shape)

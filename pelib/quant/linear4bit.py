@@ -1,0 +1,136 @@
+"""Linear4bit: a frozen nn.Linear stored as 4-bit NF4/FP4 codes (the base layer of QLoRA).
+
+QLoRA (arXiv:2305.14314, eq. 5) keeps the pretrained W in 4 bits and computes in 16 (or 32):
+
+    y = x dequant(W_4bit)^T + b
+
+The 4-bit bytes and their scales are buffers (state_dict carries them; no optimiser sees
+them). The dequantised W~ exists only inside forward and backward: the autograd.Function
+saves the packed bytes and scales, never W~, and dequantises again in backward to get dx.
+LoRA adds its trainable path beside this layer (notebook 06); the weight gets no gradient.
+"""
+from dataclasses import replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .blockwise import DQ_BLOCKSIZE, QuantState, dequantize_4bit, dynamic_code, quantize_4bit
+from .codes import get_code
+
+
+class Dequant4bitLinear(torch.autograd.Function):
+    """y = x W~^T + b with W~ = dequantize_4bit(packed, state), in x's dtype.
+
+    Backward, for L(y):   dL/dx = dL/dy W~          (W~ rebuilt from the saved bytes)
+                          dL/db = sum_batch dL/dy    (only if the bias requires grad)
+                          dL/dW: none (the 4-bit weight is frozen)
+    Saved for backward: packed (n/2 bytes) and the scales, 0.52 to 0.56 bytes a weight
+    instead of 2 or 4 for W~; the price is one extra dequantisation per backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, packed, state: QuantState, bias):
+        W = dequantize_4bit(packed, state, dtype=x.dtype)  # (out, in), freed on return
+        names = list(state.tensors())
+        ctx.save_for_backward(packed, *state.tensors().values())
+        ctx.state, ctx.names, ctx.has_bias = state, names, bias is not None
+        return F.linear(x, W, bias)  # (..., out)
+
+    @staticmethod
+    def backward(ctx, grad_y):  # grad_y: (..., out)
+        packed, *scales = ctx.saved_tensors
+        state = replace(ctx.state, **dict(zip(ctx.names, scales)))
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            W = dequantize_4bit(packed, state, dtype=grad_y.dtype)  # (out, in) again
+            grad_x = grad_y @ W  # (..., in)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)  # (out,)
+        return grad_x, None, None, grad_bias
+
+
+class Linear4bit(nn.Module):
+    """A drop-in for a frozen nn.Linear whose weight is stored in 4 bits.
+
+    Build it with Linear4bit.from_linear(linear, ...); the constructor alone allocates
+    empty buffers of the right sizes, ready for load_state_dict.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        blocksize: int = 64,
+        quant_type: str = "nf4",
+        double_quant: bool = True,
+        compute_dtype: torch.dtype = torch.float32,
+        weight_dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.blocksize, self.quant_type, self.double_quant = blocksize, quant_type, double_quant
+        self.compute_dtype, self.weight_dtype = compute_dtype, weight_dtype
+        n = in_features * out_features
+        n_blocks = -(-n // blocksize)
+        self.register_buffer("packed", torch.zeros(-(-n // 2), dtype=torch.uint8))  # (ceil(n/2),)
+        self.register_buffer("code", get_code(quant_type).clone())  # (16,)
+        if double_quant:
+            self.register_buffer("qabsmax", torch.zeros(n_blocks, dtype=torch.uint8))
+            self.register_buffer("absmax2", torch.zeros(-(-n_blocks // DQ_BLOCKSIZE)))
+            self.register_buffer("code2", dynamic_code().clone())  # (256,)
+            self.register_buffer("offset", torch.zeros(()))
+        else:
+            self.register_buffer("absmax", torch.zeros(n_blocks))  # (n_blocks,) fp32
+        # The base layer is frozen; set bias.requires_grad = True to train the bias.
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        blocksize: int = 64,
+        quant_type: str = "nf4",
+        double_quant: bool = True,
+        compute_dtype: torch.dtype = torch.float32,
+    ) -> "Linear4bit":
+        W = linear.weight.detach()  # (out, in)
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, blocksize,
+                    quant_type, double_quant, compute_dtype, weight_dtype=W.dtype)
+        packed, state = quantize_4bit(W, blocksize, quant_type, double_quant)
+        layer.packed.copy_(packed)
+        for name, t in state.tensors().items():
+            getattr(layer, name).copy_(t)
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.detach())
+        return layer.to(W.device)
+
+    @property
+    def quant_state(self) -> QuantState:
+        """The QuantState of the stored weight, built from the buffers."""
+        scales = ("qabsmax", "absmax2", "offset", "code2") if self.double_quant else ("absmax",)
+        for name in scales + ("code",):
+            t = getattr(self, name)
+            if t.is_floating_point() and t.dtype != torch.float32:
+                raise TypeError(f"Linear4bit.{name} must stay float32 (got {t.dtype}); "
+                                "choose the compute precision with compute_dtype, not .to(dtype)")
+        return QuantState(
+            shape=torch.Size((self.out_features, self.in_features)), dtype=self.weight_dtype,
+            blocksize=self.blocksize, quant_type=self.quant_type, code=self.code,
+            **{name: getattr(self, name) for name in scales},
+        )
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W~ (out, in), in `dtype` (default: the dtype of the original weight)."""
+        return dequantize_4bit(self.packed, self.quant_state, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        y = Dequant4bitLinear.apply(x.to(self.compute_dtype), self.packed, self.quant_state, bias)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, quant_type={self.quant_type}, blocksize={self.blocksize}, "
+                f"double_quant={self.double_quant}, compute_dtype={self.compute_dtype}")

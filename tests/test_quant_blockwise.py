@@ -1,0 +1,235 @@
+"""Blockwise 4-bit quantisation against bitsandbytes 0.50.2 on CPU: same bytes, same scales,
+same dequantised values; the fast dequantiser against its reference; error figures."""
+import logging
+import math
+
+import pytest
+import torch
+
+from pelib.quant import (
+    SUPPORTED_BLOCKSIZES,
+    QuantState,
+    create_int4_map,
+    dequantize_4bit,
+    dequantize_4bit_ref,
+    dequantize_blockwise,
+    get_code,
+    nearest_code,
+    pack_4bit,
+    quantize_4bit,
+    quantize_blockwise,
+    unpack_4bit,
+)
+from pelib.quant.blockwise import CHUNK_BYTES
+
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU import logs a warning
+bnbF = pytest.importorskip("bitsandbytes.functional")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def weight(shape, dtype=torch.float32, seed=0):
+    """randn at a real-ish scale (0.02), with a few outliers as pretrained weights have."""
+    g = torch.Generator().manual_seed(seed)
+    W = 0.02 * torch.randn(shape, generator=g)
+    W.view(-1)[:: 997] *= 8
+    return W.to(dtype)
+
+
+def bnb_quantize(W, blocksize, quant_type, double_quant):
+    return bnbF.quantize_4bit(W, blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant)
+
+
+def state_from_bnb(s) -> QuantState:
+    """Our QuantState holding bitsandbytes' tensors."""
+    state = QuantState(shape=s.shape, dtype=s.dtype, blocksize=s.blocksize, quant_type=s.quant_type, code=s.code)
+    if s.nested:
+        state.qabsmax, state.absmax2, state.code2, state.offset = s.absmax, s.state2.absmax, s.state2.code, s.offset
+    else:
+        state.absmax = s.absmax
+    return state
+
+
+def bnb_cpu_8bit_quantize(x, code, blocksize):
+    """What bitsandbytes' CPU kernel does for 8-bit blockwise quantisation: scale by the
+    reciprocal absmax, round into one of 65536 bins of [-1, 1], and read the code index from
+    a table built with the nearest code of each bin's centre."""
+    mid = (code[:-1] + code[1:]) / 2
+    centres = -1.0 + (2.0 * torch.arange(65536, dtype=torch.float32)) / 65535
+    table = torch.searchsorted(mid, centres)  # number of midpoints below each bin centre
+    blocks = torch.nn.functional.pad(x, (0, -x.numel() % blocksize)).view(-1, blocksize)
+    v = (blocks * (1.0 / blocks.abs().amax(1, keepdim=True))).clamp(-1, 1)
+    bins = (((v + 1) * 0.5) * 65535 + 0.5).to(torch.int64)  # truncation, as the C cast
+    return table[bins].view(-1)[: x.numel()].to(torch.uint8)
+
+
+CASES = [  # shape, blocksize, quant_type, double_quant, dtype
+    ((1823, 781), 64, "nf4", True, torch.float32),
+    ((1823, 781), 64, "nf4", False, torch.float32),
+    ((1823, 781), 128, "fp4", True, torch.float32),
+    ((1823, 781), 32, "nf4", True, torch.bfloat16),
+    ((513, 1026), 256, "nf4", True, torch.float16),
+    ((333, 77), 4096, "fp4", False, torch.float16),
+    ((4097,), 2048, "nf4", True, torch.bfloat16),
+    ((3,), 64, "fp4", False, torch.float32),
+]
+
+
+@pytest.mark.parametrize("shape,blocksize,quant_type,double_quant,dtype", CASES)
+def test_matches_bitsandbytes(shape, blocksize, quant_type, double_quant, dtype):
+    W = weight(shape, dtype)
+    packed, state = quantize_4bit(W, blocksize, quant_type, double_quant)
+    b_packed, b_state = bnb_quantize(W, blocksize, quant_type, double_quant)
+
+    # Same bytes. A value exactly on a code midpoint goes to the lower code in both; the one
+    # arithmetic difference (bitsandbytes divides in a ragged last block, we multiply by the
+    # reciprocal) could only matter within an ulp of a midpoint, and has not shown up here.
+    assert packed.shape == (math.ceil(W.numel() / 2),) and packed.dtype == torch.uint8
+    assert int((packed != b_packed.reshape(-1)).sum()) == 0
+
+    if double_quant:
+        assert torch.equal(state.offset, b_state.offset)
+        assert torch.equal(state.absmax2, b_state.state2.absmax)
+        assert torch.equal(state.code2, b_state.state2.code)
+    else:
+        assert torch.equal(state.absmax, b_state.absmax)
+
+    # Their bytes and state through our dequantiser: identical values.
+    ours = dequantize_4bit(b_packed, state_from_bnb(b_state))
+    theirs = bnbF.dequantize_4bit(b_packed, b_state)
+    assert ours.dtype == dtype and ours.shape == W.shape
+    assert torch.equal(ours, theirs)
+
+
+def test_double_quant_constants_vs_bitsandbytes():
+    """bitsandbytes' CPU kernel rounds the value into one of 65536 bins of [-1, 1] and takes
+    the code nearest to the bin's centre; we take the code nearest to the value. They differ
+    only where a bin holds a midpoint: rarely, and never by more than one bin width."""
+    W = weight((1823, 781))
+    _, state = quantize_4bit(W, 64, "nf4", double_quant=True)
+    _, b_state = bnb_quantize(W, 64, "nf4", True)
+    blocks = torch.nn.functional.pad(W.reshape(-1), (0, -W.numel() % 64)).view(-1, 64)
+    x = blocks.abs().amax(1) - state.offset  # (n_blocks,): what both quantise
+    code2 = state.code2
+    assert torch.equal(bnb_cpu_8bit_quantize(x, code2, 256), b_state.absmax)  # our model of their kernel
+
+    ours, theirs = state.qabsmax.long(), b_state.absmax.long()
+    diff = ours != theirs
+    assert 0 < int(diff.sum()) < 0.01 * diff.numel()  # 113 of 22247 here
+    xb = torch.nn.functional.pad(x, (0, -x.numel() % 256)).view(-1, 256)
+    scaled = (xb * (1.0 / xb.abs().amax(1, keepdim=True))).view(-1)[: x.numel()]
+    s, a, b = scaled[diff], code2[ours[diff]], code2[theirs[diff]]
+    assert torch.all((s - a).abs() <= (s - b).abs())  # ours is the nearest code
+    assert torch.all((s - b).abs() <= (s - a).abs() + 2 / 65535)  # theirs is within a bin of it
+
+
+def test_midpoint_ties_go_down_as_bitsandbytes():
+    """Values exactly on the midpoints (block absmax 1, so nothing is rescaled)."""
+    for quant_type in ("nf4", "fp4"):
+        code = get_code(quant_type)
+        s = code.sort().values
+        mid = (s[:-1] + s[1:]) / 2
+        W = torch.cat([torch.tensor([1.0]), mid, torch.zeros(64 - 1 - mid.numel())])  # one block
+        packed, _ = quantize_4bit(W, 64, quant_type, double_quant=False)
+        b_packed, _ = bnb_quantize(W, 64, quant_type, False)
+        assert torch.equal(packed, b_packed.reshape(-1))
+        q = unpack_4bit(packed, 64)[1 : 1 + mid.numel()].long()
+        assert torch.equal(code[q], s[:-1])  # each tie took the lower of its two codes
+
+
+@pytest.mark.parametrize(
+    "shape,dtype",
+    [((1823, 781), torch.float32), ((613, 97), torch.float16), ((613, 97), torch.bfloat16),
+     ((7, 9), torch.bfloat16), ((1,), torch.float32), ((65,), torch.float16), ((127,), torch.float32)],
+)
+def test_fast_equals_reference(shape, dtype):
+    for blocksize, double_quant in [(64, True), (32, False), (256, True)]:
+        W = weight(shape, dtype, seed=1)
+        packed, state = quantize_4bit(W, blocksize, "nf4", double_quant)
+        ref = dequantize_4bit_ref(packed, state)
+        block_bytes = blocksize // 2
+        n_block_bytes = math.ceil(packed.numel() / block_bytes)
+        # One block a chunk (small shapes), about five chunks, one chunk: chunk edges everywhere.
+        chunks = [block_bytes] if n_block_bytes < 100 else []
+        chunks += [block_bytes * math.ceil(n_block_bytes / 5), CHUNK_BYTES]
+        for chunk_bytes in chunks:
+            assert torch.equal(dequantize_4bit(packed, state, chunk_bytes=chunk_bytes), ref)
+        for out_dtype in DTYPES:
+            ref = dequantize_4bit_ref(packed, state, out_dtype)
+            assert torch.equal(dequantize_4bit(packed, state, out_dtype), ref)
+            out = torch.full(shape, float("nan"), dtype=out_dtype)
+            assert dequantize_4bit(packed, state, out_dtype, out=out) is not None and torch.equal(out, ref)
+
+
+def test_pack_layout():
+    q = torch.tensor([1, 2, 15, 0, 7, 9], dtype=torch.uint8)
+    packed = pack_4bit(q)
+    assert packed.tolist() == [0x12, 0xF0, 0x79]  # even element in the high nibble
+    assert torch.equal(unpack_4bit(packed, 6), q) and torch.equal(unpack_4bit(packed, 5), q[:5])
+
+
+def test_fp4_indices_are_bit_patterns():
+    code = get_code("fp4")
+    x = torch.tensor([1.0, -1.0, 0.5, -0.25, 0.0])
+    assert code[nearest_code(x, code)].tolist() == x.tolist()
+
+
+def test_zero_and_constant_blocks():
+    W = torch.zeros(3, 64)
+    W[1] = 5.0
+    packed, state = quantize_4bit(W, 64, "nf4", double_quant=False)
+    assert state.absmax.tolist() == [0.0, 5.0, 0.0]
+    assert torch.equal(dequantize_4bit(packed, state), W)
+
+
+def round_trip(W, quant_type, double_quant=False):
+    packed, state = quantize_4bit(W, 64, quant_type, double_quant)
+    return dequantize_4bit(packed, state) - W
+
+
+def sqnr_db(W, err):
+    return 10 * math.log10(float(W.square().sum() / err.square().sum()))
+
+
+def test_round_trip_error_figures():
+    """randn(1024, 1024), blocksize 64 (figures in shared/ENVIRONMENT.md)."""
+    W = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0))
+    nf4 = round_trip(W, "nf4")
+    assert 0.0720 < nf4.abs().mean() < 0.0736
+    assert 20.5 < sqnr_db(W, nf4) < 20.9
+    fp4 = round_trip(W, "fp4")
+    assert 0.0955 < fp4.abs().mean() < 0.0977
+    q, absmax = quantize_blockwise(W, create_int4_map(), 64)
+    int4 = dequantize_blockwise(q, absmax, create_int4_map(), 64).view_as(W) - W
+    assert 0.0905 < int4.abs().mean() < 0.0925
+    assert nf4.abs().mean() < int4.abs().mean() < fp4.abs().mean()
+    nf4_dq = round_trip(W, "nf4", double_quant=True)  # 8-bit scales cost a little accuracy
+    assert nf4.abs().mean() < nf4_dq.abs().mean() < 1.01 * nf4.abs().mean()
+
+
+def test_errors_are_clear():
+    W = torch.randn(8, 64)
+    with pytest.raises(ValueError, match=r"32, 64, 128"):
+        quantize_4bit(W, blocksize=48)
+    assert SUPPORTED_BLOCKSIZES == (32, 64, 128, 256, 512, 1024, 2048, 4096)
+    W_bad = W.clone()
+    W_bad[0, 0], W_bad[1, 1], W_bad[2, 2] = float("nan"), float("inf"), float("-inf")
+    with pytest.raises(ValueError, match=r"1 NaN and 2 inf"):
+        quantize_4bit(W_bad)
+    with pytest.raises(ValueError, match="float32, float16 and bfloat16"):
+        quantize_4bit(W.double())
+    with pytest.raises(ValueError, match="'nf4' or 'fp4'"):
+        quantize_4bit(W, quant_type="int4")
+    packed, state = quantize_4bit(W)
+    with pytest.raises(ValueError, match="uint8 bytes"):
+        dequantize_4bit(packed[:-1], state)
+    with pytest.raises(ValueError, match="out must be"):
+        dequantize_4bit(packed, state, out=torch.empty(8, 64, dtype=torch.float16))
+
+
+def test_bench_runs(capsys):
+    """The benchmark runs end to end (tiny size; its timings are not asserted)."""
+    import pelib.quant
+
+    res = pelib.quant.bench_dequant(n=128, repeats=1)
+    assert {"pelib_ms", "bnb_ms", "ratio", "floor_ms"} <= set(res) and "ratio" in capsys.readouterr().out
