@@ -300,12 +300,6 @@ if not FAST:  # the reference figures, on randn(1024, 1024) with blocksize 64
 # and with bitsandbytes.
 
 # %%
-import pathlib  # noqa: E402
-import sys  # noqa: E402
-
-root = pathlib.Path.cwd().parent  # run from notebooks/: check the pelib beside it,
-if (root / "pelib" / "quant").is_dir():  # not another installed copy
-    sys.path.insert(0, str(root))
 from pelib.quant import create_fp4_map, create_int4_map, create_normal_map, quantize_4bit, unpack_4bit  # noqa: E402
 
 assert torch.equal(create_normal_map(), nf4) and torch.equal(create_normal_map(), nf4_bnb)

@@ -350,12 +350,6 @@ plt.show()
 # `bits_per_param` and `model_ledger` are the ledger.
 
 # %%
-import pathlib  # noqa: E402
-import sys  # noqa: E402
-
-root = pathlib.Path.cwd().parent  # run from notebooks/: check the pelib beside it,
-if (root / "pelib" / "quant").is_dir():  # not another installed copy
-    sys.path.insert(0, str(root))
 from pelib.quant import (  # noqa: E402
     LLAMA_7B,
     SMOLLM2_135M,

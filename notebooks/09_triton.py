@@ -425,12 +425,6 @@ assert all(t.numel() != W_dq.numel() for t in saved)
 # H200. Here we check that the package computes what we built.
 
 # %%
-import pathlib
-import sys
-
-root = pathlib.Path.cwd().parent                 # run from notebooks/: check the pelib beside it,
-if (root / "pelib" / "kernels").is_dir():        # not another installed copy
-    sys.path.insert(0, str(root))
 import pelib.kernels as K
 from pelib.kernels.nf4 import nf4_dequantize_triton
 from pelib.kernels.rmsnorm import rms_norm_triton
