@@ -25,3 +25,4 @@ from .lora import LoRALinear, apply_lora  # noqa: E402
 from .io import load_adapter, save_adapter  # noqa: E402
 from .backbone import load_backbone, tiny_backbone  # noqa: E402
 from .data import load_nlu  # noqa: E402
+from . import metrics, quant, train  # noqa: E402  (pelib.train.train, pelib.quant.quantize_4bit)
