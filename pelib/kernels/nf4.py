@@ -159,6 +159,24 @@ class NF4Weight:
                               dtype or self.dtype, self.blocksize2)
 
     @classmethod
+    def from_quant_state(cls, packed, state):
+        """From packed bytes and either library's quantisation state.
+
+        `state` is pelib's `pelib.quant.QuantState` (e.g. `Linear4bit.quant_state`), whose double
+        quantisation fields are `qabsmax`, `absmax2`, `code2`, `offset`, `blocksize2`, or
+        bitsandbytes' QuantState (recognised by its `nested` flag; see `from_bnb`). The kernel
+        only looks values up in `state.code`, so a 16-entry FP4 code works as NF4 does.
+        """
+        if hasattr(state, "nested"):                                       # bitsandbytes
+            return cls.from_bnb(packed, state)
+        if state.qabsmax is not None:                                      # pelib, double quant
+            absmax = (state.qabsmax, state.absmax2, state.code2, state.offset)
+        else:
+            absmax = state.absmax
+        return cls(packed, absmax, state.code, tuple(state.shape), state.blocksize, state.dtype,
+                   state.blocksize2)
+
+    @classmethod
     def from_bnb(cls, packed, quant_state):
         """From the (packed, QuantState) pair of `bitsandbytes.functional.quantize_4bit`."""
         qs = quant_state
