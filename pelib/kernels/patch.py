@@ -1,14 +1,18 @@
 """Swap pelib's kernels into a transformers Llama model, explicitly, and back.
 
-    model = pelib.kernels.patch(model)     # RMSNorm, RoPE, SwiGLU and the loss use the kernels
+    model = pelib.kernels.patch(model)     # RMSNorm, RoPE, SwiGLU, LoRA linears, loss -> kernels
     pelib.kernels.unpatch(model)           # everything as it was
 
 What is replaced (transformers 5.x, models.llama.modeling_llama):
     LlamaRMSNorm.forward    per instance -> rms_norm(x, weight, eps): weights and state-dict keys
                             are untouched (the module keeps its `weight` Parameter)
     LlamaMLP.forward        per instance -> down_proj(swiglu(gate_proj(x), up_proj(x))): the
-                            three nn.Linear (or LoRA-wrapped) projections are still called as
-                            modules, only the silu(g) * u between them is fused
+                            three projections are still called as modules, only the
+                            silu(g) * u between them is fused
+    LoRALinear.forward      per instance (pelib.lora), when its base layer is an nn.Linear (dense
+                            W) or a pelib.quant.Linear4bit (NF4/FP4 W) -> lora_linear(x, W, A, B,
+                            scaling, bias): one autograd node per projection that saves x, A, B and
+                            the 4-bit bytes, never a 16-bit W (see lora.py)
     apply_rotary_pos_emb    the module-level function LlamaAttention.forward calls by name ->
                             apply_rope. This one is process-wide (every Llama model in the
                             process sees it while at least one model is patched)
@@ -16,23 +20,25 @@ What is replaced (transformers 5.x, models.llama.modeling_llama):
                             num_items_in_batch) on the chunked cross-entropy kernel, without the
                             `logits.float()` copy
 
-Not replaced: the nn.Linear projections. Fusing LoRA into them (pelib.kernels.lora_linear, with
-W dense or NF4) needs pelib.lora's layer class, written elsewhere; `LORA_HOOK` below is where it
-plugs in. The attention itself (softmax(QK^T)V) is left to transformers.
+Each per-instance swap is a bound method stored in the module's __dict__, where it shadows the
+class's forward; `unpatch` deletes it (or puts back an instance forward that was there before).
+A LoRALinear whose dropout is active (p > 0, training), that is merged, or whose base W or bias
+requires grad, runs the class's forward on that call (the checks are in `_lora_fusable`).
+The attention itself (softmax(QK^T)V) is left to transformers.
 """
+import types
+
+import torch
 import torch.nn.functional as F
 
 from .cross_entropy import cross_entropy
+from .lora import lora_linear
+from .nf4 import NF4Weight
 from .rmsnorm import rms_norm
 from .rope import apply_rope
 from .swiglu import swiglu
 
 _rope_state = {"count": 0, "original": None}
-
-# TODO(issue 7, next slice): when pelib.lora lands, map its LoRA linear class to a forward that
-# calls pelib.kernels.lora_linear(x, W or NF4Weight, lora_A, lora_B, scaling, bias). patch()
-# applies `LORA_HOOK(module)` to every module for which it returns a forward; None = untouched.
-LORA_HOOK = None
 
 
 def causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100,
@@ -46,16 +52,64 @@ def causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_i
     return cross_entropy(logits, shift_labels, ignore_index, num_items=num_items_in_batch)
 
 
-def _rmsnorm_forward(module):
-    def forward(hidden_states):
-        return rms_norm(hidden_states, module.weight, module.variance_epsilon)
-    return forward
+def _rmsnorm_forward(self, hidden_states):
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
-def _mlp_forward(module):
-    def forward(x):
-        return module.down_proj(swiglu(module.gate_proj(x), module.up_proj(x)))
-    return forward
+def _mlp_forward(self, x):
+    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def _lora_weight(base):
+    """The frozen W of a supported base layer: a dense tensor or an NF4Weight; None otherwise.
+
+    Only a plain nn.Linear (not a subclass: bitsandbytes' Linear4bit is one, and its `weight`
+    is not a dense W) and pelib's Linear4bit are fused; any other base keeps the class's forward.
+    """
+    from pelib.quant import Linear4bit
+
+    if type(base) is torch.nn.Linear:
+        return base.weight                                                    # (out, in)
+    if isinstance(base, Linear4bit):
+        return NF4Weight.from_quant_state(base.packed, base.quant_state)      # 4-bit, never dense
+    return None
+
+
+def _lora_fusable(self) -> bool:
+    """Checked on every call, because a layer can be merged or put in train mode after patch()."""
+    drop = self.lora_dropout
+    return not (
+        self.merged                               # W already holds s*BA: the class skips LoRA
+        # the fused backward has no dropout mask (it would have to save it, or the x it masks)
+        or (isinstance(drop, torch.nn.Dropout) and drop.training and drop.p > 0)
+        # the fused node gives no gradient to W or bias: if someone unfroze them, don't drop it
+        or any(p.requires_grad for p in self.base_layer.parameters())
+    )
+
+
+def _lora_forward(self, x):
+    """pelib.lora.LoRALinear on pelib.kernels.lora_linear: same value, fewer saved bytes.
+
+    One compute dtype c for the whole node: the autocast dtype when autocast is on, else the
+    base's (Linear4bit.compute_dtype, or W's dtype as nn.Linear requires). The result has the
+    dtype LoRALinear.forward would give: base output (x's dtype for Linear4bit, c for nn.Linear)
+    promoted with the LoRA output (c under autocast, else lora_A's dtype). Forward hooks on
+    lora_A, lora_B and base_layer are not called (their forwards are not).
+    """
+    base = self.base_layer
+    W = _lora_weight(base)
+    if W is None or not _lora_fusable(self):
+        return type(self).forward(self, x)                                   # the class's own path
+    A, B = self.lora_A.weight, self.lora_B.weight                            # (r, in), (out, r)
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if autocast:
+        c = torch.get_autocast_dtype(x.device.type)
+    else:
+        c = base.compute_dtype if isinstance(W, NF4Weight) else W.dtype
+    out_dtype = torch.promote_types(x.dtype if isinstance(W, NF4Weight) else c,
+                                    c if autocast else A.dtype)
+    y = lora_linear(x.to(c), W, A, B, self.scaling, base.bias)               # (..., out) in c
+    return y.to(out_dtype)
 
 
 def _llama():
@@ -67,21 +121,24 @@ def _llama():
 def patch(model):
     """Use pelib's kernels in a transformers Llama model (in place); returns the model."""
     llama = _llama()
+    from pelib.lora import LoRALinear
+
     if getattr(model, "_pelib_patched", False):
         return model
     swaps = []                                                                  # (module, new forward)
     for m in model.modules():
         if isinstance(m, llama.LlamaRMSNorm):
-            swaps.append((m, _rmsnorm_forward(m)))
+            swaps.append((m, _rmsnorm_forward))
         elif isinstance(m, llama.LlamaMLP):
             if m.config.hidden_act not in ("silu", "swish"):
                 raise ValueError(f"SwiGLU kernel needs hidden_act='silu', got {m.config.hidden_act!r}")
-            swaps.append((m, _mlp_forward(m)))
-        elif LORA_HOOK is not None and (fwd := LORA_HOOK(m)) is not None:
-            swaps.append((m, fwd))
+            swaps.append((m, _mlp_forward))
+        elif isinstance(m, LoRALinear) and _lora_weight(m.base_layer) is not None:
+            swaps.append((m, _lora_forward))
+    # (module, the instance forward it had before, usually None)
+    model._pelib_swapped = [(m, m.__dict__.get("forward")) for m, _ in swaps]
     for m, fwd in swaps:
-        m.forward = fwd
-    model._pelib_swapped = [m for m, _ in swaps]
+        m.forward = types.MethodType(fwd, m)
     if _rope_state["count"] == 0:
         _rope_state["original"] = llama.apply_rotary_pos_emb
         llama.apply_rotary_pos_emb = apply_rope
@@ -93,12 +150,15 @@ def patch(model):
 
 
 def unpatch(model):
-    """Undo `patch`: instance forwards removed, RoPE and loss function restored."""
+    """Undo `patch`: instance forwards removed (or restored), RoPE and loss function restored."""
     llama = _llama()
     if not getattr(model, "_pelib_patched", False):
         return model
-    for m in model._pelib_swapped:
-        del m.forward                                                           # back to the class's
+    for m, old in model._pelib_swapped:
+        if old is None:
+            del m.forward                                                       # back to the class's
+        else:
+            m.forward = old
     _rope_state["count"] -= 1
     if _rope_state["count"] == 0:
         llama.apply_rotary_pos_emb = _rope_state["original"]
