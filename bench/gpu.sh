@@ -2,7 +2,9 @@
 # pelib.kernels on one GPU (made for an H200): correctness of the compiled kernels against torch
 # on the device, and timings against torch eager and the bandwidth/FLOP limits.
 #   bench/gpu.sh OUT_DIR        (default: $OUT, else results/gpu)
-# Writes OUT_DIR/results.json, results.md (with library versions), bench.log, env.txt (nvidia-smi). Takes about a minute on an H200;
+# Cases: NF4 dequant, RMSNorm, SwiGLU, RoPE, cross-entropy, a LoRA MLP, and a QLoRA training step of a
+# SmolLM2-shaped model (random weights) with pelib.kernels.patch on vs off (goal: >= 1.5x).
+# Writes OUT_DIR/results.json, results.md (with library versions), bench.log, env.txt (nvidia-smi). About a minute or two on an H200;
 # the whole script is capped at 7.5 minutes. bitsandbytes is compared when importable: carry its
 # wheel in .whl/ (see the device README) and it is installed to /tmp/site first.
 set -uo pipefail

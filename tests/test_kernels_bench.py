@@ -15,7 +15,7 @@ def test_gpu_script_cpu_path_writes_results(tmp_path):
     data = json.loads((tmp_path / "results.json").read_text())
     names = [row["case"] for row in data["rows"]]
     assert names == ["nf4_dq_dequant", "rmsnorm_fwd_bwd", "swiglu_fwd_bwd", "rope_qk_fwd_bwd",
-                     "cross_entropy_fwd_bwd", "lora_mlp_fwd_bwd"]
+                     "cross_entropy_fwd_bwd", "lora_mlp_fwd_bwd", "qlora_step"]
     for f in ("results.md", "bench.log", "env.txt"):
         assert (tmp_path / f).stat().st_size > 0
     for row in data["rows"]:
@@ -23,3 +23,5 @@ def test_gpu_script_cpu_path_writes_results(tmp_path):
         assert any(k.startswith("torch") and k.endswith("_ms") and v > 0 for k, v in row.items())
         assert row["rel_diff"] < 2e-2                        # bf16: ours and torch agree
     assert data["rows"][0]["rel_diff"] == 0                  # NF4 dequant is bit-exact
+    step = data["rows"][-1]                                  # QLoRA step, fp32 on the CPU: same loss
+    assert step["rel_diff"] < 1e-5 and step["torch_ms"] > 0 and step["ours_ms"] is None
