@@ -448,3 +448,56 @@ assert torch.allclose(y_pelib, y_nb, atol=1e-5, rtol=1e-5)
 assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-5)
            for a, b in zip(torch.autograd.grad(y_pelib, (xl, A, Bm), dy), grads_nb))
 print("pelib.kernels computes what this notebook built")
+
+# %% [markdown]
+# ## 9. Patching a LoRA and a QLoRA model
+#
+# `K.patch(model)` also reaches pelib's own adapters: every `pelib.lora.LoRALinear` whose base is
+# an `nn.Linear` (dense W) or a `pelib.quant.Linear4bit` (NF4 + double quantisation) now runs
+# through `lora_linear`, section 7's node with W dense or 4-bit. A merged layer, an active
+# dropout or an unfrozen W keep the plain forward; `K.unpatch(model)` puts every forward back.
+#
+# The promise to check: the same loss and the same gradient for every trainable parameter (the
+# LoRA A and B) with the kernels on and off. B starts at zero in LoRA, which would hide the
+# LoRA path, so we randomise it first.
+
+# %%
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import pelib
+from pelib.lora import lora_layers
+from pelib.quant import Linear4bit
+
+PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_lora_llama(qlora):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=1003)
+    model = pelib.apply_lora(LlamaForCausalLM._from_config(cfg, attn_implementation="eager"), PROJ, r=4)
+    for _, m in lora_layers(model):
+        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+        if qlora:                                              # QLoRA: the frozen W in 4 bits
+            m.base_layer = Linear4bit.from_linear(m.base_layer)
+    return model.to(DEVICE)
+
+
+def loss_and_grads(model, ids):
+    model.zero_grad()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+ids = torch.randint(0, 1003, (2, 17), device=DEVICE)
+for qlora in (False, True):
+    model = tiny_lora_llama(qlora)
+    loss_off, g_off = loss_and_grads(model, ids)
+    K.patch(model)
+    loss_on, g_on = loss_and_grads(model, ids)
+    K.unpatch(model)
+    worst = max(((g_on[n] - g).abs().max() / g.abs().max()).item() for n, g in g_off.items())
+    print(f"{'QLoRA' if qlora else 'LoRA'}: loss off {loss_off:.6f}, on {loss_on:.6f}; "
+          f"{len(g_off)} LoRA gradients, worst max|on - off| / max|off| = {worst:.1e}")
+    assert abs(loss_on - loss_off) < 1e-5 and worst < 1e-4
