@@ -6,8 +6,9 @@
     rope           rotary position embedding on Q and K (HF rotate_half convention, GQA)
     cross_entropy  logsumexp cross-entropy, chunked over the vocabulary
     lora           fused LoRA linear y = x W^T + s (x A^T) B^T, W dense or NF4
-    patch          swap these into a transformers Llama model (and back)
-    bench          timings against torch eager and the bandwidth limit (`python -m pelib.kernels.bench`)
+    patch          swap these into a transformers Llama model, pelib's LoRA layers included (and back)
+    bench          timings against torch eager and the bandwidth limit (`python -m pelib.kernels.bench`),
+                   with bench_qlora: a QLoRA training step, patched vs not
 
 Each public function dispatches (see _dispatch.py): the Triton kernel for CUDA tensors or in
 the interpreter, the `_ref` otherwise, or whichever `with pelib.kernels.backend("ref"):` asks

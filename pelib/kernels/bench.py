@@ -4,9 +4,10 @@
     python -m pelib.kernels.bench --gpu --out $OUT                 # one H200: full sizes
     bench/gpu.sh $OUT                                              # the same, with a time limit
 
-Every case is a forward+backward (or, for NF4 dequant, a forward) over realistic shapes, and
-the last one a whole QLoRA training step of a SmolLM2-shaped model with `patch` on vs off
-(bench_qlora.py; the issue's goal is a speed-up of at least 1.5x). Each prints three numbers (DESIGN.md): our time, the peer's time, and the limit, which is
+Every case is a forward+backward (or, for NF4 dequant, a forward) over realistic shapes; the
+last is a whole QLoRA training step of a SmolLM2-shaped model with `patch` on vs off
+(bench_qlora.py; the issue's goal: a speed-up of at least 1.5x). Each prints three numbers
+(DESIGN.md): our time, the peer's time, and the limit, which is
 max(bytes moved / bandwidth, FLOPs / matmul rate). The GPU limits use the H200 figures measured
 on the project's device machine (4.3 TB/s copy, 790 TFLOP/s bf16); the measured copy rate of
 the current device is printed beside them. On the CPU the Triton interpreter is a correctness
@@ -176,6 +177,9 @@ def run(sizes, device, dtype, out_dir, peaks=None):
                                                           "bf16_flops": 240e9})
     copy_bw = measured_copy_bandwidth(device)
     rows = []
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "versions": _versions(),
+              "dtype": str(dtype), "sizes": sizes, "peaks": peaks, "measured_copy_Bps": copy_bw, "rows": rows}
     for name, (impls, nbytes, flops) in cases(sizes, device, dtype).items():
         limit_ms = 1e3 * max(nbytes / peaks["bandwidth"], flops / peaks["bf16_flops"])
         outs = {k: f() for k, f in impls.items()}
@@ -193,21 +197,25 @@ def run(sizes, device, dtype, out_dir, peaks=None):
             row[k + "_peak_MB"] = _peak_mb(f, device)
         rows.append(row)
         print(_fmt(row), flush=True)
+        _write(result, out_dir)                             # after every row: a later failure keeps these
+    del impls, outs, a, b
     if "qlora" in sizes:                                    # a whole training step, kernels on vs off
         rows.append(qlora_step_row(sizes["qlora"], device, dtype, peaks))
         print(_fmt(rows[-1]), flush=True)
-    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "versions": _versions(),
-              "dtype": str(dtype), "sizes": sizes, "peaks": peaks, "measured_copy_Bps": copy_bw, "rows": rows}
+        _write(result, out_dir)
+    return result
+
+
+def _write(result, out_dir):
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(result, f, indent=1)
+    peaks, copy_bw = result["peaks"], result["measured_copy_Bps"]
     with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(f"# pelib.kernels bench on {result['device']} ({dtype})\n\nsizes {sizes}\n\n")
+        f.write(f"# pelib.kernels bench on {result['device']} ({result['dtype']})\n\nsizes {result['sizes']}\n\n")
         f.write(f"versions {result['versions']}\n\n")
         f.write(f"limits at {peaks['bandwidth'] / 1e9:.0f} GB/s and {peaks['bf16_flops'] / 1e12:.1f} TFLOP/s; "
                 f"measured copy here {copy_bw / 1e9:.0f} GB/s\n\n")
-        f.write("\n".join(_fmt(r) for r in rows) + "\n")
-    return result
+        f.write("\n".join(_fmt(r) for r in result["rows"]) + "\n")
 
 
 def _versions():

@@ -51,7 +51,8 @@ def qlora_model(q, device, dtype):
     gen = torch.Generator(device=device).manual_seed(1)
     for _, m in lora_layers(model):
         m.base_layer = Linear4bit.from_linear(m.base_layer, compute_dtype=dtype)   # NF4 + DQ
-        m.lora_A.float(), m.lora_B.float()
+        m.lora_A.float()                                  # fp32 LoRA weights (and AdamW states)
+        m.lora_B.float()
         with torch.no_grad():
             m.lora_B.weight.normal_(0, 0.02, generator=gen)
     return model
