@@ -91,6 +91,8 @@ def test_writes_are_atomic(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         atomic_write(target, crash)
     assert target.read_text() == "old" and os.listdir(tmp_path) == ["f.json"]
+    atomic_write(target, lambda tmp: open(tmp, "w").write("new"))
+    assert target.read_text() == "new" and os.stat(target).st_mode & 0o044  # readable by others
 
 
 def test_merged_adapter_is_not_saved(tmp_path):
