@@ -223,8 +223,9 @@ ax.legend()
 plt.show()
 
 # %% [markdown]
-# Small data and few steps make these numbers noisy; the full-budget comparison with LoRA
-# (3 epochs on all of Banking77) is in `docs/benchmarks.md` and notebook 10.
+# Small data and few steps make these numbers noisy. The full-budget comparison with LoRA
+# (3 epochs on all of Banking77) comes from the command line, e.g.
+# `python -m pelib finetune --method adapter --adapter-kind houlsby --bottleneck 64 --lr 1e-3`.
 #
 # ## 6. The latency cost of extra depth
 # A merged LoRA model runs exactly the base model's matmuls. An adapter model cannot merge: each

@@ -13,7 +13,7 @@ d_kv = n_kv_heads * head_dim and it is shared by the query heads of a group like
 
 Reparametrisation. Li & Liang found that optimising P directly is unstable and instead train
 
-    P[i, :] = MLP(P'[i, :]),    P': (L_p, d),   MLP = Linear(d, h) -> tanh -> Linear(h, n_layers*2*d_kv)
+    P[i, :] = MLP(P'[i, :]),   P': (L_p, d),   MLP: Linear(d, h), tanh, Linear(h, n_layers*2*d_kv)
 
 After training only P is needed: `fold()` evaluates the MLP once and keeps the plain tensor of
 shape (n_layers, 2, n_kv_heads, L_p, head_dim); the outputs are bitwise the same before and after.
@@ -62,7 +62,8 @@ class PrefixEncoder(nn.Module):
                                      nn.Linear(hidden, n_layers * 2 * self.kv_dim))
             self.prefix = None
         else:
-            self.prefix = nn.Parameter(torch.randn(n_layers, 2, n_kv_heads, prefix_length, head_dim))
+            self.prefix = nn.Parameter(  # (n_layers, 2, n_kv_heads, L_p, head_dim)
+                torch.randn(n_layers, 2, n_kv_heads, prefix_length, head_dim))
 
     @property
     def folded(self) -> bool:
@@ -190,7 +191,8 @@ def apply_prefix(model: nn.Module, prefix_length: int = 16, hidden: int | None =
     mtype = getattr(config, "model_type", None)
     if mtype not in ATTENTION:
         raise ValueError(f"apply_prefix knows the attention of model types {sorted(ATTENTION)} "
-                         f"(MiniLM is 'bert', SmolLM2 is 'llama'), not {mtype or type(model).__name__!r}")
+                         f"(MiniLM is 'bert', SmolLM2 is 'llama'), not "
+                         f"{mtype or type(model).__name__!r}")
     if hasattr(model, "prefix_encoder"):
         raise ValueError("this model already has a prefix; load a fresh backbone first")
     base = config._attn_implementation or "eager"
@@ -210,7 +212,8 @@ def apply_prefix(model: nn.Module, prefix_length: int = 16, hidden: int | None =
 
     inject(model, ATTENTION[mtype], wrap, modules_to_save)
     if len(slots) != n_layers:
-        raise ValueError(f"found {len(slots)} attention modules but the config says {n_layers} layers")
+        raise ValueError(f"found {len(slots)} attention modules but the config says "
+                         f"{n_layers} layers")
     for attn, slot in slots:
         attn.pelib_prefix = slot
     model.prefix_encoder = encoder  # registered after inject froze the model: it trains

@@ -30,7 +30,8 @@ def test_adapter_starts_as_identity():
     assert 0 < a.adapter_down.weight.std() < 0.02  # near-zero normal, as Houlsby
     h = torch.randn(2, 5, 32)
     assert torch.equal(a(h), h)
-    assert sum(p.numel() for p in a.parameters()) == adapter_parameters(32, 4) == 2 * 32 * 4 + 4 + 32
+    n = sum(p.numel() for p in a.parameters())
+    assert n == adapter_parameters(32, 4) == 2 * 32 * 4 + 4 + 32
 
 
 @pytest.mark.parametrize("kind", ["houlsby", "pfeiffer"])
@@ -49,7 +50,8 @@ def test_identity_at_step_0_and_parameter_count(name, kind, task):
     d, n_layers, m = cfg.hidden_size, cfg.num_hidden_layers, 6
     per_layer = 2 if kind == "houlsby" else 1
     head = {"minilm": d * 5 + 5, "smollm2": d * 5}[name] if task == "classification" else 0
-    assert pelib.trainable_parameters(model) == n_layers * per_layer * adapter_parameters(d, m) + head
+    expected = n_layers * per_layer * adapter_parameters(d, m) + head
+    assert pelib.trainable_parameters(model) == expected
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert all(".adapter." in n or n.startswith(("classifier", "score")) for n in trainable)
 

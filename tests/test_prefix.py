@@ -150,7 +150,7 @@ def test_parity_with_peft_prefix_tuning_on_tiny_llama():
     theirs = get_peft_model(tiny(task="causal_lm"), PrefixTuningConfig(
         task_type=TaskType.CAUSAL_LM, num_virtual_tokens=L_p)).eval()
     P = ours.prefix_encoder.prefix                                    # (n_layers, 2, n_kv, L_p, hd)
-    flat = P.permute(3, 0, 1, 2, 4).reshape(L_p, -1)                  # peft: (L_p, n_layers*2*n_kv*hd)
+    flat = P.permute(3, 0, 1, 2, 4).reshape(L_p, -1)  # peft's layout: (L_p, n_layers*2*n_kv*hd)
     emb = theirs.prompt_encoder["default"].embedding.weight
     assert emb.shape == flat.shape
     with torch.no_grad():
