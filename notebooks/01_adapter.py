@@ -229,11 +229,12 @@ plt.show()
 #
 # ## 6. The latency cost of extra depth
 # A merged LoRA model runs exactly the base model's matmuls. An adapter model cannot merge: each
-# adapter adds $2dm$ multiply-adds per token (about $2 \cdot 384 \cdot 64 / (12 \cdot 384^2) \approx 3\%$
-# of a MiniLM layer's FLOPs for Houlsby) and, worse for small batches, two more kernels that must
-# run *after* the projection and before the next step. We time the forward pass of the base and
-# the adapted model in the same process, alternating them so that both see the same machine
-# load, and report the ratio of the medians. One thread: on a shared machine the ratio then
+# adapter adds $2dm$ multiply-adds per token, $2 \cdot 384 \cdot 64 / (12 \cdot 384^2) \approx 2.8\%$
+# of a MiniLM layer's $12d^2$ (Houlsby has two per layer, Pfeiffer one), and, worse for small
+# batches, two more kernels that must run *after* the projection and before the next step.
+# We time the forward pass of the base and the adapted model in the same process, alternating
+# them so that both see the same machine load, and report the ratio of the medians. One
+# thread: on a shared machine the ratio then
 # measures the work, not how the threads were scheduled.
 
 # %%
