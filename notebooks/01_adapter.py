@@ -234,8 +234,8 @@ plt.show()
 # batches, two more kernels that must run *after* the projection and before the next step.
 # We time the forward pass of the base and the adapted model in the same process, alternating
 # them so that both see the same machine load, and report the ratio of the medians. One
-# thread: on a shared machine the ratio then
-# measures the work, not how the threads were scheduled.
+# thread: on a shared machine the ratio then measures the work, not how the threads were
+# scheduled.
 
 # %%
 def forward_ms(model, enc, repeats):
