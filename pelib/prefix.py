@@ -182,7 +182,9 @@ def apply_prefix(model: nn.Module, prefix_length: int = 16, hidden: int | None =
                  modules_to_save: Iterable[str] | None = None) -> nn.Module:
     """Give every self-attention layer a learned prefix of `prefix_length` keys and values;
     freeze everything else (a classification head, or `modules_to_save`, stays trainable).
-    The prefix lives in `model.prefix_encoder`."""
+    The prefix lives in `model.prefix_encoder`. It is switched on through
+    `config._attn_implementation` ("pelib_prefix_eager" / "pelib_prefix_sdpa"): setting another
+    attention implementation afterwards switches it off."""
     if not isinstance(prefix_length, int) or isinstance(prefix_length, bool) or prefix_length <= 0:
         raise ValueError(f"prefix_length must be a positive integer, got {prefix_length!r}")
     if hidden is not None and (not isinstance(hidden, int) or hidden <= 0):
