@@ -14,8 +14,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-METHODS = ("full", "lora")
-DEFAULT_LR = {"full": 1e-4, "lora": 2e-3}
+METHODS = ("full", "lora", "adapter", "prefix")
+DEFAULT_LR = {"full": 1e-4, "lora": 2e-3, "adapter": 1e-3, "prefix": 1e-2}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -32,6 +32,11 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--rslora", action="store_true")
     f.add_argument("--dropout", type=float, default=0.0)
     f.add_argument("--targets", nargs="+", default=None, help="default: the backbone's usual set")
+    f.add_argument("--adapter-kind", default="houlsby", choices=["houlsby", "pfeiffer"])
+    f.add_argument("--bottleneck", type=int, default=64, help="adapter width m")
+    f.add_argument("--prefix-length", type=int, default=16, help="prefix tuning: L_p")
+    f.add_argument("--prefix-hidden", type=int, default=None,
+                   help="width of the prefix MLP (default: the model width)")
     f.add_argument("--epochs", type=float, default=3)
     f.add_argument("--lr", type=float, default=None, help=f"default per method: {DEFAULT_LR}")
     f.add_argument("--batch-size", type=int, default=32)
@@ -86,6 +91,14 @@ def build(args):
     elif args.method == "lora":
         pelib.apply_lora(model, targets, r=args.r, alpha=alpha, dropout=args.dropout,
                          use_rslora=args.rslora)
+    elif args.method == "adapter" and args.impl == "pelib":
+        from pelib.adapter import apply_adapters
+
+        apply_adapters(model, kind=args.adapter_kind, bottleneck=args.bottleneck)
+    elif args.method == "prefix" and args.impl == "pelib":
+        from pelib.prefix import apply_prefix
+
+        apply_prefix(model, prefix_length=args.prefix_length, hidden=args.prefix_hidden)
     elif args.impl == "peft":
         raise SystemExit(f"pelib: --impl peft is only for --method lora, not {args.method}")
     return model, tokenizer, data
@@ -94,7 +107,9 @@ def build(args):
 def run_name(args) -> str:
     if args.name:
         return args.name
-    method = args.method + (f"-r{args.r}" if args.method != "full" else "")
+    method = args.method + {"full": "", "lora": f"-r{args.r}",
+                            "adapter": f"-{args.adapter_kind}-m{args.bottleneck}",
+                            "prefix": f"-L{args.prefix_length}"}[args.method]
     return "_".join([args.model + ("-tiny" if args.tiny else ""), args.data, method, args.impl,
                      f"s{args.seed}"])
 
