@@ -27,11 +27,19 @@ the 8-bit dynamic map in blocks of B2 = 256:
 which costs 8/B + 32/(B*B2) bits per weight: 4.127 bits in all instead of 4.5.
 
 Arithmetic follows bitsandbytes (fp32 absmax, multiply by the fp32 reciprocal, clamp to
-[-1, 1]), so the packed bytes match bitsandbytes.functional.quantize_4bit on CPU. One known
-difference: bitsandbytes' CPU kernel (0.50.2) looks the 8-bit code up in a table over 65536
-bins of [-1, 1], so for a value within one bin of a midpoint it can miss the nearest code. We
-take the exact nearest code, so a few double-quantised constants differ (0.2-0.5% of them,
-mostly by one step). tests/test_quant_blockwise.py counts them and models their table exactly.
+[-1, 1]), so the packed bytes match bitsandbytes.functional.quantize_4bit on CPU.
+
+Rounding the double-quantised constants (`dq_rounding`). bitsandbytes' CPU kernel (0.50.2)
+does not search for the nearest 8-bit code: it rounds the scaled value into one of 65536
+equal bins of [-1, 1] and reads a table made from the code nearest each bin's centre,
+
+    bin = int(((v + 1) / 2) * 65535 + 0.5),     q = table[bin]
+
+so a value within one bin (3e-5) of a midpoint can land one code off (0.2-0.5% of the
+constants, one step each; the extra error is at most one bin width). `dq_rounding="bnb"` (the
+default) does exactly that, so bytes *and* state equal the peer's and a model quantised here
+or there is the same model; `"nearest"` takes the exact nearest code (bucketize on the
+midpoints), which is what the QLoRA equations say and what notebook 05 derives first.
 """
 import math
 from dataclasses import dataclass
@@ -44,8 +52,11 @@ from .codes import create_dynamic_map, get_code
 SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DQ_BLOCKSIZE = 256  # blocksize of the second quantisation (QLoRA)
+DQ_ROUNDINGS = ("bnb", "nearest")
+BNB_BINS = 65536  # bins of [-1, 1] in bitsandbytes' CPU 8-bit quantiser
 
 _CODE2: list[torch.Tensor] = []  # the 8-bit dynamic map, built once
+_BIN_TABLES: dict = {}  # code (as a tuple) -> its (65536,) bin table
 
 
 def dynamic_code() -> torch.Tensor:
@@ -127,19 +138,35 @@ def nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     return order[torch.bucketize(scaled, midpoints)]
 
 
-def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blockwise absmax quantisation to the nearest code value.
+def bin_table(code: torch.Tensor) -> torch.Tensor:
+    """(65536,) int64: for each of bitsandbytes' bins of [-1, 1], the index of the code
+    value nearest the bin's centre -1 + 2 i / 65535 (built once per code)."""
+    key = tuple(code.tolist())
+    if key not in _BIN_TABLES:
+        centres = -1.0 + 2.0 * torch.arange(BNB_BINS, dtype=torch.float32) / (BNB_BINS - 1)
+        _BIN_TABLES[key] = nearest_code(centres, code.cpu())
+    return _BIN_TABLES[key].to(code.device)
 
-    Returns (q, absmax): (n,) uint8 indices into `code` and (n_blocks,) float32 scales.
+
+def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int,
+                       rounding: str = "nearest") -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise absmax quantisation: (n,) uint8 indices into `code`, (n_blocks,) fp32 scales.
+
+    rounding="nearest": the nearest code value; "bnb": through bitsandbytes' 65536-bin table.
     """
+    if rounding not in DQ_ROUNDINGS:
+        raise ValueError(f"rounding must be one of {DQ_ROUNDINGS}, got {rounding!r}")
     n = x.numel()
     blocks = _to_blocks(x, blocksize)  # (n_blocks, B) fp32
     absmax = blocks.abs().amax(dim=1)  # (n_blocks,)
     # Multiply by the reciprocal (as bitsandbytes); an all-zero block keeps q = code index of 0.
     inv = 1.0 / absmax.clamp(min=torch.finfo(torch.float32).tiny)
-    scaled = (blocks * inv[:, None]).clamp_(-1, 1)  # (n_blocks, B) in [-1, 1]
-    q = nearest_code(scaled.view(-1), code).to(torch.uint8)
-    return q[:n], absmax
+    scaled = (blocks * inv[:, None]).clamp_(-1, 1).view(-1)  # (n_blocks * B,) in [-1, 1]
+    if rounding == "nearest":
+        q = nearest_code(scaled, code)
+    else:  # the float -> int cast truncates, as the C cast does (the value is >= 0.5)
+        q = bin_table(code)[(((scaled + 1) * 0.5) * (BNB_BINS - 1) + 0.5).long()]
+    return q[:n].to(torch.uint8), absmax
 
 
 def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -164,11 +191,14 @@ def unpack_4bit(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def quantize_4bit(
-    W: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = True
+    W: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = True,
+    dq_rounding: str = "bnb",
 ) -> tuple[torch.Tensor, QuantState]:
     """Quantise W (any shape; fp32, fp16 or bf16) to packed 4-bit codes.
 
     Returns (packed, state): packed is (ceil(numel/2),) uint8; state holds the scales.
+    dq_rounding ("bnb" or "nearest") picks how the absmax constants find their 8-bit code
+    (module docstring); the 4-bit weights always take the nearest code.
     """
     if blocksize not in SUPPORTED_BLOCKSIZES:
         raise ValueError(f"blocksize {blocksize} is not supported; use one of {SUPPORTED_BLOCKSIZES}")
@@ -176,6 +206,8 @@ def quantize_4bit(
         raise ValueError(f"quantize_4bit supports float32, float16 and bfloat16 weights, got {W.dtype}")
     if W.numel() == 0:
         raise ValueError("quantize_4bit: W is empty")
+    if dq_rounding not in DQ_ROUNDINGS:
+        raise ValueError(f"dq_rounding must be one of {DQ_ROUNDINGS}, got {dq_rounding!r}")
     _check_finite(W, "quantize_4bit")
     code = get_code(quant_type).to(W.device)  # also validates quant_type
 
@@ -189,7 +221,8 @@ def quantize_4bit(
     if double_quant:
         code2 = dynamic_code().to(W.device)
         state.offset = absmax.mean()  # () fp32
-        state.qabsmax, state.absmax2 = quantize_blockwise(absmax - state.offset, code2, DQ_BLOCKSIZE)
+        state.qabsmax, state.absmax2 = quantize_blockwise(absmax - state.offset, code2, DQ_BLOCKSIZE,
+                                                          rounding=dq_rounding)
         state.code2 = code2
     else:
         state.absmax = absmax
