@@ -174,7 +174,7 @@ def test_fast_equals_reference(shape, dtype):
         n_block_bytes = math.ceil(packed.numel() / block_bytes)
         # One block a chunk (small shapes), about five chunks, one chunk: chunk edges everywhere.
         chunks = [block_bytes] if n_block_bytes < 100 else []
-        chunks += [block_bytes * math.ceil(n_block_bytes / 5), CHUNK_BYTES]
+        chunks += [block_bytes * math.ceil(n_block_bytes / 5), CHUNK_BYTES, None]
         for chunk_bytes in chunks:
             assert torch.equal(dequantize_4bit(packed, state, chunk_bytes=chunk_bytes), ref)
         for out_dtype in DTYPES:
@@ -256,3 +256,16 @@ def test_bench_runs(capsys):
 
     res = pelib.quant.bench_dequant(n=128, repeats=1)
     assert {"pelib_ms", "bnb_ms", "ratio", "floor_ms"} <= set(res) and "ratio" in capsys.readouterr().out
+
+
+def test_block_absmax_decode_in_pieces():
+    """The piecewise decode equals code2[q] * absmax2 + offset, across piece edges and with a
+    ragged last block of 256 constants."""
+    from pelib.quant.blockwise import GRAIN
+
+    assert GRAIN % 256 == 0
+    W = weight((GRAIN * 64 // 1000 + 7, 1000 + 64), seed=3)  # n_blocks > GRAIN, not a multiple of 256
+    _, state = quantize_4bit(W, 64, "nf4", True)
+    assert state.n_blocks > GRAIN and state.n_blocks % 256
+    ref = dequantize_blockwise(state.qabsmax, state.absmax2, state.code2, 256) + state.offset
+    assert torch.equal(state.block_absmax(), ref)
