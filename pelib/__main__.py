@@ -14,8 +14,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-METHODS = ("full", "lora")
-DEFAULT_LR = {"full": 1e-4, "lora": 2e-3}
+METHODS = ("full", "lora", "qlora")
+DEFAULT_LR = {"full": 1e-4, "lora": 2e-3, "qlora": 2e-3}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -88,6 +88,9 @@ def build(args):
                          use_rslora=args.rslora)
     elif args.impl == "peft":
         raise SystemExit(f"pelib: --impl peft is only for --method lora, not {args.method}")
+    elif args.method == "qlora":  # NF4 + double quantisation base, fp32 LoRA (pelib.quant)
+        pelib.quant.apply_qlora(model, targets, r=args.r, alpha=alpha, dropout=args.dropout,
+                                use_rslora=args.rslora)
     return model, tokenizer, data
 
 
