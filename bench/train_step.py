@@ -4,10 +4,12 @@ process (peak RSS is per process), on a fixed batch of random tokens:
     python bench/train_step.py --model smollm2 --method qlora --batch 8 --tokens 128 --steps 4
     python bench/train_step.py --model smollm2 --method lora  --batch 8 --tokens 128 --steps 4
 
-Prints one JSON line: model state bytes by kind (pelib.quant.qlora_nbytes), resident memory
-before training, peak resident memory over the timed steps (sampled every 20 ms), and the median
-seconds per step (forward + backward + AdamW) after one warm-up step. A benchmark, not a test:
-on a shared machine the times move with the load (the line includes the load average).
+Prints one JSON line: model state bytes by kind (pelib.quant.qlora_nbytes), the bytes autograd
+saves for the backward (activations: storages that are not the model's own tensors), resident
+memory before training and its peak over the timed steps (sampled every 20 ms; glibc keeps freed
+memory, so RSS is a loose upper bound), and the median seconds per step (forward + backward +
+AdamW) after one warm-up step. A benchmark, not a test: on a shared machine the times move with
+the load (the line includes the load average).
 """
 import argparse
 import ctypes
@@ -34,7 +36,10 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     model, _ = pelib.load_backbone(args.model, num_labels=77)
@@ -49,8 +54,19 @@ def main(argv=None):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
 
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved = {}  # storage -> bytes, for what autograd keeps that is not the model's
+
+    def keep(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in own:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+        saved.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16), \
+                torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
             loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
         opt.step()
@@ -68,6 +84,7 @@ def main(argv=None):
         model=args.model, method=args.method, r=args.r, batch=f"{args.batch}x{args.tokens}", bf16=args.bf16,
         threads=torch.get_num_threads(), load_avg=round(os.getloadavg()[0], 2),
         state_MB={k: round(v / 1e6, 1) for k, v in qlora_nbytes(model).items()},
+        saved_activations_MB=round(sum(saved.values()) / 1e6, 1),  # of the last step
         rss_before_MB=round(rss_before / 1e6), peak_rss_MB=round(mem.peak / 1e6),
         s_per_step=round(statistics.median(times), 3), steps=[round(t, 2) for t in times])))
 
