@@ -6,13 +6,14 @@ process (peak RSS is per process), on a fixed batch of random tokens:
 
 Prints one JSON line: model state bytes by kind (pelib.quant.qlora_nbytes), the bytes autograd
 saves for the backward (activations: storages that are not the model's own tensors), resident
-memory before training and its peak over the timed steps (sampled every 20 ms; glibc keeps freed
+memory with the model built, after the warm-up step, and its peak over the timed steps (sampled every 20 ms; glibc keeps freed
 memory, so RSS is a loose upper bound), and the median seconds per step (forward + backward +
 AdamW) after one warm-up step. A benchmark, not a test: on a shared machine the times move with
 the load (the line includes the load average).
 """
 import argparse
 import ctypes
+import gc
 import json
 import os
 import statistics
@@ -45,9 +46,15 @@ def main(argv=None):
     model, _ = pelib.load_backbone(args.model, num_labels=77)
     inject = apply_qlora if args.method == "qlora" else pelib.apply_lora
     inject(model, DEFAULT_TARGETS[args.model], r=args.r, alpha=2 * args.r)
-    # The fp32 weights that quantisation replaced sit freed in glibc's heap; give them back to the
-    # OS so that the resident size shows what the model holds.
+    # transformers maps the checkpoint file: the weights are views of one file-backed storage,
+    # whose pages stay resident while any tensor of the file lives, even after quantisation has
+    # replaced most of them. Copy the tensors out so the file is unmapped, and give the freed heap
+    # back to the OS: the resident size is then what the model really holds.
+    for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values():
+        t.data = t.data.clone()
+    gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
+    rss_model = psutil.Process().memory_info().rss
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(10, model.config.vocab_size, (args.batch, args.tokens), generator=g)
     labels = torch.randint(0, 77, (args.batch,), generator=g)
@@ -85,7 +92,7 @@ def main(argv=None):
         threads=torch.get_num_threads(), load_avg=round(os.getloadavg()[0], 2),
         state_MB={k: round(v / 1e6, 1) for k, v in qlora_nbytes(model).items()},
         saved_activations_MB=round(sum(saved.values()) / 1e6, 1),  # of the last step
-        rss_before_MB=round(rss_before / 1e6), peak_rss_MB=round(mem.peak / 1e6),
+        rss_model_MB=round(rss_model / 1e6), rss_before_MB=round(rss_before / 1e6), peak_rss_MB=round(mem.peak / 1e6),
         s_per_step=round(statistics.median(times), 3), steps=[round(t, 2) for t in times])))
 
 
