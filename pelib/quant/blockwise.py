@@ -30,16 +30,10 @@ Arithmetic follows bitsandbytes (fp32 absmax, multiply by the fp32 reciprocal, c
 [-1, 1]), so the packed bytes match bitsandbytes.functional.quantize_4bit on CPU.
 
 Rounding the double-quantised constants (`dq_rounding`). bitsandbytes' CPU kernel (0.50.2)
-does not search for the nearest 8-bit code: it rounds the scaled value into one of 65536
-equal bins of [-1, 1] and reads a table made from the code nearest each bin's centre,
-
-    bin = int(((v + 1) / 2) * 65535 + 0.5),     q = table[bin]
-
-so a value within one bin (3e-5) of a midpoint can land one code off (0.2-0.5% of the
-constants, one step each; the extra error is at most one bin width). `dq_rounding="bnb"` (the
-default) does exactly that, so bytes *and* state equal the peer's and a model quantised here
-or there is the same model; `"nearest"` takes the exact nearest code (bucketize on the
-midpoints), which is what the QLoRA equations say and what notebook 05 derives first.
+rounds the scaled value into one of 65536 bins of [-1, 1], bin = int(((v + 1) / 2) * 65535 + 0.5),
+and reads the code nearest that bin's centre from a table: within a bin (3e-5) of a midpoint it
+can land one code off (0.2-0.5% of the constants). "bnb" (the default) does the same, so bytes
+and state equal the peer's; "nearest" is the exact rule of the equations (notebook 05).
 """
 import math
 from dataclasses import dataclass

@@ -28,7 +28,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..io import load_adapter_weights, read_adapter
+from ..io import _existing, load_adapter_weights, read_adapter
 from ..lora import LoRALinear, apply_lora, lora_layers
 from .linear4bit import Linear4bit
 
@@ -59,11 +59,10 @@ def load_qlora(model: nn.Module, path, **quant_kwargs) -> nn.Module:
     config, tensors = read_adapter(path)
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type {config.get('peft_type')!r} is not a LoRA adapter")
-    have = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    keep = [n for n in config.get("modules_to_save") or [] if n in have] or None
     apply_qlora(model, config["target_modules"], r=config["r"], alpha=config["lora_alpha"],
                 dropout=config.get("lora_dropout", 0.0), use_rslora=config.get("use_rslora", False),
-                modules_to_save=keep, rank_pattern=config.get("rank_pattern") or None, **quant_kwargs)
+                modules_to_save=_existing(model, config.get("modules_to_save")),
+                rank_pattern=config.get("rank_pattern") or None, **quant_kwargs)
     load_adapter_weights(model, tensors, source=str(path))
     return model
 
