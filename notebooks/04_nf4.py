@@ -54,7 +54,7 @@ print(f"test weight {ROWS}x{COLS}, blocksize {BLOCKSIZE}, fast={FAST}")
 # For 64 samples the maximum of $|N(0,1)|$ is about $2.4$, so most of the mass sits well
 # inside $[-0.5, 0.5]$. We use $N(0,1)$ weights and, as a stand-in for the heavier tails of real
 # weights, a Student-t with 5 degrees of freedom. (The comparison on real SmolLM2 weights
-# comes with the model loader, in a later notebook.)
+# is in notebook 06: NF4 wins there too.)
 
 # %%
 def block_normalise(W, blocksize=BLOCKSIZE):

@@ -14,8 +14,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-METHODS = ("full", "lora", "adapter", "prefix")
-DEFAULT_LR = {"full": 1e-4, "lora": 2e-3, "adapter": 1e-3, "prefix": 1e-2}
+METHODS = ("full", "lora", "qlora", "adapter", "prefix")
+DEFAULT_LR = {"full": 1e-4, "lora": 2e-3, "qlora": 2e-3, "adapter": 1e-3, "prefix": 1e-2}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -101,13 +101,16 @@ def build(args):
         apply_prefix(model, prefix_length=args.prefix_length, hidden=args.prefix_hidden)
     elif args.impl == "peft":
         raise SystemExit(f"pelib: --impl peft is only for --method lora, not {args.method}")
+    elif args.method == "qlora":  # NF4 + double quantisation base, fp32 LoRA (pelib.quant)
+        pelib.quant.apply_qlora(model, targets, r=args.r, alpha=alpha, dropout=args.dropout,
+                                use_rslora=args.rslora)
     return model, tokenizer, data
 
 
 def run_name(args) -> str:
     if args.name:
         return args.name
-    method = args.method + {"full": "", "lora": f"-r{args.r}",
+    method = args.method + {"full": "", "lora": f"-r{args.r}", "qlora": f"-r{args.r}",
                             "adapter": f"-{args.adapter_kind}-m{args.bottleneck}",
                             "prefix": f"-L{args.prefix_length}"}[args.method]
     return "_".join([args.model + ("-tiny" if args.tiny else ""), args.data, method, args.impl,

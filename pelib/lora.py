@@ -19,7 +19,7 @@ the same order as peft's, which makes the two bitwise equal.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -36,7 +36,7 @@ class LoRALinear(nn.Module):
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        dev, dtype = base_layer.weight.device, base_layer.weight.dtype
+        dev, dtype = adapter_device_dtype(base_layer)
         self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=dev, dtype=dtype)
         self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=dev, dtype=dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
@@ -58,6 +58,9 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
+        if not hasattr(self.base_layer, "weight"):
+            raise TypeError(f"cannot merge into a {type(self.base_layer).__name__} base layer in "
+                            "place; use pelib.quant.merge_qlora(model, strategy=...)")
         if not self.merged:
             self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
             self.merged = True
@@ -72,6 +75,16 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}"
 
 
+def adapter_device_dtype(base_layer: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where A and B live: beside a float weight, in its dtype; beside a quantised base (no
+    `weight`, e.g. pelib.quant.Linear4bit) in float32, as peft trains QLoRA adapters."""
+    weight = getattr(base_layer, "weight", None)
+    if weight is not None:
+        return weight.device, weight.dtype
+    buffer = next(base_layer.buffers())
+    return buffer.device, torch.float32
+
+
 def check_rank(r, layer: nn.Module) -> None:
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise ValueError(f"r must be a positive integer, got {r!r}")
@@ -84,9 +97,12 @@ def check_rank(r, layer: nn.Module) -> None:
 def apply_lora(model: nn.Module, target_modules: str | Iterable[str], r: int = 8,
                alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False,
                modules_to_save: Iterable[str] | None = None,
-               rank_pattern: dict[str, int] | None = None) -> nn.Module:
+               rank_pattern: dict[str, int] | None = None,
+               base_wrap: Callable[[nn.Linear], nn.Module] | None = None) -> nn.Module:
     """Wrap every targeted nn.Linear in a LoRALinear, freeze the rest (a classification head,
-    or `modules_to_save`, stays trainable). `rank_pattern` maps a name suffix to its own r."""
+    or `modules_to_save`, stays trainable). `rank_pattern` maps a name suffix to its own r.
+    `base_wrap`, if given, turns each target into the frozen base first (QLoRA quantises it:
+    pelib.quant.apply_qlora)."""
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("this model already has LoRA layers; load a fresh backbone first")
     if not isinstance(r, int) or r <= 0:
@@ -102,7 +118,9 @@ def apply_lora(model: nn.Module, target_modules: str | Iterable[str], r: int = 8
         r_here = next((v for k, v in rank_pattern.items()
                        if name == k or name.endswith("." + k)), r)
         try:
-            return LoRALinear(module, r_here, alpha, dropout, use_rslora)
+            check_rank(r_here, module)  # before any (costly) base_wrap
+            base = base_wrap(module) if base_wrap is not None else module
+            return LoRALinear(base, r_here, alpha, dropout, use_rslora)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
 

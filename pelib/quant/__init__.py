@@ -1,11 +1,13 @@
 """4-bit quantisation from first principles: NF4/FP4 code maps, blockwise absmax quantisation,
-4-bit packing, double quantisation, the bits-per-parameter ledger and `Linear4bit`.
+4-bit packing, double quantisation, the bits-per-parameter ledger, `Linear4bit`, and QLoRA
+(LoRA on a frozen 4-bit base, with its merge strategies).
 
-Notebooks 04 (the NF4 code) and 05 (blockwise and double quantisation) derive each piece;
-bitsandbytes is the peer every test compares against.
+Notebooks 04 (the NF4 code), 05 (blockwise and double quantisation) and 06 (QLoRA) derive each
+piece; bitsandbytes (and peft, for QLoRA) are the peers every test compares against.
 """
 from .blockwise import (
     DQ_BLOCKSIZE,
+    DQ_ROUNDINGS,
     SUPPORTED_BLOCKSIZES,
     QuantState,
     dequantize_4bit,
@@ -29,6 +31,7 @@ from .ledger import (
     state_nbytes,
 )
 from .linear4bit import Dequant4bitLinear, Linear4bit
+from .qlora import MERGE_STRATEGIES, apply_qlora, load_qlora, merge_qlora, merged_weight, qlora_layers, qlora_nbytes
 
 
 def __getattr__(name):  # the benchmark imports bitsandbytes: load it only when asked for

@@ -27,11 +27,13 @@ the 8-bit dynamic map in blocks of B2 = 256:
 which costs 8/B + 32/(B*B2) bits per weight: 4.127 bits in all instead of 4.5.
 
 Arithmetic follows bitsandbytes (fp32 absmax, multiply by the fp32 reciprocal, clamp to
-[-1, 1]), so the packed bytes match bitsandbytes.functional.quantize_4bit on CPU. One known
-difference: bitsandbytes' CPU kernel (0.50.2) looks the 8-bit code up in a table over 65536
-bins of [-1, 1], so for a value within one bin of a midpoint it can miss the nearest code. We
-take the exact nearest code, so a few double-quantised constants differ (0.2-0.5% of them,
-mostly by one step). tests/test_quant_blockwise.py counts them and models their table exactly.
+[-1, 1]), so the packed bytes match bitsandbytes.functional.quantize_4bit on CPU.
+
+Rounding the double-quantised constants (`dq_rounding`). bitsandbytes' CPU kernel (0.50.2)
+rounds the scaled value into one of 65536 bins of [-1, 1], bin = int(((v + 1) / 2) * 65535 + 0.5),
+and reads the code nearest that bin's centre from a table: within a bin (3e-5) of a midpoint it
+can land one code off (0.2-0.5% of the constants). "bnb" (the default) does the same, so bytes
+and state equal the peer's; "nearest" is the exact rule of the equations (notebook 05).
 """
 import math
 from dataclasses import dataclass
@@ -44,8 +46,12 @@ from .codes import create_dynamic_map, get_code
 SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DQ_BLOCKSIZE = 256  # blocksize of the second quantisation (QLoRA)
+DQ_ROUNDINGS = ("bnb", "nearest")
+BNB_BINS = 65536  # bins of [-1, 1] in bitsandbytes' CPU 8-bit quantiser
+GRAIN = 32768  # torch's parallel grain size (at::internal::GRAIN_SIZE): smaller ops stay serial
 
 _CODE2: list[torch.Tensor] = []  # the 8-bit dynamic map, built once
+_BIN_TABLES: dict = {}  # code (as a tuple) -> its (65536,) bin table
 
 
 def dynamic_code() -> torch.Tensor:
@@ -88,11 +94,30 @@ class QuantState:
         return -(-self.numel // self.blocksize)
 
     def block_absmax(self) -> torch.Tensor:
-        """The fp32 scale of every block, (n_blocks,): stored, or decoded from 8 bits."""
+        """The fp32 scale of every block, (n_blocks,): stored, or decoded from 8 bits,
+        code2[qabsmax_b] * absmax2_{b // B2} + offset (the same fp32 operations as
+        dequantize_blockwise(...) + offset, so the same bits).
+
+        The decode is little work (n / B values) in several ops. torch runs an op on more
+        than GRAIN elements in parallel, and on a busy machine each fork/join can cost
+        milliseconds waiting for a core, more than the work. So decode in pieces of GRAIN
+        blocks, each of which runs on the calling thread.
+        """
         if not self.double_quant:
             return self.absmax
-        absmax = dequantize_blockwise(self.qabsmax, self.absmax2, self.code2, self.blocksize2)
-        return absmax + self.offset
+        n_blocks, B2 = self.qabsmax.numel(), self.blocksize2
+        absmax = torch.empty(n_blocks, dtype=torch.float32, device=self.qabsmax.device)
+        idx = torch.empty(min(GRAIN, n_blocks), dtype=torch.int32, device=self.qabsmax.device)
+        for p0 in range(0, n_blocks, GRAIN):  # GRAIN is a multiple of B2: pieces hold whole blocks
+            a, i = absmax[p0 : p0 + GRAIN], idx[: min(GRAIN, n_blocks - p0)]
+            i.copy_(self.qabsmax[p0 : p0 + GRAIN])  # uint8 -> int32 (an index, not a mask)
+            torch.index_select(self.code2, 0, i, out=a)  # code2[qabsmax]
+            full = a.numel() - a.numel() % B2  # a ragged tail only in the last piece
+            a[:full].view(-1, B2).mul_(self.absmax2[p0 // B2 : (p0 + full) // B2, None])
+            if full < a.numel():
+                a[full:].mul_(self.absmax2[-1])
+            a.add_(self.offset)
+        return absmax
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The per-weight tensors this state stores (what the bits/param ledger counts)."""
@@ -127,19 +152,35 @@ def nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     return order[torch.bucketize(scaled, midpoints)]
 
 
-def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blockwise absmax quantisation to the nearest code value.
+def bin_table(code: torch.Tensor) -> torch.Tensor:
+    """(65536,) int64: for each of bitsandbytes' bins of [-1, 1], the index of the code
+    value nearest the bin's centre -1 + 2 i / 65535 (built once per code)."""
+    key = tuple(code.tolist())
+    if key not in _BIN_TABLES:
+        centres = -1.0 + 2.0 * torch.arange(BNB_BINS, dtype=torch.float32) / (BNB_BINS - 1)
+        _BIN_TABLES[key] = nearest_code(centres, code.cpu())
+    return _BIN_TABLES[key].to(code.device)
 
-    Returns (q, absmax): (n,) uint8 indices into `code` and (n_blocks,) float32 scales.
+
+def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int,
+                       rounding: str = "nearest") -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise absmax quantisation: (n,) uint8 indices into `code`, (n_blocks,) fp32 scales.
+
+    rounding="nearest": the nearest code value; "bnb": through bitsandbytes' 65536-bin table.
     """
+    if rounding not in DQ_ROUNDINGS:
+        raise ValueError(f"rounding must be one of {DQ_ROUNDINGS}, got {rounding!r}")
     n = x.numel()
     blocks = _to_blocks(x, blocksize)  # (n_blocks, B) fp32
     absmax = blocks.abs().amax(dim=1)  # (n_blocks,)
     # Multiply by the reciprocal (as bitsandbytes); an all-zero block keeps q = code index of 0.
     inv = 1.0 / absmax.clamp(min=torch.finfo(torch.float32).tiny)
-    scaled = (blocks * inv[:, None]).clamp_(-1, 1)  # (n_blocks, B) in [-1, 1]
-    q = nearest_code(scaled.view(-1), code).to(torch.uint8)
-    return q[:n], absmax
+    scaled = (blocks * inv[:, None]).clamp_(-1, 1).view(-1)  # (n_blocks * B,) in [-1, 1]
+    if rounding == "nearest":
+        q = nearest_code(scaled, code)
+    else:  # the float -> int cast truncates, as the C cast does (the value is >= 0.5)
+        q = bin_table(code)[(((scaled + 1) * 0.5) * (BNB_BINS - 1) + 0.5).long()]
+    return q[:n].to(torch.uint8), absmax
 
 
 def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -164,11 +205,14 @@ def unpack_4bit(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def quantize_4bit(
-    W: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = True
+    W: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = True,
+    dq_rounding: str = "bnb",
 ) -> tuple[torch.Tensor, QuantState]:
     """Quantise W (any shape; fp32, fp16 or bf16) to packed 4-bit codes.
 
     Returns (packed, state): packed is (ceil(numel/2),) uint8; state holds the scales.
+    dq_rounding ("bnb" or "nearest") picks how the absmax constants find their 8-bit code
+    (module docstring); the 4-bit weights always take the nearest code.
     """
     if blocksize not in SUPPORTED_BLOCKSIZES:
         raise ValueError(f"blocksize {blocksize} is not supported; use one of {SUPPORTED_BLOCKSIZES}")
@@ -176,6 +220,8 @@ def quantize_4bit(
         raise ValueError(f"quantize_4bit supports float32, float16 and bfloat16 weights, got {W.dtype}")
     if W.numel() == 0:
         raise ValueError("quantize_4bit: W is empty")
+    if dq_rounding not in DQ_ROUNDINGS:
+        raise ValueError(f"dq_rounding must be one of {DQ_ROUNDINGS}, got {dq_rounding!r}")
     _check_finite(W, "quantize_4bit")
     code = get_code(quant_type).to(W.device)  # also validates quant_type
 
@@ -189,7 +235,8 @@ def quantize_4bit(
     if double_quant:
         code2 = dynamic_code().to(W.device)
         state.offset = absmax.mean()  # () fp32
-        state.qabsmax, state.absmax2 = quantize_blockwise(absmax - state.offset, code2, DQ_BLOCKSIZE)
+        state.qabsmax, state.absmax2 = quantize_blockwise(absmax - state.offset, code2, DQ_BLOCKSIZE,
+                                                          rounding=dq_rounding)
         state.code2 = code2
     else:
         state.absmax = absmax
@@ -216,9 +263,12 @@ def dequantize_4bit_ref(packed: torch.Tensor, state: QuantState, dtype: torch.dt
 
 # Byte -> (high nibble, low nibble): the 256 x 2 index table behind the fast path.
 _BYTE_NIBBLES = torch.stack([torch.arange(256) >> 4, torch.arange(256) & 0xF], dim=1)  # (256, 2)
-# 4 MiB of packed bytes a chunk: its int32 indices (16 MiB) stay in a 32 MiB L3, and the chunks
-# are few, because every op starts its threads again (slow on a busy machine).
+# Bytes of packed weights a chunk. With several threads every op is a fork/join (slow on a busy
+# machine), so chunks are few and large: 4 MiB, whose int32 indices (16 MiB) stay in a 32 MiB L3.
+# On one thread an op costs only its work, and 256 KiB chunks keep the gathered values in L2
+# for the multiply (about 30% faster here).
 CHUNK_BYTES = 1 << 22
+CHUNK_BYTES_1_THREAD = 1 << 18
 
 
 def dequantize_4bit(
@@ -226,7 +276,7 @@ def dequantize_4bit(
     state: QuantState,
     dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
-    chunk_bytes: int = CHUNK_BYTES,
+    chunk_bytes: int | None = None,
 ) -> torch.Tensor:
     """Packed bytes + state -> W~ of state.shape, in `dtype` (default: the original dtype).
 
@@ -239,13 +289,16 @@ def dequantize_4bit(
       2. multiply in place by the block absmax;
       3. work through the bytes in chunks, so the int32 indices (index_select wants int32 or
          int64; a uint8 index would be read as a mask) and any fp32 scratch stay in cache:
-         the one pass over memory is writing the output.
+         the one pass over memory is writing the output. Default chunk size: see CHUNK_BYTES.
+    The double-quantised scales are decoded once per call (QuantState.block_absmax).
     Traffic: n/2 bytes read + n * itemsize written (+ 4 n / B for the scales). A new output
     also costs the OS mapping and zeroing its pages, often more than the arithmetic.
     """
     _check_state(packed, state)
     n, B = state.numel, state.blocksize
     dtype, device = dtype or state.dtype, packed.device
+    if chunk_bytes is None:
+        chunk_bytes = CHUNK_BYTES_1_THREAD if torch.get_num_threads() == 1 else CHUNK_BYTES
     if chunk_bytes % (B // 2):
         raise ValueError(f"chunk_bytes ({chunk_bytes}) must hold whole blocks of {B // 2} bytes")
     if out is not None and (out.shape != state.shape or out.dtype != dtype or not out.is_contiguous()):

@@ -1,0 +1,100 @@
+"""Seconds per training step and peak memory of one method on a packaged backbone, one method per
+process (peak RSS is per process), on a fixed batch of random tokens:
+
+    python bench/train_step.py --model smollm2 --method qlora --batch 8 --tokens 128 --steps 4
+    python bench/train_step.py --model smollm2 --method lora  --batch 8 --tokens 128 --steps 4
+
+Prints one JSON line: model state bytes by kind (pelib.quant.qlora_nbytes), the bytes autograd
+saves for the backward (activations: storages that are not the model's own tensors), resident
+memory with the model built, after the warm-up step, and its peak over the timed steps (sampled every 20 ms; glibc keeps freed
+memory, so RSS is a loose upper bound), and the median seconds per step (forward + backward +
+AdamW) after one warm-up step. A benchmark, not a test: on a shared machine the times move with
+the load (the line includes the load average).
+"""
+import argparse
+import ctypes
+import gc
+import json
+import os
+import statistics
+import time
+
+import psutil
+import torch
+
+import pelib
+from pelib.backbone import DEFAULT_TARGETS
+from pelib.quant import apply_qlora, qlora_nbytes
+from pelib.train import PeakMemory
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2", choices=["minilm", "smollm2"])
+    ap.add_argument("--method", default="qlora", choices=["lora", "qlora"])
+    ap.add_argument("--r", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    torch.manual_seed(0)
+    model, _ = pelib.load_backbone(args.model, num_labels=77)
+    inject = apply_qlora if args.method == "qlora" else pelib.apply_lora
+    inject(model, DEFAULT_TARGETS[args.model], r=args.r, alpha=2 * args.r)
+    # transformers maps the checkpoint file: the weights are views of one file-backed storage,
+    # whose pages stay resident while any tensor of the file lives, even after quantisation has
+    # replaced most of them. Copy the tensors out so the file is unmapped, and give the freed heap
+    # back to the OS: the resident size is then what the model really holds.
+    for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values():
+        t.data = t.data.clone()
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    rss_model = psutil.Process().memory_info().rss
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, model.config.vocab_size, (args.batch, args.tokens), generator=g)
+    labels = torch.randint(0, 77, (args.batch,), generator=g)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved = {}  # storage -> bytes, for what autograd keeps that is not the model's
+
+    def keep(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in own:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    def step():
+        saved.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16), \
+                torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up: allocates Adam's moments and the gradient buffers
+    rss_before = psutil.Process().memory_info().rss
+    times = []
+    with PeakMemory(torch.device("cpu")) as mem:
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    print(json.dumps(dict(
+        model=args.model, method=args.method, r=args.r, batch=f"{args.batch}x{args.tokens}", bf16=args.bf16,
+        threads=torch.get_num_threads(), load_avg=round(os.getloadavg()[0], 2),
+        state_MB={k: round(v / 1e6, 1) for k, v in qlora_nbytes(model).items()},
+        saved_activations_MB=round(sum(saved.values()) / 1e6, 1),  # of the last step
+        rss_model_MB=round(rss_model / 1e6), rss_before_MB=round(rss_before / 1e6), peak_rss_MB=round(mem.peak / 1e6),
+        s_per_step=round(statistics.median(times), 3), steps=[round(t, 2) for t in times])))
+
+
+if __name__ == "__main__":
+    main()
