@@ -21,6 +21,7 @@ DEFAULT_LR = {"full": 1e-4, "lora": 2e-3, "qlora": 2e-3, "adapter": 1e-3, "prefi
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pelib", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("bench", help="benchmarks: `bench lora|quant|kernels` (see pelib/bench.py)")
     f = sub.add_parser("finetune", help="fine-tune a packaged backbone on a packaged data set")
     f.add_argument("--model", default="minilm", choices=["minilm", "smollm2"])
     f.add_argument("--data", default="banking77", choices=["banking77", "clinc150"])
@@ -181,6 +182,12 @@ def finetune(args) -> dict:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # sub-benchmarks parse their own options
+        from .bench import main as bench_main
+
+        bench_main(argv[1:])
+        return 0
     args = parser().parse_args(argv)
     if args.command == "finetune":
         finetune(args)

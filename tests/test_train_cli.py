@@ -94,3 +94,11 @@ def test_cli_bad_inputs(tmp_path):
         ro.write_text("")
     with pytest.raises(SystemExit, match="cannot write results"):
         main(["finetune", "--tiny", "--out", str(ro / "sub")])
+
+
+def test_bench_lora_prints_both_and_ratio(capsys):
+    main(["bench", "lora", "--steps", "4", "--r", "2"])
+    out = capsys.readouterr().out
+    assert "pelib" in out and "peft" in out and "pelib/peft" in out
+    with pytest.raises(SystemExit, match="usage"):
+        main(["bench", "nothing"])
