@@ -13,8 +13,9 @@ so `pelib.save_adapter` writes a peft LoRA adapter, loadable on the fp32 base to
 Merging. W~ = dequant(W_NF4) is not W, and W~ + s B A is not representable in NF4, so
 "merge" has no exact 4-bit answer. `merge_qlora` offers the choices (notebook 06 measures
 them on a trained model):
-    "nf4"       requantise W~ + s B A to NF4 (+DQ): 4-bit model, adds a fresh NF4 error
-                (what peft's merge does for bitsandbytes layers);
+    "nf4"       requantise W~ + s B A to NF4 (+DQ): a 4-bit model again (what peft's merge
+                does for bitsandbytes layers), but W~ sits on an NF4 level, so an update
+                smaller than half a step rounds back to W~: a short fine-tune mostly vanishes;
     "fp32"      a dense fp32 nn.Linear holding W~ + s B A: equal to the adapter up to fp32
                 rounding, at 32 bits a weight;
     "bf16"      the same weight rounded to bf16 (what a bf16 checkpoint stores), kept in an
