@@ -2,12 +2,15 @@
 
 One module per technique (see the notebooks for the derivations):
     inject   find target modules by name, wrap them, freeze the rest, count parameters
+    adapter  bottleneck adapters (Houlsby et al. 2019, Pfeiffer et al. 2020)
+    prefix   prefix tuning (Li & Liang 2021), with the MLP reparametrisation
     lora     LoRA (Hu et al. 2021): W + (alpha/r) B A, merge/unmerge
     io       adapter save/load in peft's file format
     backbone the packaged pretrained models (MiniLM, SmolLM2), offline
     data     Banking77 / CLINC150 from data/
     train    one method-agnostic training loop; metrics: P/R/F1
-    quant    NF4/FP4 code maps, blockwise (double) quantisation, Linear4bit
+    quant    NF4/FP4 code maps, blockwise (double) quantisation, Linear4bit,
+             QLoRA (apply_qlora, merge_qlora)
     kernels  Triton kernels with pure-torch references
 """
 import os as _os
@@ -25,4 +28,7 @@ from .lora import LoRALinear, apply_lora  # noqa: E402
 from .io import load_adapter, save_adapter  # noqa: E402
 from .backbone import load_backbone, tiny_backbone  # noqa: E402
 from .data import load_nlu  # noqa: E402
+from .adapter import apply_adapters  # noqa: E402
+from .prefix import apply_prefix  # noqa: E402
+from .quant import apply_qlora, load_qlora, merge_qlora  # noqa: E402
 from . import metrics, quant, train  # noqa: E402  (pelib.train.train, pelib.quant.quantize_4bit)
