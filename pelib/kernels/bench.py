@@ -31,7 +31,7 @@ from .nf4 import NF4Weight, nf4_dequantize_ref, nf4_dequantize_triton
 from .rmsnorm import rms_norm_ref, rms_norm_triton
 from .rope import apply_rope_ref, apply_rope_triton
 from .swiglu import swiglu_ref, swiglu_triton
-from .bench_qlora import SMOLLM2, TINY, qlora_step_row
+from .bench_qlora import SMOLLM2, TINY, _peak_mb, qlora_step_row
 
 H200 = {"bandwidth": 4.3e12, "bf16_flops": 790e12}
 GPU_SIZES = dict(h=4096, m=14336, r=16, N=8192, V=49152, B=4, T=2048, Hq=32, Hk=8, D=128, qlora=SMOLLM2)
@@ -51,17 +51,6 @@ def _time_ms(fn, device, reps=3):
         fn()
         ts.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(ts)
-
-
-def _peak_mb(fn, device):
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def measured_copy_bandwidth(device):
