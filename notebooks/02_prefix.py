@@ -215,8 +215,11 @@ assert (together - alone).abs().max() < 1e-5
 # %% [markdown]
 # ## 4. Training on Banking77: with and without the MLP
 # The same plain loop as notebooks 01 and 03. Prefix tuning is usually trained with a larger
-# learning rate than adapters or LoRA (1e-2 here). We train the reparametrised prefix and, for
-# comparison, a prefix optimised directly, starting from the same initial values.
+# learning rate than adapters; 1e-2 is common, but through the MLP it was too much here: in a
+# full 3-epoch run the loss fell during warmup and went back to chance ($\ln 77 \approx 4.34$)
+# once the rate reached 1e-2. We use 3e-3, which did better than 1e-3 on the dev split. We
+# train the reparametrised prefix and, for comparison, a prefix optimised directly, starting
+# from the same initial values.
 
 # %%
 train = pelib.load_nlu("banking77", "train", limit=96 if FAST else 4000)
@@ -261,19 +264,19 @@ for label, make in [("MLP reparametrisation", lambda: copy.deepcopy(prefix_mlp))
     torch.manual_seed(0)
     m = pelib.load_backbone("minilm", num_labels=77)[0]
     m = add_prefix(m, bert_attention(m), make())
-    runs[label] = (m, fit(m, lr=1e-2))
+    runs[label] = (m, fit(m, lr=3e-3))
     print(f"{label:>22}: accuracy {accuracy(m):.3f}, "
           f"{sum(p.numel() for p in m.parameters() if p.requires_grad):,} trainable")
 fig, ax = plt.subplots(figsize=(6, 3))
 for label, (_, losses) in runs.items():
     ax.plot(losses, label=label)
-ax.set(xlabel="step", ylabel="cross-entropy", title=f"prefix tuning, L_p={L_p}, lr 1e-2")
+ax.set(xlabel="step", ylabel="cross-entropy", title=f"prefix tuning, L_p={L_p}, lr 3e-3")
 ax.legend()
 plt.show()
 
 # %% [markdown]
 # In CI this is a handful of steps and says little; for the full budget use the command line
-# (`python -m pelib finetune --method prefix --prefix-length 16 --lr 1e-2`). After training,
+# (`python -m pelib finetune --method prefix --prefix-length 16 --lr 3e-3`). After training,
 # folding makes the two the same kind of object: a (6, 2, 12, 16, 32) tensor for MiniLM.
 
 # %%

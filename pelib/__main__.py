@@ -15,7 +15,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 METHODS = ("full", "lora", "qlora", "adapter", "prefix")
-DEFAULT_LR = {"full": 1e-4, "lora": 2e-3, "qlora": 2e-3, "adapter": 1e-3, "prefix": 1e-2}
+# prefix: 1e-2 (common without the MLP) collapsed to chance through the MLP on Banking77;
+# 3e-3 beat 1e-3 on the dev split.
+DEFAULT_LR = {"full": 1e-4, "lora": 2e-3, "qlora": 2e-3, "adapter": 1e-3, "prefix": 3e-3}
 
 
 def parser() -> argparse.ArgumentParser:

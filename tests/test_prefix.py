@@ -195,4 +195,4 @@ def test_cli_prefix(tmp_path):
     rec = json.loads((tmp_path / "run.json").read_text())
     d, labels = 32, 77
     assert rec["trainable_params"] == prefix_parameters(2, 4, 8, 4, d) + d * labels + labels
-    assert rec["args"]["prefix_length"] == 4 and rec["config"]["lr"] == 1e-2
+    assert rec["args"]["prefix_length"] == 4 and rec["config"]["lr"] == 3e-3
