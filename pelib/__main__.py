@@ -70,7 +70,9 @@ def writable_dir(path: str) -> Path:
     return out
 
 
-def build(args):
+def build(args, cfg):
+    """The model with the method injected, its tokenizer, the train split, and the method's
+    training hooks (see pelib/train.py: AdaLoRA's allocator, SoRA's proximal step)."""
     import pelib
     from pelib.backbone import DEFAULT_TARGETS
 
@@ -85,6 +87,7 @@ def build(args):
         model, tokenizer = pelib.load_backbone(args.model, num_labels=n_labels)
     targets = args.targets or DEFAULT_TARGETS[args.model]
     alpha = args.alpha if args.alpha is not None else 2 * args.r
+    hooks = []
     if args.method == "lora" and args.impl == "peft":
         from peft import LoraConfig, TaskType, get_peft_model
 
@@ -107,7 +110,7 @@ def build(args):
     elif args.method == "qlora":  # NF4 + double quantisation base, fp32 LoRA (pelib.quant)
         pelib.quant.apply_qlora(model, targets, r=args.r, alpha=alpha, dropout=args.dropout,
                                 use_rslora=args.rslora)
-    return model, tokenizer, data
+    return model, tokenizer, data, hooks
 
 
 def run_name(args) -> str:
@@ -165,12 +168,12 @@ def finetune(args) -> dict:
                       max_length=args.max_length, bf16=args.bf16, seed=args.seed,
                       progress=not args.no_progress)
     try:
-        model, tokenizer, data = build(args)
+        model, tokenizer, data, hooks = build(args, cfg)
     except (ValueError, TypeError) as e:
         raise SystemExit(f"pelib: {e}")
     evaluation = pelib.load_nlu(args.data, args.eval_split, limit=args.eval_limit, seed=args.seed)
     dev = pelib.load_nlu(args.data, "dev", limit=args.eval_limit, seed=args.seed)
-    result = train(model, tokenizer, data, evaluation, cfg, dev_data=dev)
+    result = train(model, tokenizer, data, evaluation, cfg, hooks=hooks, dev_data=dev)
     name = run_name(args)
     record = dict(name=name, **asdict(result), seconds_per_epoch=result.train_seconds / args.epochs,
                   args=vars(args), eval_split=args.eval_split, train_rows=len(data.texts),

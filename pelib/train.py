@@ -167,6 +167,12 @@ def warmup_linear(total: int, warmup: int):
         max(0.0, (total - s) / max(1, total - warmup))
 
 
+def total_steps(n_examples: int, cfg: TrainConfig) -> int:
+    """Optimizer steps `train` will take: schedules (AdaLoRA's budget, SoRA's sparsity) need it."""
+    per_epoch = math.ceil(math.ceil(n_examples / cfg.batch_size) / cfg.grad_accum)
+    return max(1, round(cfg.epochs * per_epoch))
+
+
 def train(model: nn.Module, tokenizer, train_data, eval_data, cfg: TrainConfig,
           hooks=(), dev_data=None) -> TrainResult:
     """Fine-tune the trainable parameters of `model` on train_data; evaluate on eval_data."""
@@ -176,8 +182,7 @@ def train(model: nn.Module, tokenizer, train_data, eval_data, cfg: TrainConfig,
     ids = encode(tokenizer, train_data.texts, cfg.max_length)
     labels = torch.tensor(train_data.labels)
     dev_ids = encode(tokenizer, dev_data.texts, cfg.max_length) if dev_data else None
-    steps_per_epoch = math.ceil(math.ceil(len(ids) / cfg.batch_size) / cfg.grad_accum)
-    total = max(1, round(cfg.epochs * steps_per_epoch))
+    total = total_steps(len(ids), cfg)
     optimizer = make_optimizer(model, cfg, hooks)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_linear(total, round(cfg.warmup_ratio * total)))
