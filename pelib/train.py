@@ -4,6 +4,8 @@ optional bf16 autocast, length-grouped batches, evaluation, wall time and peak m
 Methods plug in through hooks instead of editing the loop. A hook is any object with some of:
     param_groups(model) -> list of AdamW param-group dicts (e.g. SoRA's gates with their own lr)
     loss(model, loss)   -> loss   (e.g. AdaLoRA adds its orthogonality regulariser)
+    begin(model, optimizer, total_steps)   called once before the first step (schedules
+                                  that need the run's length, a prox step that needs the lr)
     step(model, step)             called after optimizer.step(), before zero_grad(), so the
                                   gradients are still there (AdaLoRA's allocator, SoRA's prox)
 """
@@ -186,6 +188,8 @@ def train(model: nn.Module, tokenizer, train_data, eval_data, cfg: TrainConfig,
     optimizer = make_optimizer(model, cfg, hooks)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_linear(total, round(cfg.warmup_ratio * total)))
+    for h in hooks:
+        getattr(h, "begin", lambda m, o, t: None)(model, optimizer, total)
     trainable, n_total = count_parameters(model)
     result = TrainResult(metrics={}, trainable_params=trainable, total_params=n_total,
                          config=asdict(cfg))

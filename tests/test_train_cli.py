@@ -7,7 +7,7 @@ import torch
 
 import pelib
 from pelib.__main__ import main
-from pelib.train import TrainConfig, length_grouped_batches, train, warmup_linear
+from pelib.train import TrainConfig, length_grouped_batches, total_steps, train, warmup_linear
 
 
 def test_schedule_and_batching():
@@ -27,7 +27,10 @@ def test_schedule_and_batching():
 class Recorder:
     """A hook: counts calls, sees gradients at step time, adds a loss term."""
     def __init__(self):
-        self.steps, self.grads_present, self.loss_calls = [], [], 0
+        self.steps, self.grads_present, self.loss_calls, self.begun = [], [], 0, None
+
+    def begin(self, model, optimizer, total_steps):
+        self.begun = (isinstance(optimizer, torch.optim.AdamW), total_steps)
 
     def loss(self, model, loss):
         self.loss_calls += 1
@@ -46,7 +49,8 @@ def test_loop_learns_and_calls_hooks():
     cfg = TrainConfig(epochs=3, lr=5e-3, batch_size=8, grad_accum=2, progress=False)
     res = train(model, tok, data, data, cfg, hooks=[hook], dev_data=data)
     assert res.steps == 3 * 4 and hook.steps == list(range(1, 13)) and all(hook.grads_present)
-    assert hook.loss_calls == 3 * 8
+    assert hook.loss_calls == 3 * 8 and hook.begun == (True, 12)
+    assert total_steps(64, cfg) == 12
     assert res.history[-1]["loss"] < res.history[0]["loss"]  # it learns the 64 examples
     assert res.trainable_params == pelib.trainable_parameters(model)
     assert res.peak_memory_mb > 50 and res.train_seconds > 0
