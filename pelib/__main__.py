@@ -94,6 +94,9 @@ def build(args, cfg):
         model = get_peft_model(model, LoraConfig(
             task_type=TaskType.SEQ_CLS, r=args.r, lora_alpha=alpha, lora_dropout=args.dropout,
             target_modules=targets, use_rslora=args.rslora))
+    elif args.method == "qlora" and args.impl == "peft":
+        model = peft_qlora(model, targets, r=args.r, alpha=alpha, dropout=args.dropout,
+                           use_rslora=args.rslora)
     elif args.method == "lora":
         pelib.apply_lora(model, targets, r=args.r, alpha=alpha, dropout=args.dropout,
                          use_rslora=args.rslora)
@@ -106,11 +109,34 @@ def build(args, cfg):
 
         apply_prefix(model, prefix_length=args.prefix_length, hidden=args.prefix_hidden)
     elif args.impl == "peft":
-        raise SystemExit(f"pelib: --impl peft is only for --method lora, not {args.method}")
+        raise SystemExit(f"pelib: --impl peft is only for --method lora or qlora, not {args.method}")
     elif args.method == "qlora":  # NF4 + double quantisation base, fp32 LoRA (pelib.quant)
         pelib.quant.apply_qlora(model, targets, r=args.r, alpha=alpha, dropout=args.dropout,
                                 use_rslora=args.rslora)
     return model, tokenizer, data, hooks
+
+
+def peft_qlora(model, targets, r, alpha, dropout, use_rslora):
+    """The peer's QLoRA: the same weights reloaded through transformers' bitsandbytes NF4 +
+    double quantisation (fp32 compute, the head kept dense), then peft's LoRA on top."""
+    import tempfile
+
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    heads = [n for n in ("classifier", "score") if hasattr(model, n)]  # pelib keeps these dense
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32,
+                                llm_int8_skip_modules=heads)
+    with tempfile.TemporaryDirectory() as tmp:  # same base weights and head as pelib's run
+        model.save_pretrained(tmp)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            tmp, quantization_config=config, dtype=torch.float32, device_map="cpu",
+            attn_implementation=model.config._attn_implementation)
+    return get_peft_model(model, LoraConfig(
+        task_type=TaskType.SEQ_CLS, r=r, lora_alpha=alpha, lora_dropout=dropout,
+        target_modules=targets, use_rslora=use_rslora))
 
 
 def run_name(args) -> str:

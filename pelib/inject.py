@@ -7,6 +7,8 @@ the full name (peft's rule for a string).
 """
 from __future__ import annotations
 
+import math
+
 import re
 from typing import Callable, Iterable
 
@@ -84,14 +86,20 @@ def resolve_modules_to_save(model: nn.Module, modules_to_save: Iterable[str] | N
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total). Tied weights are counted once."""
-    seen, trainable, total = set(), 0, 0
+    """(trainable, total). Tied weights are counted once. A weight stored as packed codes (a
+    Linear4bit's buffer, declared through its `stored_weight_numel`) counts as the parameters
+    it stands for, so a QLoRA model has the same total as its LoRA twin (bitsandbytes' too)."""
+    seen, trainable = set(), 0
+    total = sum(getattr(m, "stored_weight_numel", 0) for m in model.modules())
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
+        # bitsandbytes' 4-bit Params4bit holds packed bytes; its quant_state knows the shape
+        qs = getattr(p, "quant_state", None)
+        n = math.prod(qs.shape) if qs is not None else p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
     return trainable, total
 
 

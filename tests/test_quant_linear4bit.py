@@ -84,3 +84,28 @@ def test_scales_must_stay_float32():
     layer.half()
     with pytest.raises(TypeError, match="must stay float32"):
         layer(torch.randn(2, 301))
+
+
+def test_reused_workspace_does_not_leak_between_layers():
+    """Three stacked 4-bit layers (two shapes) share one W~ workspace; outputs and input
+    gradients still equal the same stack of plain nn.Linear holding the dequantised weights."""
+    from pelib.quant.linear4bit import free_workspace, workspace
+
+    torch.manual_seed(0)
+    dims = [(48, 96), (96, 33), (33, 96)]
+    q = [Linear4bit.from_linear(nn.Linear(i, o)) for i, o in dims]
+    plain = [nn.Linear(i, o) for i, o in dims]
+    with torch.no_grad():
+        for a, b in zip(plain, q):
+            a.weight.copy_(b.dequantized_weight())
+            a.bias.copy_(b.bias)
+            a.weight.requires_grad_(False)
+    x1 = torch.randn(5, 48, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    free_workspace()
+    y1, y2 = nn.Sequential(*q)(x1), nn.Sequential(*plain)(x2)
+    (y1 ** 2).sum().backward()
+    (y2 ** 2).sum().backward()
+    assert torch.equal(y1, y2) and torch.equal(x1.grad, x2.grad)
+    ptr = workspace(torch.Size([96, 33]), torch.float32, torch.device("cpu")).data_ptr()
+    assert workspace(torch.Size([10, 10]), torch.float32, torch.device("cpu")).data_ptr() == ptr

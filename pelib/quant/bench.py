@@ -1,6 +1,6 @@
 """Benchmark: 4-bit dequantisation on the CPU, pelib against bitsandbytes and the memory floor.
 
-    python -m pelib.quant.bench --n 4096 [--dtype float32] [--threads 1]
+    python -m pelib.quant.bench --n 4096 [--dtype float32] [--threads 1] [--tokens 256]
 
 Both libraries dequantise the same bytes and scales (bitsandbytes' NF4 of an N(0, 1) weight,
 blocksize 64, double quantisation)
@@ -11,6 +11,9 @@ medians, their ratio, pelib writing into a preallocated `out`, and two floors:
   - a fresh output: allocating and first touching an n-element buffer. The OS maps and
     zeroes every new page, and both libraries return a new tensor each call, so this cost
     is in both timings.
+Then the use that matters, a frozen 4-bit layer's forward + backward (to dx) on `--tokens`
+rows: pelib's Linear4bit (W~ into a reused workspace) against bitsandbytes.nn.Linear4bit
+holding the same bytes, and the plain fp32 nn.Linear (its matmuls are the floor).
 A benchmark, not a test: timings on a shared machine are noisy.
 """
 import argparse
@@ -87,16 +90,58 @@ def bench_dequant(n: int = 4096, repeats: int = 9, dtype: torch.dtype = torch.fl
     return res
 
 
+def bench_linear(n: int = 4096, tokens: int = 256, repeats: int = 9, seed: int = 0) -> dict:
+    """Forward + backward of an (n, n) frozen 4-bit layer: pelib vs bitsandbytes vs nn.Linear."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    import bitsandbytes as bnb
+    import torch.nn as nn
+
+    from .linear4bit import Linear4bit
+
+    torch.manual_seed(seed)
+    dense = nn.Linear(n, n).requires_grad_(False)
+    theirs = bnb.nn.Linear4bit(n, n, compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+    theirs.load_state_dict(dense.state_dict())
+    theirs = theirs.to("cpu").requires_grad_(False)  # .to() quantises
+    ours = Linear4bit.from_linear(dense)  # same algorithm: same bytes (checked below)
+    x = torch.randn(tokens, n, requires_grad=True)
+
+    def step(layer):
+        return lambda: layer(x).sum().backward()
+
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x)), "pelib and bitsandbytes disagree on this layer"
+    runs = {"pelib": step(ours), "bnb": step(theirs), "fp32 nn.Linear": step(dense)}
+    times = {k: [] for k in runs}
+    for fn in runs.values():
+        fn()
+    for _ in range(repeats):
+        for k, fn in runs.items():
+            times[k].append(_ms(fn))
+    ms = {k: statistics.median(v) for k, v in times.items()}
+    res = dict(n=n, tokens=tokens, threads=torch.get_num_threads(), **{f"{k}_ms": v for k, v in ms.items()},
+               ratio=ms["pelib"] / ms["bnb"])
+    print(f"frozen 4-bit layer {n}x{n}, forward + backward to dx, {tokens} tokens, "
+          f"{res['threads']} threads, median of {repeats}")
+    print(f"  pelib Linear4bit  {ms['pelib']:8.2f} ms")
+    print(f"  bnb Linear4bit    {ms['bnb']:8.2f} ms")
+    print(f"  ratio             {res['ratio']:8.2f}     (pelib / bitsandbytes)")
+    print(f"  fp32 nn.Linear    {ms['fp32 nn.Linear']:8.2f} ms  (the same two matmuls, no dequantisation: the floor)")
+    return res
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--tokens", type=int, default=256, help="rows of x for the layer benchmark")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     bench_dequant(args.n, args.repeats, getattr(torch, args.dtype))
+    bench_linear(args.n, args.tokens, args.repeats)
 
 
 if __name__ == "__main__":
