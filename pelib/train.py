@@ -12,6 +12,7 @@ Methods plug in through hooks instead of editing the loop. A hook is any object 
 from __future__ import annotations
 
 import math
+import os
 import random
 import threading
 import time
@@ -38,11 +39,15 @@ class TrainConfig:
     seed: int = 0
     eval_batch_size: int = 128
     progress: bool = True
+    checkpoint: str | None = None  # a file: saved during training, resumed from if it exists
+    checkpoint_every: int = 50  # optimizer steps between checkpoints (and at every epoch end)
 
     def __post_init__(self):
         for k in ("batch_size", "grad_accum", "max_length", "eval_batch_size"):
             if int(getattr(self, k)) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         if not self.epochs > 0 or not self.lr > 0:
             raise ValueError(f"epochs and lr must be > 0, got {self.epochs}, {self.lr}")
 
@@ -60,6 +65,7 @@ class TrainResult:
     peak_memory_mb: float = 0.0
     memory_kind: str = ""
     steps: int = 0
+    resumed_at_step: int | None = None  # set when the run continued from a checkpoint
     config: dict = field(default_factory=dict)
 
 
@@ -175,9 +181,54 @@ def total_steps(n_examples: int, cfg: TrainConfig) -> int:
     return max(1, round(cfg.epochs * per_epoch))
 
 
+# What decides the numbers of a run: a checkpoint is only resumed under the same values.
+_RUN_KEYS = ("epochs", "lr", "batch_size", "grad_accum", "max_length", "warmup_ratio",
+             "weight_decay", "bf16", "seed")
+
+
+def save_checkpoint(path, model, optimizer, scheduler, hooks, loop: dict, cfg: TrainConfig) -> None:
+    """Everything a resumed run needs to continue bit for bit: the trainable tensors, AdamW's
+    moments, the schedule, the RNG states, where in which epoch we are, and each hook's
+    state (a hook with state must define state_dict / load_state_dict)."""
+    from .io import atomic_write
+
+    state = dict(
+        run={k: getattr(cfg, k) for k in _RUN_KEYS},
+        trainable={n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+        optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+        hooks=[h.state_dict() if hasattr(h, "state_dict") else None for h in hooks],
+        torch_rng=torch.get_rng_state(), loop=loop)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path, model, optimizer, scheduler, hooks, cfg: TrainConfig) -> dict:
+    state = torch.load(path, weights_only=False)
+    run = {k: getattr(cfg, k) for k in _RUN_KEYS}
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    shapes = {n: tuple(t.shape) for n, t in state["trainable"].items()}
+    if state["run"] != run or shapes != {n: tuple(p.shape) for n, p in params.items()}:
+        raise ValueError(f"checkpoint {path} belongs to another run (settings {state['run']} vs "
+                         f"{run}, or other trainable tensors); delete it to start afresh")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(state["trainable"][n])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    for h, hs in zip(hooks, state["hooks"]):
+        if hs is not None:
+            h.load_state_dict(hs)
+    torch.set_rng_state(state["torch_rng"])
+    return state["loop"]
+
+
 def train(model: nn.Module, tokenizer, train_data, eval_data, cfg: TrainConfig,
           hooks=(), dev_data=None) -> TrainResult:
-    """Fine-tune the trainable parameters of `model` on train_data; evaluate on eval_data."""
+    """Fine-tune the trainable parameters of `model` on train_data; evaluate on eval_data.
+
+    With cfg.checkpoint set, the run saves its state every cfg.checkpoint_every steps and at
+    each epoch end; started again on the same model (rebuilt the same way), it resumes from
+    that file and ends with the same numbers as an uninterrupted run.
+    """
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     device = next(model.parameters()).device
@@ -193,19 +244,33 @@ def train(model: nn.Module, tokenizer, train_data, eval_data, cfg: TrainConfig,
     trainable, n_total = count_parameters(model)
     result = TrainResult(metrics={}, trainable_params=trainable, total_params=n_total,
                          config=asdict(cfg))
+    # The loop's own state; a checkpoint stores it, so a resumed run picks up mid-epoch.
+    loop = dict(step=0, epoch=0, k=0, rng=None, rng_after=None, epoch_losses=[], seconds=0.0,
+                losses=result.losses, history=result.history, eval_seconds=0.0, resumed_at=None)
+    if cfg.checkpoint and os.path.exists(cfg.checkpoint):
+        loop = load_checkpoint(cfg.checkpoint, model, optimizer, scheduler, hooks, cfg)
+        loop["resumed_at"] = loop["step"]
+        result.losses, result.history = loop["losses"], loop["history"]
     model.train()
-    step, epoch = 0, 0
-    bar = tqdm(total=total, desc="train", disable=not cfg.progress, dynamic_ncols=True)
-    start = time.perf_counter()
+    bar = tqdm(total=total, initial=loop["step"], desc="train", disable=not cfg.progress,
+               dynamic_ncols=True)
+    start = time.perf_counter() - loop["seconds"]
+
+    def checkpoint():
+        loop["seconds"] = time.perf_counter() - start
+        save_checkpoint(cfg.checkpoint, model, optimizer, scheduler, hooks, loop, cfg)
+
     with PeakMemory(device) as mem:
-        while step < total:
-            epoch += 1
+        while loop["step"] < total:
+            if loop["rng"] is None:  # a new epoch (else: resuming inside the saved one)
+                if loop["rng_after"] is not None:  # where the last epoch's shuffles left it
+                    rng.setstate(loop["rng_after"])
+                loop["epoch"] += 1
+                loop["rng"], loop["k"], loop["epoch_losses"] = rng.getstate(), 0, []
+            rng.setstate(loop["rng"])
             batches = length_grouped_batches([len(x) for x in ids], cfg.batch_size, rng)
-            epoch_losses = []
-            for k in range(0, len(batches), cfg.grad_accum):
-                if step >= total:
-                    break
-                group = batches[k:k + cfg.grad_accum]
+            while loop["k"] < len(batches) and loop["step"] < total:
+                group = batches[loop["k"]:loop["k"] + cfg.grad_accum]
                 loss_sum = 0.0
                 for index in group:
                     batch = {n: t.to(device) for n, t in collate(ids, index, tokenizer.pad_token_id).items()}
@@ -216,30 +281,39 @@ def train(model: nn.Module, tokenizer, train_data, eval_data, cfg: TrainConfig,
                     (loss / len(group)).backward()
                     loss_sum += loss.item() / len(group)
                 if not math.isfinite(loss_sum):
-                    raise FloatingPointError(f"loss became {loss_sum} at step {step}; lower the "
-                                             f"learning rate (now {cfg.lr})")
+                    raise FloatingPointError(f"loss became {loss_sum} at step {loop['step']}; lower "
+                                             f"the learning rate (now {cfg.lr})")
                 optimizer.step()
-                step += 1
+                loop["step"] += 1
                 for h in hooks:
-                    getattr(h, "step", lambda m, s: None)(model, step)
+                    getattr(h, "step", lambda m, s: None)(model, loop["step"])
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
+                loop["k"] += cfg.grad_accum
                 result.losses.append(loss_sum)
-                epoch_losses.append(loss_sum)
+                loop["epoch_losses"].append(loss_sum)
                 bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{loss_sum:.3f}")
-            entry = dict(epoch=epoch, loss=sum(epoch_losses) / max(1, len(epoch_losses)))
+                bar.set_postfix(epoch=loop["epoch"], loss=f"{loss_sum:.3f}")
+                if cfg.checkpoint and loop["step"] % cfg.checkpoint_every == 0 and loop["step"] < total:
+                    checkpoint()
+            losses = loop["epoch_losses"]
+            entry = dict(epoch=loop["epoch"], loss=sum(losses) / max(1, len(losses)))
             if dev_ids is not None:
                 t0 = time.perf_counter()
                 preds = predict(model, dev_ids, tokenizer.pad_token_id, cfg.eval_batch_size, cfg.bf16)
                 entry.update({f"dev_{k}": v for k, v in
                               classification_metrics(dev_data.labels, preds).items()})
-                result.eval_seconds += time.perf_counter() - t0
+                loop["eval_seconds"] += time.perf_counter() - t0
             result.history.append(entry)
+            loop["rng"], loop["rng_after"] = None, rng.getstate()  # the epoch is done
+            if cfg.checkpoint and loop["step"] < total:
+                checkpoint()
     bar.close()
+    result.eval_seconds = loop["eval_seconds"]
     result.train_seconds = time.perf_counter() - start - result.eval_seconds
-    result.seconds_per_step = result.train_seconds / step
-    result.steps = step
+    result.seconds_per_step = result.train_seconds / loop["step"]
+    result.steps = loop["step"]
+    result.resumed_at_step = loop["resumed_at"]
     result.peak_memory_mb, result.memory_kind = mem.mb, mem.kind
     result.metrics = evaluate(model, tokenizer, eval_data, cfg.max_length, cfg.eval_batch_size,
                               cfg.bf16)

@@ -106,3 +106,53 @@ def test_bench_lora_prints_both_and_ratio(capsys):
     assert "pelib" in out and "peft" in out and "pelib/peft" in out
     with pytest.raises(SystemExit, match="usage"):
         main(["bench", "nothing"])
+
+
+class StopAt:
+    """A hook that interrupts the run (like Ctrl-C) right after optimizer step `at`."""
+    def __init__(self, at):
+        self.at = at
+
+    def step(self, model, step):
+        if step == self.at:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("stop", [5, 9])  # last save mid-epoch (4), at an epoch end (8)
+def test_interrupted_run_resumes_to_the_same_numbers(tmp_path, stop):
+    """3 epochs of 4 steps with dropout on: stopped after step `stop`, started again on a
+    freshly built model, the run resumes from its checkpoint and ends with the same losses,
+    weights and metrics as a run that was never interrupted."""
+    data = pelib.load_nlu("banking77", "train", limit=64)
+
+    def run(ckpt, hooks=()):
+        model, tok = pelib.tiny_backbone("minilm", 77)
+        pelib.apply_lora(model, ["query", "value"], r=4, alpha=8, dropout=0.1)
+        cfg = TrainConfig(epochs=3, lr=5e-3, batch_size=16, progress=False, checkpoint=ckpt,
+                          checkpoint_every=2)
+        res = train(model, tok, data, data, cfg, hooks=hooks, dev_data=data)
+        return res, torch.cat([p.flatten() for p in model.parameters() if p.requires_grad])
+
+    ref, w_ref = run(None)
+    ckpt = str(tmp_path / "run.ckpt")
+    with pytest.raises(KeyboardInterrupt):
+        run(ckpt, hooks=[StopAt(stop)])
+    assert os.path.exists(ckpt)
+    res, w = run(ckpt)
+    assert res.resumed_at_step == stop - 1 and ref.resumed_at_step is None
+    assert res.losses == ref.losses and res.metrics == ref.metrics
+    assert [h["loss"] for h in res.history] == [h["loss"] for h in ref.history]
+    assert torch.equal(w, w_ref)
+
+
+def test_checkpoint_of_another_run_is_refused(tmp_path):
+    data = pelib.load_nlu("banking77", "train", limit=32)
+    model, tok = pelib.tiny_backbone("minilm", 77)
+    pelib.apply_lora(model, ["query"], r=2)
+    ckpt = str(tmp_path / "c.ckpt")
+    with pytest.raises(KeyboardInterrupt):
+        train(model, tok, data, data, TrainConfig(epochs=2, batch_size=8, progress=False,
+              checkpoint=ckpt, checkpoint_every=1), hooks=[StopAt(2)])
+    with pytest.raises(ValueError, match="another run"):
+        train(model, tok, data, data, TrainConfig(epochs=2, batch_size=8, lr=1e-3, progress=False,
+              checkpoint=ckpt, checkpoint_every=1))
