@@ -23,6 +23,7 @@ DEFAULT_LR = {"full": 1e-4, "lora": 2e-3, "qlora": 2e-3, "adapter": 1e-3, "prefi
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pelib", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("compare", help="every method side by side: `compare --preset workshop|full|smoke`")
     sub.add_parser("bench", help="benchmarks: `bench lora|quant|kernels` (see pelib/bench.py)")
     f = sub.add_parser("finetune", help="fine-tune a packaged backbone on a packaged data set")
     f.add_argument("--model", default="minilm", choices=["minilm", "smollm2"])
@@ -54,6 +55,10 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--out", default="results")
     f.add_argument("--name", default=None, help="run name (file stem under --out)")
     f.add_argument("--no-progress", action="store_true")
+    f.add_argument("--resume", action="store_true",
+                   help="checkpoint to OUT/NAME.ckpt while training and continue from it if it "
+                        "exists (removed once the results are written)")
+    f.add_argument("--checkpoint-every", type=int, default=50, help="optimizer steps between checkpoints")
     return p
 
 
@@ -108,8 +113,15 @@ def build(args, cfg):
         from pelib.prefix import apply_prefix
 
         apply_prefix(model, prefix_length=args.prefix_length, hidden=args.prefix_hidden)
+    elif args.method == "prefix" and args.impl == "peft":
+        from peft import PrefixTuningConfig, TaskType, get_peft_model
+
+        hidden = model.config.hidden_size
+        model = get_peft_model(model, PrefixTuningConfig(
+            task_type=TaskType.SEQ_CLS, num_virtual_tokens=args.prefix_length,
+            prefix_projection=True, encoder_hidden_size=args.prefix_hidden or hidden))
     elif args.impl == "peft":
-        raise SystemExit(f"pelib: --impl peft is only for --method lora or qlora, not {args.method}")
+        raise SystemExit(f"pelib: --impl peft is only for --method lora, qlora or prefix, not {args.method}")
     elif args.method == "qlora":  # NF4 + double quantisation base, fp32 LoRA (pelib.quant)
         pelib.quant.apply_qlora(model, targets, r=args.r, alpha=alpha, dropout=args.dropout,
                                 use_rslora=args.rslora)
@@ -189,24 +201,31 @@ def finetune(args) -> dict:
     out = writable_dir(args.out)
     if args.r <= 0:
         raise SystemExit(f"pelib: --r must be a positive integer, got {args.r}")
-    cfg = TrainConfig(epochs=args.epochs, lr=args.lr or DEFAULT_LR[args.method],
-                      batch_size=args.batch_size, grad_accum=args.grad_accum,
-                      max_length=args.max_length, bf16=args.bf16, seed=args.seed,
-                      progress=not args.no_progress)
+    name = run_name(args)
+    ckpt = out / f"{name}.ckpt" if args.resume else None
     try:
+        cfg = TrainConfig(epochs=args.epochs, lr=args.lr or DEFAULT_LR[args.method],
+                          batch_size=args.batch_size, grad_accum=args.grad_accum,
+                          max_length=args.max_length, bf16=args.bf16, seed=args.seed,
+                          progress=not args.no_progress, checkpoint=ckpt and str(ckpt),
+                          checkpoint_every=args.checkpoint_every)
         model, tokenizer, data, hooks = build(args, cfg)
     except (ValueError, TypeError) as e:
         raise SystemExit(f"pelib: {e}")
     evaluation = pelib.load_nlu(args.data, args.eval_split, limit=args.eval_limit, seed=args.seed)
     dev = pelib.load_nlu(args.data, "dev", limit=args.eval_limit, seed=args.seed)
-    result = train(model, tokenizer, data, evaluation, cfg, hooks=hooks, dev_data=dev)
-    name = run_name(args)
+    try:
+        result = train(model, tokenizer, data, evaluation, cfg, hooks=hooks, dev_data=dev)
+    except ValueError as e:  # e.g. a checkpoint left by a run with other settings
+        raise SystemExit(f"pelib: {e}")
     record = dict(name=name, **asdict(result), seconds_per_epoch=result.train_seconds / args.epochs,
                   args=vars(args), eval_split=args.eval_split, train_rows=len(data.texts),
                   eval_rows=len(evaluation.texts))
     atomic_write(out / f"{name}.json",
                  lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
     plot_losses(result.losses, out / f"{name}_loss.png", name)
+    if ckpt and ckpt.exists():
+        ckpt.unlink()  # the results are written: nothing left to resume
     print(table([record]))
     print(f"wrote {out / name}.json and {out / name}_loss.png")
     return record
@@ -214,6 +233,11 @@ def finetune(args) -> dict:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["compare"]:  # the whole study: see pelib/compare.py
+        from .compare import main as compare_main
+
+        compare_main(argv[1:])
+        return 0
     if argv[:1] == ["bench"]:  # sub-benchmarks parse their own options
         from .bench import main as bench_main
 

@@ -1,0 +1,248 @@
+"""The course's comparison: every method on the same data, seeds and loop, with the peer beside.
+
+    python -m pelib compare --preset workshop     # `make run`: about 20 minutes on 2 CPU cores
+    python -m pelib compare --preset full         # the full-size study (hours on a CPU)
+    python -m pelib compare --preset smoke        # toy models, seconds (runs inside `make test`)
+
+Each run is one `python -m pelib finetune ... --resume` in its own process, so its peak memory
+is its own and an interrupted comparison picks up where it stopped: finished runs (their
+results/<name>.json exists with the same arguments) are skipped, and the run that was cut off
+continues from its last checkpoint. At the end: results/summary.md (one table per model and
+data set, mean and spread over seeds) and three figures: F1 against trainable parameters,
+peak memory, and loss curves.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+# (label, finetune arguments). One learning rate per method: pelib.__main__.DEFAULT_LR.
+PELIB_METHODS = [
+    ("full fine-tuning", ["--method", "full"]),
+    ("LoRA r=2", ["--method", "lora", "--r", "2"]),
+    ("LoRA r=8", ["--method", "lora", "--r", "8"]),
+    ("QLoRA r=8 (NF4+DQ)", ["--method", "qlora", "--r", "8"]),
+    ("AdaLoRA r 12->8", ["--method", "adalora"]),
+    ("SoRA r=8", ["--method", "sora", "--r", "8"]),
+    ("Houlsby adapter m=64", ["--method", "adapter"]),
+    ("prefix tuning L=16", ["--method", "prefix"]),
+]
+# The same runs through the peer library. peft has no SoRA and no Houlsby adapters, and its
+# prefix tuning refuses BERT under transformers 5 ("Model does not support past key values"),
+# so MiniLM has no peft prefix row (`--method prefix --impl peft` works on SmolLM2).
+PEFT_METHODS = [
+    ("LoRA r=8", ["--method", "lora", "--r", "8", "--impl", "peft"]),
+    ("QLoRA r=8 (NF4+DQ)", ["--method", "qlora", "--r", "8", "--impl", "peft"]),
+    ("AdaLoRA r 12->8", ["--method", "adalora", "--impl", "peft"]),
+]
+LLM_METHODS = [
+    ("LoRA r=8", ["--method", "lora", "--r", "8"]),
+    ("QLoRA r=8 (NF4+DQ)", ["--method", "qlora", "--r", "8"]),
+    ("SoRA r=8", ["--method", "sora", "--r", "8"]),
+]
+
+
+def preset(name: str) -> list[tuple[str, list[str]]]:
+    """The runs of a preset as (label, argv) pairs."""
+    runs = []
+
+    def add(model, data, methods, seeds, common):
+        for seed in seeds:
+            for label, argv in methods:
+                runs.append((label, ["--model", model, "--data", data, "--seed", str(seed)] +
+                             argv + common))
+
+    if name == "smoke":  # toy-size random models: checks the whole pipeline in seconds
+        common = ["--tiny", "--train-limit", "64", "--eval-limit", "32", "--epochs", "1",
+                  "--batch-size", "16", "--max-length", "32"]
+        # (not peft's QLoRA: bitsandbytes' CPU eval path needs rows that are multiples of 64)
+        peft = [m for m in PEFT_METHODS if "qlora" not in m[1]]
+        add("minilm", "banking77", PELIB_METHODS + peft, [0], common)
+        add("smollm2", "banking77", LLM_METHODS, [0], common)
+    elif name == "workshop":  # subsets sized so that everything fits in ~20 min on 2 cores
+        common = ["--train-limit", "2000", "--eval-limit", "1000", "--epochs", "2",
+                  "--max-length", "48"]
+        add("minilm", "banking77", PELIB_METHODS + PEFT_METHODS, [0], common)
+        add("minilm", "clinc150", PELIB_METHODS, [0], common)
+        add("smollm2", "banking77", LLM_METHODS, [0],
+            ["--train-limit", "320", "--eval-limit", "300", "--epochs", "1", "--batch-size", "8",
+             "--max-length", "32"])
+    elif name == "full":  # the study at full size: 3 epochs, all data, 3 seeds
+        common = ["--epochs", "3"]
+        add("minilm", "banking77", PELIB_METHODS + PEFT_METHODS, [0, 1, 2], common)
+        add("minilm", "clinc150", PELIB_METHODS + PEFT_METHODS, [0, 1, 2], common)
+        add("smollm2", "banking77", LLM_METHODS, [0],
+            ["--epochs", "1", "--batch-size", "8", "--max-length", "64", "--bf16"])
+    else:
+        raise SystemExit(f"pelib: unknown preset {name!r}; choose smoke, workshop or full")
+    return runs
+
+
+def run_all(runs, out: Path, progress: bool = True) -> list[dict]:
+    """Run (or skip, when already done) every run in its own process; return their records."""
+    from tqdm import tqdm
+
+    from .__main__ import parser, run_name
+
+    records = []
+    bar = tqdm(runs, desc="comparison", unit="run", disable=not progress, dynamic_ncols=True)
+    for label, argv in bar:
+        argv = argv + ["--out", str(out)]
+        args = parser().parse_args(["finetune"] + argv)
+        name = run_name(args)
+        bar.set_postfix_str(name)
+        path = out / f"{name}.json"
+        if not (path.exists() and json.loads(path.read_text())["args"] == vars(args)):
+            cmd = [sys.executable, "-m", "pelib", "finetune", *argv, "--resume"]
+            if not progress:
+                cmd.append("--no-progress")
+            done = subprocess.run(cmd, stdout=subprocess.DEVNULL)
+            if done.returncode != 0:
+                raise SystemExit(f"pelib: run {name} failed (exit {done.returncode}); run it alone to "
+                                 f"see why: python -m pelib finetune {' '.join(argv)}")
+        records.append(dict(json.loads(path.read_text()), label=label))
+    return records
+
+
+def _group(records):
+    """{(model, data): {(label, impl): [record, ...]}} in first-seen order."""
+    groups: dict = {}
+    for r in records:
+        a = r["args"]
+        key = (a["model"] + ("-tiny" if a["tiny"] else ""), a["data"])
+        groups.setdefault(key, {}).setdefault((r["label"], a["impl"]), []).append(r)
+    return groups
+
+
+def _mean_sd(xs):
+    m = statistics.fmean(xs)
+    return (m, statistics.stdev(xs)) if len(xs) > 1 else (m, None)
+
+
+def _fmt(xs, digits=4):
+    m, sd = _mean_sd(xs)
+    return f"{m:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
+
+
+def summary(records) -> str:
+    """The markdown tables: one per model and data set."""
+    lines = ["# Results", "",
+             "Macro precision / recall / F1 on the evaluation split; ± is the standard deviation over "
+             "seeds (none with one seed: then differences of about 0.01 F1 are inside the noise). "
+             "Peak memory: process RSS on a CPU, max_memory_allocated on a GPU. Time: optimizer "
+             "steps only.", ""]
+    for (model, data), rows in _group(records).items():
+        r0 = next(iter(rows.values()))[0]
+        lines += [f"## {model} on {data}", "",
+                  f"train rows {r0['train_rows']}, eval rows {r0['eval_rows']} ({r0['eval_split']}), "
+                  f"epochs {r0['args']['epochs']}, batch {r0['args']['batch_size']}, "
+                  f"max length {r0['args']['max_length']}", "",
+                  "| method | impl | seeds | accuracy | precision | recall | macro-F1 | trainable | "
+                  "% of model | peak MB | s/step | train s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for (label, impl), rs in rows.items():
+            m = lambda k: [r["metrics"][k] for r in rs]  # noqa: E731
+            t = rs[0]
+            lines.append(
+                f"| {label} | {impl} | {len(rs)} | {_fmt(m('accuracy'))} | {_fmt(m('precision'))} | "
+                f"{_fmt(m('recall'))} | {_fmt(m('f1'))} | {t['trainable_params']:,} | "
+                f"{100 * t['trainable_params'] / t['total_params']:.2f} | "
+                f"{statistics.fmean(r['peak_memory_mb'] for r in rs):,.0f} | "
+                f"{statistics.fmean(r['seconds_per_step'] for r in rs):.3f} | "
+                f"{statistics.fmean(r['train_seconds'] for r in rs):.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def figures(records, out: Path) -> list[Path]:
+    """F1 vs trainable parameters, peak memory bars, loss curves; one panel per model/data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .io import atomic_write
+
+    groups = _group(records)
+    paths = []
+
+    def save(fig, name):
+        path = out / name
+        fig.tight_layout()
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+        plt.close(fig)
+        paths.append(path)
+
+    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
+    for ax, ((model, data), rows) in zip(axes[0], groups.items()):
+        for (label, impl), rs in rows.items():
+            f1 = statistics.fmean(r["metrics"]["f1"] for r in rs)
+            ax.scatter(rs[0]["trainable_params"], f1, marker="o" if impl == "pelib" else "x")
+            ax.annotate(f"{label}{' (peft)' if impl == 'peft' else ''}",
+                        (rs[0]["trainable_params"], f1), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.set(xscale="log", xlabel="trainable parameters (log)", ylabel="macro-F1",
+               title=f"{model} / {data}  (o pelib, x peft)")
+    save(fig, "f1_vs_params.png")
+
+    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
+    for ax, ((model, data), rows) in zip(axes[0], groups.items()):
+        names = [f"{l}{' (peft)' if i == 'peft' else ''}" for l, i in rows]
+        mb = [statistics.fmean(r["peak_memory_mb"] for r in rs) for rs in rows.values()]
+        ax.barh(names, mb)
+        ax.set(xlabel=f"peak memory, MB ({records[0]['memory_kind']})", title=f"{model} / {data}")
+        ax.tick_params(axis="y", labelsize=7)
+    save(fig, "memory.png")
+
+    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
+    for ax, ((model, data), rows) in zip(axes[0], groups.items()):
+        for (label, impl), rs in rows.items():
+            losses = rs[0]["losses"]
+            k = max(1, len(losses) // 20)
+            smooth = [statistics.fmean(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
+            ax.plot(smooth, label=f"{label}{' (peft)' if impl == 'peft' else ''}",
+                    linestyle="-" if impl == "pelib" else "--")
+        ax.set(xlabel="optimizer step", ylabel=f"loss (moving average)", title=f"{model} / {data}")
+        ax.legend(fontsize=6)
+    save(fig, "losses.png")
+    return paths
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="pelib compare", description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="workshop", choices=["smoke", "workshop", "full"])
+    ap.add_argument("--out", default="results")
+    ap.add_argument("--only", nargs="+", default=None,
+                    help="run only the methods whose label contains one of these words")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+
+    from .__main__ import writable_dir
+    from .io import atomic_write
+
+    out = writable_dir(args.out)
+    runs = preset(args.preset)
+    if args.only:
+        runs = [(l, a) for l, a in runs if any(w.lower() in l.lower() for w in args.only)]
+        if not runs:
+            raise SystemExit(f"pelib: --only {args.only} matches no run of preset {args.preset}")
+    records = run_all(runs, out, progress=not args.no_progress)
+    text = summary(records)
+    atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(text))
+    atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(
+        [{k: r[k] for k in ("name", "label", "metrics", "trainable_params", "total_params",
+                            "peak_memory_mb", "seconds_per_step", "train_seconds", "args", "losses",
+                            "history", "train_rows", "eval_rows", "eval_split", "memory_kind")}
+         for r in records], indent=1)))
+    paths = figures(records, out)
+    print(text)
+    print(f"wrote {out / 'summary.md'}, {out / 'summary.json'} and " + ", ".join(str(p) for p in paths))
+
+
+if __name__ == "__main__":
+    main()
