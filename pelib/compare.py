@@ -83,6 +83,13 @@ def preset(name: str) -> list[tuple[str, list[str]]]:
     return runs
 
 
+def _same_run(a: dict, b: dict) -> bool:
+    """Do two finetune argument sets give the same numbers? (progress bars and checkpointing
+    do not change them)."""
+    skip = {"no_progress", "resume", "checkpoint_every", "command"}
+    return {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
+
+
 def run_all(runs, out: Path, progress: bool = True) -> list[dict]:
     """Run (or skip, when already done) every run in its own process; return their records."""
     from tqdm import tqdm
@@ -97,7 +104,7 @@ def run_all(runs, out: Path, progress: bool = True) -> list[dict]:
         name = run_name(args)
         bar.set_postfix_str(name)
         path = out / f"{name}.json"
-        if not (path.exists() and json.loads(path.read_text())["args"] == vars(args)):
+        if not (path.exists() and _same_run(json.loads(path.read_text())["args"], vars(args))):
             cmd = [sys.executable, "-m", "pelib", "finetune", *argv, "--resume"]
             if not progress:
                 cmd.append("--no-progress")

@@ -1,0 +1,52 @@
+"""The comparison runner (`python -m pelib compare`): runs, skips finished runs, summarises."""
+import json
+import os
+
+import pytest
+
+from pelib.compare import main, preset, summary
+
+
+def test_smoke_subset_runs_summarises_and_skips_finished_runs(tmp_path, capsys):
+    argv = ["--preset", "smoke", "--out", str(tmp_path), "--only", "LoRA r=2", "Houlsby",
+            "--no-progress"]
+    main(argv)
+    text = (tmp_path / "summary.md").read_text()
+    assert "| LoRA r=2 | pelib | 1 |" in text and "| Houlsby adapter m=64 | pelib | 1 |" in text
+    assert "smollm2-tiny on banking77" not in text  # --only kept the MiniLM rows only
+    for fig in ("f1_vs_params.png", "memory.png", "losses.png"):
+        assert (tmp_path / fig).stat().st_size > 1000
+    records = json.loads((tmp_path / "summary.json").read_text())
+    assert len(records) == 2 and summary(records) == text  # the table rebuilds from the JSON
+    assert not list(tmp_path.glob("*.ckpt"))  # checkpoints are removed once results exist
+
+    run = tmp_path / "minilm-tiny_banking77_lora-r2_pelib_s0.json"
+    stamp = run.stat().st_mtime_ns
+    main(argv)  # everything is done: nothing runs again
+    assert run.stat().st_mtime_ns == stamp
+    rec = json.loads(run.read_text())
+    rec["args"]["epochs"] = 7.0  # a result left by other settings is not reused
+    run.write_text(json.dumps(rec))
+    main(argv)
+    assert json.loads(run.read_text())["args"]["epochs"] == 1.0
+
+
+def test_presets_cover_every_method_and_the_peer():
+    runs = preset("workshop")
+    methods = {(a[a.index("--method") + 1], "--impl" in a) for _, a in runs}
+    assert {m for m, peer in methods if not peer} == {"full", "lora", "qlora", "adalora", "sora",
+                                                      "adapter", "prefix"}
+    assert {m for m, peer in methods if peer} == {"lora", "qlora", "adalora"}
+    full = preset("full")
+    assert {a[a.index("--seed") + 1] for _, a in full} == {"0", "1", "2"}
+
+
+def test_bad_inputs_are_clear(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["--preset", "huge"])  # argparse names the choices
+    with pytest.raises(SystemExit, match="matches no run"):
+        main(["--preset", "smoke", "--out", str(tmp_path), "--only", "nonexistent"])
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    with pytest.raises(SystemExit, match="cannot write results"):
+        main(["--preset", "smoke", "--out", str(blocked / "sub")])
