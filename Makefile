@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: install
-	$(BIN)/python -m pelib finetune --model minilm --data banking77 --method lora --r 8 --epochs 3
+	$(BIN)/python -m pelib compare --preset workshop
 
 # PELIB_FAST=1 selects the tiny sizes in the notebooks; every notebook is executed by nbval.
 test: install
