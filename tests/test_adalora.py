@@ -218,3 +218,31 @@ def test_pruned_adapter_loads_in_peft(tmp_path):
         ours, peft_out = model(**x).logits, theirs(**x).logits
     assert (ours - peft_out).abs().max() < 1e-6
     assert not torch.equal(ours, tiny()(**x).logits)  # the adapter changes the model
+
+
+@pytest.mark.parametrize("impl", ["pelib", "peft"])
+def test_cli_adalora_prunes_with_either_impl(tmp_path, impl):
+    from pelib.__main__ import main
+
+    main(["finetune", "--tiny", "--method", "adalora", "--impl", impl, "--init-r", "4",
+          "--target-r", "2", "--train-limit", "96", "--eval-limit", "40", "--epochs", "2",
+          "--out", str(tmp_path), "--no-progress"])
+    rec = json.loads((tmp_path / f"minilm-tiny_banking77_adalora-r4to2_{impl}_s0.json").read_text())
+    ada = rec["adalora"]
+    assert ada["schedule"] == dict(tinit=1, tfinal=2, deltaT=10, total_step=6)  # 10% / 30% of 6
+    n = len(ada["final_ranks"])
+    assert n == 2 * 6 + 1 and ada["budget"][0] == 4 * n and ada["budget"][-1] == 2 * n
+    assert sum(ada["final_ranks"].values()) == 2 * n
+    assert ada["final_ranks"].keys() == {k for k, _ in svd_layers(apply_adalora(tiny(), TARGETS + ["key"], init_r=2))}
+
+
+def test_cli_adalora_bad_inputs(tmp_path):
+    from pelib.__main__ import main
+
+    common = ["finetune", "--tiny", "--method", "adalora", "--train-limit", "64", "--epochs", "1",
+              "--out", str(tmp_path), "--no-progress"]
+    for impl in ("pelib", "peft"):
+        with pytest.raises(SystemExit, match="lower --target-r or raise --init-r"):
+            main(common + ["--impl", impl, "--init-r", "4", "--target-r", "6"])
+        with pytest.raises(SystemExit, match="lower them or train for more epochs"):
+            main(common + ["--impl", impl, "--tinit", "1", "--tfinal", "1"])  # 2 steps in all
