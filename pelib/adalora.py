@@ -289,3 +289,44 @@ def pruned_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         out[f"{name}.lora_A"], out[f"{name}.lora_E"] = m.lora_A[keep], m.lora_E[keep]
         out[f"{name}.lora_B"] = m.lora_B[:, keep]
     return out
+
+
+@torch.no_grad()
+def to_lora(model: nn.Module) -> nn.Module:
+    """Turn a pruned AdaLoRA model into plain LoRA, in place: each SVDLinear becomes a LoRALinear
+    of rank k = its kept triplets, A = Q[keep], B = P[:, keep] diag(λ_keep) * (alpha/init_r) / (alpha/k),
+    so the outputs stay the same; a module that kept nothing gets its base layer back. Then
+    pelib.save_adapter writes a peft LORA adapter with a per-module rank_pattern."""
+    from .inject import get_submodule_parent
+    from .lora import LoRALinear
+
+    config = getattr(model, "pelib_adapter", None) or {}
+    layers = svd_layers(model)
+    if not layers or config.get("peft_type") != "ADALORA":
+        raise ValueError("to_lora needs a model built by pelib.adalora.apply_adalora")
+    pattern = config.get("rank_pattern") or {}
+    alpha, ranks = config["lora_alpha"], {}
+    for name, m in layers:
+        keep = torch.tensor(pattern.get(f"{name}.lora_E", [True] * m.r), dtype=torch.bool)
+        keep &= (m.lora_E.view(-1) != 0).cpu()  # a zero λ contributes nothing either
+        k = int(keep.sum())
+        parent, child = get_submodule_parent(model, name)
+        if k == 0:
+            setattr(parent, child, m.base_layer)
+            continue
+        lora = LoRALinear(m.base_layer, r=k, alpha=alpha,
+                          dropout=getattr(m.lora_dropout, "p", 0.0))
+        keep = keep.to(m.lora_E.device)
+        lora.lora_A.weight.copy_(m.lora_A[keep])                                      # (k, in)
+        lora.lora_B.weight.copy_(m.lora_B[:, keep] * m.lora_E[keep].view(1, -1)
+                                 * (m.scaling / (m.ranknum + 1e-5)) / lora.scaling)  # (out, k)
+        setattr(parent, child, lora)
+        ranks[name] = k
+    if not ranks:
+        raise ValueError("every triplet was pruned: there is no LoRA adapter left to export")
+    model.pelib_adapter = dict(
+        peft_type="LORA", r=max(ranks.values()), lora_alpha=alpha,
+        lora_dropout=config.get("lora_dropout", 0.0), use_rslora=False,
+        target_modules=sorted(ranks), modules_to_save=config.get("modules_to_save"),
+        rank_pattern=ranks)
+    return model

@@ -246,3 +246,39 @@ def test_cli_adalora_bad_inputs(tmp_path):
             main(common + ["--impl", impl, "--init-r", "4", "--target-r", "6"])
         with pytest.raises(SystemExit, match="lower them or train for more epochs"):
             main(common + ["--impl", impl, "--tinit", "1", "--tfinal", "1"])  # 2 steps in all
+
+
+def test_fold_into_plain_lora_loads_in_peft_and_pelib(tmp_path):
+    from peft import PeftModel
+
+    from pelib.adalora import to_lora
+    from pelib.lora import lora_layers
+
+    model = apply_adalora(tiny(), TARGETS, init_r=4, alpha=8).eval()
+    alloc = RankAllocator(model, target_r=2, total_step=10)
+    g = torch.Generator().manual_seed(0)
+    for _, m in svd_layers(model):  # a trained-looking adapter, then the final mask
+        m.lora_E.data = torch.randn(4, 1, generator=g)
+        for p in (m.lora_A, m.lora_E, m.lora_B):
+            p.grad = torch.randn(p.shape, generator=g)
+    alloc.step(model, 9)  # scores from these gradients, masked to b(9) = 22 = the target
+    ranks, x = alloc.ranks(), batch()
+    assert alloc.budget == sum(ranks.values()) == 22 and len(set(ranks.values())) > 1
+    emptied = svd_layers(model)[0]  # a module whose every λ is 0 must fall back to its base
+    emptied[1].lora_E.data.zero_()
+    ranks[emptied[0]] = 0
+    with torch.no_grad():
+        before = model(**x).logits
+        to_lora(model)
+        after = model(**x).logits
+    assert (before - after).abs().max() < 1e-5
+    assert {n: m.r for n, m in lora_layers(model)} == {n: k for n, k in ranks.items() if k}
+    assert not svd_layers(model) and isinstance(model.get_submodule(emptied[0]), torch.nn.Linear)
+    pelib.save_adapter(model, tmp_path / "lora")
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["rank_pattern"] == {n: k for n, k in ranks.items() if k}
+    theirs = PeftModel.from_pretrained(tiny(), tmp_path / "lora").eval()
+    again = pelib.load_adapter(tiny(), tmp_path / "lora").eval()
+    with torch.no_grad():
+        assert (theirs(**x).logits - before).abs().max() < 1e-5
+        assert torch.equal(again(**x).logits, after)
