@@ -5,6 +5,8 @@ One module per technique (see the notebooks for the derivations):
     adapter  bottleneck adapters (Houlsby et al. 2019, Pfeiffer et al. 2020)
     prefix   prefix tuning (Li & Liang 2021), with the MLP reparametrisation
     lora     LoRA (Hu et al. 2021): W + (alpha/r) B A, merge/unmerge
+    adalora  AdaLoRA (Zhang et al. 2023): P Lambda Q triplets, importance, budget (RankAllocator)
+    sora     SoRA (Ding et al. 2023): gated LoRA, proximal soft-threshold, pruning to LoRA
     io       adapter save/load in peft's file format
     backbone the packaged pretrained models (MiniLM, SmolLM2), offline
     data     Banking77 / CLINC150 from data/
@@ -12,6 +14,7 @@ One module per technique (see the notebooks for the derivations):
     quant    NF4/FP4 code maps, blockwise (double) quantisation, Linear4bit,
              QLoRA (apply_qlora, merge_qlora)
     kernels  Triton kernels with pure-torch references
+    compare  every method side by side (`python -m pelib compare`)
 """
 import os as _os
 
@@ -30,5 +33,6 @@ from .backbone import load_backbone, tiny_backbone  # noqa: E402
 from .data import load_nlu  # noqa: E402
 from .adapter import apply_adapters  # noqa: E402
 from .prefix import apply_prefix  # noqa: E402
+from .adalora import RankAllocator, apply_adalora  # noqa: E402
 from .quant import apply_qlora, load_qlora, merge_qlora  # noqa: E402
 from . import metrics, quant, train  # noqa: E402  (pelib.train.train, pelib.quant.quantize_4bit)

@@ -14,10 +14,11 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-METHODS = ("full", "lora", "qlora", "adapter", "prefix")
+METHODS = ("full", "lora", "qlora", "adapter", "prefix", "adalora")
 # prefix: 1e-2 (common without the MLP) collapsed to chance through the MLP on Banking77;
 # 3e-3 beat 1e-3 on the dev split.
-DEFAULT_LR = {"full": 1e-4, "lora": 2e-3, "qlora": 2e-3, "adapter": 1e-3, "prefix": 3e-3}
+DEFAULT_LR = {"full": 1e-4, "lora": 2e-3, "qlora": 2e-3, "adapter": 1e-3, "prefix": 3e-3,
+              "adalora": 2e-3}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -30,7 +31,7 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--data", default="banking77", choices=["banking77", "clinc150"])
     f.add_argument("--method", default="lora", choices=METHODS)
     f.add_argument("--impl", default="pelib", choices=["pelib", "peft"],
-                   help="build the LoRA model with pelib or with the peer library peft")
+                   help="build the LoRA / AdaLoRA model with pelib or with the peer library peft")
     f.add_argument("--r", type=int, default=8)
     f.add_argument("--alpha", type=float, default=None, help="default: 2*r")
     f.add_argument("--rslora", action="store_true")
@@ -41,6 +42,15 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--prefix-length", type=int, default=16, help="prefix tuning: L_p")
     f.add_argument("--prefix-hidden", type=int, default=None,
                    help="width of the prefix MLP (default: the model width)")
+    f.add_argument("--init-r", type=int, default=12, help="AdaLoRA: triplets per module at start")
+    f.add_argument("--target-r", type=int, default=8, help="AdaLoRA: average triplets at the end")
+    f.add_argument("--tinit", type=int, default=None,
+                   help="AdaLoRA: steps before pruning starts (default: 10%% of the run)")
+    f.add_argument("--tfinal", type=int, default=None,
+                   help="AdaLoRA: steps at the final rank pattern (default: 30%% of the run)")
+    f.add_argument("--delta-t", type=int, default=10, help="AdaLoRA: steps between two maskings")
+    f.add_argument("--orth-reg-weight", type=float, default=0.5,
+                   help="AdaLoRA: weight of the orthogonal regulariser (peft's default)")
     f.add_argument("--epochs", type=float, default=3)
     f.add_argument("--lr", type=float, default=None, help=f"default per method: {DEFAULT_LR}")
     f.add_argument("--batch-size", type=int, default=32)
@@ -91,9 +101,14 @@ def build(args, cfg):
         torch.manual_seed(args.seed)  # the new classification head
         model, tokenizer = pelib.load_backbone(args.model, num_labels=n_labels)
     targets = args.targets or DEFAULT_TARGETS[args.model]
-    alpha = args.alpha if args.alpha is not None else 2 * args.r
+    alpha = args.alpha if args.alpha is not None else \
+        2 * (args.init_r if args.method == "adalora" else args.r)
     hooks = []
-    if args.method == "lora" and args.impl == "peft":
+    if args.method == "adalora":
+        hooks = [build_adalora(args, cfg, model, targets, alpha, len(data.texts))]
+        if args.impl == "peft":
+            model = hooks[0].model
+    elif args.method == "lora" and args.impl == "peft":
         from peft import LoraConfig, TaskType, get_peft_model
 
         model = get_peft_model(model, LoraConfig(
@@ -121,7 +136,8 @@ def build(args, cfg):
             task_type=TaskType.SEQ_CLS, num_virtual_tokens=args.prefix_length,
             prefix_projection=True, encoder_hidden_size=args.prefix_hidden or hidden))
     elif args.impl == "peft":
-        raise SystemExit(f"pelib: --impl peft is only for --method lora, qlora or prefix, not {args.method}")
+        raise SystemExit(f"pelib: --impl peft is only for --method lora, qlora, adalora or prefix, "
+                         f"not {args.method}")
     elif args.method == "qlora":  # NF4 + double quantisation base, fp32 LoRA (pelib.quant)
         pelib.quant.apply_qlora(model, targets, r=args.r, alpha=alpha, dropout=args.dropout,
                                 use_rslora=args.rslora)
@@ -151,12 +167,74 @@ def peft_qlora(model, targets, r, alpha, dropout, use_rslora):
         target_modules=targets, use_rslora=use_rslora))
 
 
+class PeftAdaLoRA:
+    """Hook for --impl peft: peft adds the regulariser in forward; update_and_allocate must be
+    called after every optimizer step, or peft silently trains plain LoRA (peft #1801)."""
+
+    def __init__(self, model):
+        self.model, self.history = model, []
+
+    def state_dict(self) -> dict:  # for checkpoints: peft's allocator keeps its scores here
+        ra = self.model.base_model.rankallocator
+        return dict(history=self.history, ipt=ra.ipt, exp_avg_ipt=ra.exp_avg_ipt,
+                    exp_avg_unc=ra.exp_avg_unc, rank_pattern=self.model.peft_config["default"].rank_pattern)
+
+    def load_state_dict(self, state: dict) -> None:
+        ra = self.model.base_model.rankallocator
+        self.history, ra.ipt, ra.exp_avg_ipt, ra.exp_avg_unc = (
+            state["history"], state["ipt"], state["exp_avg_ipt"], state["exp_avg_unc"])
+        self.model.peft_config["default"].rank_pattern = state["rank_pattern"]
+
+    def step(self, model, step):
+        model.base_model.update_and_allocate(step)
+        pattern = model.peft_config["default"].rank_pattern
+        ranks = None if pattern is None else \
+            {k.removesuffix(".default").removesuffix(".lora_E"): sum(v) for k, v in pattern.items()}
+        self.history.append(dict(step=step, ranks=ranks,
+                                 budget=model.base_model.rankallocator.budget_schedule(step)[0]))
+
+
+def adalora_schedule(args, total: int) -> tuple[int, int]:
+    """tinit, tfinal: 10% warm-up at full rank, 30% at the final pattern unless given."""
+    tinit = args.tinit if args.tinit is not None else round(0.1 * total)
+    tfinal = args.tfinal if args.tfinal is not None else round(0.3 * total)
+    return tinit, tfinal
+
+
+def build_adalora(args, cfg, model, targets, alpha, n_train):
+    from pelib.train import total_steps
+
+    if args.target_r > args.init_r:
+        raise ValueError(f"--target-r {args.target_r} exceeds --init-r {args.init_r}; AdaLoRA "
+                         "only prunes: lower --target-r or raise --init-r")
+    total = total_steps(n_train, cfg)
+    tinit, tfinal = adalora_schedule(args, total)
+    if tinit >= total - tfinal:
+        raise ValueError(f"--tinit {tinit} + --tfinal {tfinal} leave no steps to prune in a run "
+                         f"of {total} steps: lower them or train for more epochs")
+    if args.impl == "peft":
+        from peft import AdaLoraConfig, TaskType, get_peft_model
+
+        return PeftAdaLoRA(get_peft_model(model, AdaLoraConfig(
+            task_type=TaskType.SEQ_CLS, init_r=args.init_r, target_r=args.target_r,
+            lora_alpha=alpha, lora_dropout=args.dropout, target_modules=targets, tinit=tinit,
+            tfinal=tfinal, deltaT=args.delta_t, orth_reg_weight=args.orth_reg_weight,
+            total_step=total)))
+    from pelib.adalora import RankAllocator, apply_adalora
+
+    apply_adalora(model, targets, init_r=args.init_r, alpha=alpha, dropout=args.dropout)
+    return RankAllocator(model, target_r=args.target_r, tinit=tinit, tfinal=tfinal,
+                         deltaT=args.delta_t, orth_reg_weight=args.orth_reg_weight,
+                         total_step=total)
+
+
 def run_name(args) -> str:
     if args.name:
         return args.name
     method = args.method + {"full": "", "lora": f"-r{args.r}", "qlora": f"-r{args.r}",
                             "adapter": f"-{args.adapter_kind}-m{args.bottleneck}",
-                            "prefix": f"-L{args.prefix_length}"}[args.method]
+                            "prefix": f"-L{args.prefix_length}",
+                            "adalora": f"-r{args.init_r}to{args.target_r}"}[args.method]
     return "_".join([args.model + ("-tiny" if args.tiny else ""), args.data, method, args.impl,
                      f"s{args.seed}"])
 
@@ -221,6 +299,13 @@ def finetune(args) -> dict:
     record = dict(name=name, **asdict(result), seconds_per_epoch=result.train_seconds / args.epochs,
                   args=vars(args), eval_split=args.eval_split, train_rows=len(data.texts),
                   eval_rows=len(evaluation.texts))
+    for h in hooks:  # AdaLoRA: the budget per step and the final rank of every module
+        if getattr(h, "history", None):
+            record["adalora"] = dict(budget=[e["budget"] for e in h.history],
+                                     final_ranks=h.history[-1]["ranks"],
+                                     schedule=dict(zip(("tinit", "tfinal"),
+                                                       adalora_schedule(args, result.steps)),
+                                                   deltaT=args.delta_t, total_step=result.steps))
     atomic_write(out / f"{name}.json",
                  lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
     plot_losses(result.losses, out / f"{name}_loss.png", name)

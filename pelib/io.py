@@ -62,7 +62,16 @@ def save_adapter(model: nn.Module, path: str | os.PathLike,
     if any(getattr(m, "merged", False) for m in model.modules()):
         raise ValueError("the adapter is merged into the base weights; call "
                          "pelib.lora.unmerge(model) before saving it")
-    tensors = {PREFIX + n: t.contiguous() for n, t in adapter_state_dict(model).items()}
+    if config.get("peft_type") == "ADALORA":  # masked triplets dropped, as peft saves them
+        from .adalora import pruned_state_dict
+
+        if not config.get("total_step"):
+            raise ValueError("an AdaLoRA adapter needs its schedule to be saved: create a "
+                             "pelib.adalora.RankAllocator for the model and train with it first")
+        state = pruned_state_dict(model)
+    else:
+        state = adapter_state_dict(model)
+    tensors = {PREFIX + n: t.contiguous() for n, t in state.items()}
     bad = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
     if bad:
         raise ValueError(f"refusing to save non-finite (NaN/inf) weights: {bad[:3]}")

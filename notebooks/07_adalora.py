@@ -1,0 +1,382 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 07 · AdaLoRA: let the training decide where the rank goes
+#
+# LoRA gives every adapted matrix the same rank r. But not every matrix needs the same: Zhang et
+# al. (ICLR 2023, arXiv:2303.10512) start every matrix at a larger rank and **prune** the least
+# important directions while training, until the total rank meets a budget. To prune single
+# directions they write the update in SVD form:
+#
+# $$ \Delta W = P\,\Lambda\,Q, \qquad P \in \mathbb{R}^{d_{out}\times r},\;
+#    \Lambda = \mathrm{diag}(\lambda_1..\lambda_r),\; Q \in \mathbb{R}^{r\times d_{in}} $$
+#
+# $$ y = x W^\top + b + \frac{\alpha}{r_{init}}\; x\,(Q \odot \lambda)^\top P^\top $$
+#
+# Each **triplet** $(P_{:,i}, \lambda_i, Q_{i,:})$ is one rank-1 direction; pruning it means
+# $\lambda_i \leftarrow 0$ (P and Q stay, so a pruned direction could come back). In code we keep
+# peft's names: `lora_A` = Q, `lora_E` = λ (shape r x 1), `lora_B` = P.
+#
+# Three pieces, one section each: (1) why P and Q should be orthogonal, (2) an importance score
+# per triplet, (3) a budget schedule. Then we train with all three and check pelib against them.
+
+# %%
+import copy
+import os
+
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FAST = os.environ.get("PELIB_FAST") == "1"  # CI: tiny sizes
+torch.manual_seed(0)
+
+# %% [markdown]
+# ## 1. Why orthogonal P and Q
+# If the columns of P and the rows of Q are orthonormal, $P\Lambda Q$ **is** an SVD: the
+# singular values of ΔW are the $|\lambda_i|$, and dropping triplet i changes ΔW by exactly
+# $|\lambda_i|$ in Frobenius norm, whatever the other triplets are. With arbitrary P and Q the
+# triplets overlap: $|\lambda_i|$ says little about how much triplet i matters.
+#
+# AdaLoRA therefore adds a regulariser to the loss (peft: weight 0.5, averaged over all matrices):
+#
+# $$ R(P, Q) = \|P^\top P - I\|_F + \|Q Q^\top - I\|_F. $$
+
+# %%
+d_out, d_in, r = 48, 40, 6
+lam = torch.linspace(2.0, 0.2, r)  # (r,)
+
+
+def removal_effect(P, lam, Q):
+    """||ΔW - ΔW without triplet i||_F for every i."""
+    return torch.stack([torch.linalg.norm(P[:, i:i + 1] * lam[i] @ Q[i:i + 1]) for i in range(len(lam))])
+
+
+def R(P, Q):
+    I = torch.eye(P.shape[1])
+    return torch.linalg.norm(P.T @ P - I) + torch.linalg.norm(Q @ Q.T - I)
+
+
+P_rand, Q_rand = torch.randn(d_out, r) * 0.3, torch.randn(r, d_in) * 0.3  # (48, 6), (6, 40)
+# orthonormalise with QR: P^T P = I, Q Q^T = I
+P_orth, Q_orth = torch.linalg.qr(P_rand)[0], torch.linalg.qr(Q_rand.T)[0].T
+
+# Or let gradient descent on R alone find orthonormal factors, as training does:
+P_gd, Q_gd = P_rand.clone().requires_grad_(), Q_rand.clone().requires_grad_()
+opt = torch.optim.Adam([P_gd, Q_gd], lr=1e-2)
+reg_curve = []
+for _ in range(300):
+    loss = R(P_gd, Q_gd)
+    reg_curve.append(loss.item())
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+P_gd, Q_gd = P_gd.detach(), Q_gd.detach()
+
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+for (P, Q), label in [((P_rand, Q_rand), "random P, Q"), ((P_orth, Q_orth), "orthonormal (QR)"),
+                      ((P_gd, Q_gd), "after minimising R")]:
+    axes[0].plot(lam, removal_effect(P, lam, Q), "o-", label=label)
+    sv = torch.linalg.svdvals(P @ torch.diag(lam) @ Q)[:r]
+    print(f"{label:<20} R = {R(P, Q):.3f}   singular values of ΔW: {[round(v, 2) for v in sv.tolist()]}")
+axes[0].plot(lam, lam, "k--", lw=1, label="|λ_i| (ideal)")
+axes[0].set(xlabel="|λ_i|", ylabel="||ΔW − ΔW_{-i}||_F", title="what removing triplet i changes")
+axes[0].legend(fontsize=8)
+axes[1].semilogy(reg_curve)
+axes[1].set(xlabel="Adam step", ylabel="R(P, Q)", title="the regulariser alone drives P, Q orthonormal")
+plt.tight_layout()
+plt.show()
+assert torch.allclose(removal_effect(P_orth, lam, Q_orth), lam, atol=1e-5)
+assert torch.allclose(torch.linalg.svdvals(P_orth @ torch.diag(lam) @ Q_orth)[:r], lam, atol=1e-5)
+
+# %% [markdown]
+# ## 2. The layer
+# peft's initialisation: λ = 0 (so ΔW = 0 and the model starts as the pretrained one), P and Q
+# ~ N(0, 0.02). The scale is α / r_init and stays fixed while triplets are pruned (peft keeps
+# `ranknum` = r_init), so pruning never rescales the triplets that remain.
+
+# %%
+class SVDLayer(nn.Module):
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: float):
+        super().__init__()
+        self.base_layer, self.r, self.scaling = base_layer, r, alpha
+        self.lora_A = nn.Parameter(torch.randn(r, base_layer.in_features) * 0.02)  # Q (r, in)
+        self.lora_E = nn.Parameter(torch.zeros(r, 1))                              # λ (r, 1)
+        self.lora_B = nn.Parameter(torch.randn(base_layer.out_features, r) * 0.02)  # P (out, r)
+        self.register_buffer("ranknum", torch.tensor([float(r)]), persistent=False)
+
+    def forward(self, x):  # x (..., in) -> (..., out)
+        return self.base_layer(x) + (x @ (self.lora_A * self.lora_E).T @ self.lora_B.T) \
+            * self.scaling / (self.ranknum + 1e-5)
+
+
+def inject(model, targets, r, alpha):
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+            parent = model.get_submodule(name.rpartition(".")[0])
+            setattr(parent, name.rpartition(".")[2], SVDLayer(module, r, alpha))
+    for p in model.classifier.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def svd_modules(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, SVDLayer)}
+
+
+def orth_reg(model):  # mean over all P and Q, as peft's AdaLoraModel.forward
+    terms = []
+    for m in svd_modules(model).values():
+        for G in (m.lora_A @ m.lora_A.T, m.lora_B.T @ m.lora_B):  # (r, r)
+            terms.append(torch.norm(G - torch.eye(G.shape[0]), p="fro"))
+    return sum(terms) / len(terms)
+
+
+layer = SVDLayer(nn.Linear(d_in, d_out), r=4, alpha=8)
+x = torch.randn(3, d_in)
+assert torch.equal(layer(x), layer.base_layer(x))  # λ = 0 at the start
+
+# %% [markdown]
+# ## 3. Which triplets matter: sensitivity, smoothed, with its uncertainty
+# The sensitivity of a single weight is the first-order loss change if it were set to zero,
+# $I(w) = |w\,\nabla_w L|$. It is noisy from batch to batch, so AdaLoRA smooths it and also
+# tracks how much it fluctuates (eq. 9-11 of the paper), after each optimizer step t:
+#
+# $$ \bar I^{(t)} = \beta_1 \bar I^{(t-1)} + (1-\beta_1) I^{(t)}, \qquad
+#    \bar U^{(t)} = \beta_2 \bar U^{(t-1)} + (1-\beta_2) |I^{(t)} - \bar I^{(t)}|, \qquad
+#    s(w) = \bar I^{(t)} \bar U^{(t)} $$
+#
+# A triplet's score adds its λ's score to the mean score of its P column and of its Q row:
+#
+# $$ S_i = s(\lambda_i) + \frac{1}{d_{out}}\sum_j s(P_{ji}) + \frac{1}{d_{in}}\sum_j s(Q_{ij}). $$
+#
+# ## 4. The budget: how many triplets survive at step t
+# With $b^{(0)} = L\,r_{init}$ triplets over the L adapted matrices and a target
+# $b^{(T)} = L\,r_{target}$: full rank for $t_{init}$ steps, a cubic decrease, then the final
+# $t_{final}$ steps train the final pattern. Every ΔT steps the lowest-scoring triplets (over all
+# matrices together, which is what lets one matrix keep more than another) get λ = 0.
+#
+# $$ b^{(t)} = \begin{cases} b^{(0)} & t \le t_{init} \\
+#   b^{(T)} + (b^{(0)} - b^{(T)}) \left(1 - \frac{t - t_{init}}{T - t_{final} - t_{init}}\right)^3
+#   & t_{init} < t \le T - t_{final} \\ b^{(T)} & \text{after} \end{cases} $$
+
+# %%
+class Allocator:
+    def __init__(self, model, target_r, tinit, tfinal, deltaT, total_step, beta1=0.85, beta2=0.85):
+        self.mods = svd_modules(model)
+        self.init_bgt = sum(m.r for m in self.mods.values())
+        self.target_bgt = target_r * len(self.mods)
+        self.tinit, self.tfinal, self.deltaT, self.T = tinit, tfinal, deltaT, total_step
+        self.beta1, self.beta2 = beta1, beta2
+        self.Ibar, self.Ubar, self.pattern, self.budgets = {}, {}, None, []
+
+    def budget(self, t):
+        if t <= self.tinit:
+            return self.init_bgt, False
+        if t > self.T - self.tfinal:
+            return self.target_bgt, False
+        c = 1 - (t - self.tinit) / (self.T - self.tfinal - self.tinit)
+        return int((self.init_bgt - self.target_bgt) * c**3 + self.target_bgt), t % self.deltaT == 0
+
+    @torch.no_grad()
+    def update_scores(self):
+        for name, m in self.mods.items():
+            for k in ("lora_A", "lora_E", "lora_B"):
+                p, key = getattr(m, k), (name, k)
+                I = (p * p.grad).abs()
+                Ibar = self.beta1 * self.Ibar.get(key, torch.zeros_like(p)) + (1 - self.beta1) * I
+                self.Ubar[key] = self.beta2 * self.Ubar.get(key, torch.zeros_like(p)) \
+                    + (1 - self.beta2) * (I - Ibar).abs()
+                self.Ibar[key] = Ibar
+
+    def triplet_scores(self):  # {module: (r,)}
+        s = {key: self.Ibar[key] * self.Ubar[key] for key in self.Ibar}
+        return {n: s[n, "lora_E"].view(-1) + (s[n, "lora_A"].mean(1) + s[n, "lora_B"].mean(0))
+                for n in self.mods}
+
+    @torch.no_grad()
+    def mask(self, budget):
+        S = self.triplet_scores()
+        threshold = torch.kthvalue(torch.cat(list(S.values())), self.init_bgt - budget).values
+        self.pattern = {n: S[n] > threshold for n in self.mods}  # keep the top `budget`
+        self.apply()
+
+    @torch.no_grad()
+    def apply(self):
+        for n, m in self.mods.items():
+            m.lora_E.masked_fill_(~self.pattern[n].unsqueeze(-1), 0.0)
+
+    def step(self, t):  # after optimizer.step(), before zero_grad()
+        b, mask_now = self.budget(t)
+        end = self.T - self.tfinal
+        if t < end:
+            self.update_scores()
+            if mask_now:
+                self.mask(b)
+        elif t == end:  # the final allocation, then fixed
+            self.mask(b)
+            self.Ibar, self.Ubar = {}, {}
+        else:  # the optimizer moves a zeroed λ again: re-apply the final pattern
+            self.apply()
+        self.budgets.append(b)
+
+
+class _Demo:  # the schedule alone, for a plot
+    def __init__(self):
+        self.init_bgt, self.target_bgt, self.tinit, self.tfinal, self.deltaT, self.T = 37 * 12, 37 * 8, 85, 254, 10, 846
+
+
+demo = _Demo()
+steps = range(1, demo.T + 1)
+fig, ax = plt.subplots(figsize=(6, 3))
+ax.plot(steps, [Allocator.budget(demo, t)[0] for t in steps])
+ax.axvspan(0, demo.tinit, alpha=0.15, label="t_init: full rank")
+ax.axvspan(demo.T - demo.tfinal, demo.T, alpha=0.15, color="C2", label="t_final: fixed pattern")
+ax.set(xlabel="step", ylabel="triplets kept", title="cubic budget, MiniLM 37 matrices, r 12 -> 8")
+ax.legend()
+plt.show()
+
+# %% [markdown]
+# ## 5. Training with AdaLoRA
+# MiniLM on Banking77 (a tiny random BERT under `PELIB_FAST=1`). Every `nn.Linear` of the
+# encoder gets an SVD adapter; the plain loop below calls the allocator after each optimizer
+# step. Forgetting that call is the classic way to train plain LoRA by accident with peft
+# (peft issues #1801, #1327); here the budget curve shows it ran.
+
+# %%
+import pelib
+
+if FAST:
+    backbone, tokenizer = pelib.tiny_backbone("minilm", 77)
+    N_TRAIN, BS, EPOCHS, R_INIT, R_TARGET, TINIT, TFINAL, DT = 128, 16, 3, 4, 2, 3, 6, 2
+else:
+    torch.manual_seed(0)
+    backbone, tokenizer = pelib.load_backbone("minilm", num_labels=77)
+    N_TRAIN, BS, EPOCHS, R_INIT, R_TARGET, TINIT, TFINAL, DT = 3000, 32, 2, 12, 8, 20, 50, 5
+for m in backbone.modules():  # no dropout: the pelib check at the end replays the same run
+    if isinstance(m, nn.Dropout):
+        m.p = 0.0
+base_copy = copy.deepcopy(backbone)
+train = pelib.load_nlu("banking77", "train", limit=N_TRAIN)
+test = pelib.load_nlu("banking77", "test", limit=128 if FAST else 1000)
+targets = ["query", "key", "value", "dense"]
+model = inject(backbone, targets, r=R_INIT, alpha=2 * R_INIT)
+init_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def batches(data, bs, seed):
+    order = torch.randperm(len(data.texts), generator=torch.Generator().manual_seed(seed)).tolist()
+    for k in range(0, len(order), bs):
+        idx = order[k:k + bs]
+        enc = tokenizer([data.texts[i] for i in idx], padding=True, truncation=True,
+                        max_length=64, return_tensors="pt")
+        yield enc, torch.tensor([data.labels[i] for i in idx])
+
+
+T = EPOCHS * -(-N_TRAIN // BS)
+
+
+def fit(model, reg, alloc_step, lr=5e-3 if FAST else 2e-3, w=0.5):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses, t = [], 0
+    for epoch in range(EPOCHS):
+        for enc, y in batches(train, BS, seed=epoch):
+            loss = F.cross_entropy(model(**enc).logits, y)  # (B, 77) vs (B,)
+            (loss + w * reg(model)).backward()
+            opt.step()
+            t += 1
+            alloc_step(t)
+            opt.zero_grad()
+            losses.append(loss.item())
+    return losses
+
+
+alloc = Allocator(model, R_TARGET, TINIT, TFINAL, DT, total_step=T)
+losses = fit(model, orth_reg, alloc.step)
+
+
+@torch.no_grad()
+def accuracy(model):
+    enc = tokenizer(test.texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    return (model(**enc).logits.argmax(-1) == torch.tensor(test.labels)).float().mean().item()
+
+
+final_ranks = {n: int(v.sum()) for n, v in alloc.pattern.items()}
+print(f"{T} steps; budget {alloc.budgets[0]} -> {alloc.budgets[-1]} triplets; "
+      f"test accuracy ({len(test.texts)} rows) {accuracy(model):.3f}")
+
+# %% [markdown]
+# ## 6. Where did the rank go?
+# Left: the budget the allocator enforced at each step, and the loss. Right: the final number
+# of triplets per matrix, by layer and by kind of matrix.
+
+# %%
+kinds = ["attention.self.query", "attention.self.key", "attention.self.value",
+         "attention.output.dense", "intermediate.dense", "output.dense"]
+n_layers = backbone.config.num_hidden_layers
+grid = torch.zeros(n_layers, len(kinds))
+for name, k in final_ranks.items():
+    if ".layer." in name:
+        i, kind = name.split(".layer.")[1].split(".", 1)
+        grid[int(i), kinds.index(kind)] = k
+fig, axes = plt.subplots(1, 3, figsize=(14, 3.4))
+axes[0].plot(range(1, T + 1), alloc.budgets)
+axes[0].set(xlabel="step", ylabel="triplets kept", title="budget during training")
+axes[1].plot(losses)
+axes[1].set(xlabel="step", ylabel="cross-entropy", title="training loss")
+im = axes[2].imshow(grid, cmap="viridis", vmin=0, vmax=R_INIT)
+axes[2].set(xticks=range(len(kinds)), xticklabels=[k.replace("attention.", "att.") for k in kinds],
+            ylabel="layer", title=f"final rank per matrix (init {R_INIT}, mean {R_TARGET})")
+axes[2].tick_params(axis="x", rotation=35)
+plt.colorbar(im, ax=axes[2])
+plt.tight_layout()
+plt.show()
+print("pooler:", {n: k for n, k in final_ranks.items() if "pooler" in n})
+assert sum(final_ranks.values()) == alloc.target_bgt  # the budget is met exactly
+
+# %% [markdown]
+# With the tiny random model (CI) the pattern is noise. On the real MiniLM run (`PELIB_FAST`
+# unset) look for which kinds of matrix keep more than the mean; the paper found the feed-forward
+# matrices and the top layers to receive more rank on GLUE. One short run on a subset is not
+# evidence for such a claim: docs/benchmarks.md has the full Banking77 run and its rank pattern.
+#
+# ## 7. Check: pelib's AdaLoRA is the one we built
+# `pelib.adalora` has the same layer (`SVDLinear`, peft's names) and the allocator as a
+# `pelib.train` hook (`RankAllocator`: `loss` adds the regulariser, `step` updates scores and
+# masks). Replaying the same run from the same weights must give the same budgets, the same
+# rank pattern and the same λ. (`tests/test_adalora.py` checks pelib against peft's
+# `RankAllocator` step by step, bitwise.)
+
+# %%
+from pelib.adalora import RankAllocator, apply_adalora, orthogonal_regularizer, svd_layers
+
+ours = apply_adalora(base_copy, targets, init_r=R_INIT, alpha=2 * R_INIT)
+with torch.no_grad():
+    for n, p in ours.named_parameters():
+        if p.requires_grad:
+            p.copy_(init_state[n])
+hook = RankAllocator(ours, target_r=R_TARGET, tinit=TINIT, tfinal=TFINAL, deltaT=DT, total_step=T)
+pelib_losses = fit(ours, orthogonal_regularizer, lambda t: hook.step(ours, t))
+assert [h["budget"] for h in hook.history] == alloc.budgets
+assert hook.ranks() == final_ranks
+assert all(torch.equal(torch.tensor(hook.rank_pattern[n]), alloc.pattern[n]) for n in final_ranks)
+for n, m in svd_layers(ours):
+    assert torch.allclose(m.lora_E, alloc.mods[n].lora_E, atol=1e-5)
+assert max(abs(a - b) for a, b in zip(losses, pelib_losses)) < 1e-4
+print("pelib's AdaLoRA allocates exactly as the notebook's")
