@@ -14,10 +14,15 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-METHODS = ("full", "lora", "qlora", "adapter", "prefix")
+METHODS = ("full", "lora", "qlora", "adapter", "prefix", "sora")
 # prefix: 1e-2 (common without the MLP) collapsed to chance through the MLP on Banking77;
 # 3e-3 beat 1e-3 on the dev split.
-DEFAULT_LR = {"full": 1e-4, "lora": 2e-3, "qlora": 2e-3, "adapter": 1e-3, "prefix": 3e-3}
+DEFAULT_LR = {"full": 1e-4, "lora": 2e-3, "qlora": 2e-3, "adapter": 1e-3, "prefix": 3e-3,
+              "sora": 2e-3}
+
+
+# SoRA: threshold eta_t * xi with the gates' own lr; see docs/benchmarks.md for how these were set.
+SORA_DEFAULTS = {"sparse_lambda": 0.1, "gate_lr": 1e-2}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -40,6 +45,23 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--prefix-length", type=int, default=16, help="prefix tuning: L_p")
     f.add_argument("--prefix-hidden", type=int, default=None,
                    help="width of the prefix MLP (default: the model width)")
+    f.add_argument("--sparse-lambda", type=float, default=None,
+                   help="SoRA: sparsity xi of the gates' L1 prox (first stage if a schedule); "
+                        f"default {SORA_DEFAULTS['sparse_lambda']}")
+    f.add_argument("--sparse-lambda-max", type=float, default=None,
+                   help="SoRA: xi of the last stage (default: --sparse-lambda, no schedule)")
+    f.add_argument("--sparse-stages", type=int, default=None,
+                   help="SoRA: stages from --sparse-lambda to --sparse-lambda-max, splitting the "
+                        "run evenly (default 1, or 3 when --sparse-lambda-max is given)")
+    f.add_argument("--gate-lr", type=float, default=None,
+                   help=f"SoRA: lr of the gates (default {SORA_DEFAULTS['gate_lr']})")
+    f.add_argument("--threshold-scale", default="lr", choices=["lr", "none"],
+                   help="SoRA: prox threshold lr*xi (the paper) or xi (the official code)")
+    f.add_argument("--prox-variant", default="exact", choices=["exact", "official"],
+                   help="SoRA: exact soft threshold, or the official code's update")
+    f.add_argument("--gate-init", default="ones", choices=["ones", "normal"])
+    f.add_argument("--save-adapter", default=None, metavar="DIR",
+                   help="SoRA: write the pruned adapter (peft LoRA format) to DIR")
     f.add_argument("--epochs", type=float, default=3)
     f.add_argument("--lr", type=float, default=None, help=f"default per method: {DEFAULT_LR}")
     f.add_argument("--batch-size", type=int, default=32)
@@ -97,6 +119,13 @@ def build(args, cfg):
     elif args.method == "lora":
         pelib.apply_lora(model, targets, r=args.r, alpha=alpha, dropout=args.dropout,
                          use_rslora=args.rslora)
+    elif args.method == "sora" and args.impl == "pelib":
+        from pelib.sora import SoRA, apply_sora
+
+        apply_sora(model, targets, r=args.r, alpha=alpha, dropout=args.dropout,
+                   gate_init=args.gate_init)
+        hooks.append(SoRA(sora_schedule(args), gate_lr=sora_arg(args, "gate_lr"),
+                          lr_scaled=args.threshold_scale == "lr", variant=args.prox_variant))
     elif args.method == "adapter" and args.impl == "pelib":
         from pelib.adapter import apply_adapters
 
@@ -113,12 +142,27 @@ def build(args, cfg):
     return model, tokenizer, data, hooks
 
 
+def sora_arg(args, key):
+    value = getattr(args, key)
+    return SORA_DEFAULTS[key] if value is None else value
+
+
+def sora_schedule(args):
+    from pelib.sora import SparsitySchedule
+
+    start = sora_arg(args, "sparse_lambda")
+    end = start if args.sparse_lambda_max is None else args.sparse_lambda_max
+    stages = args.sparse_stages or (1 if args.sparse_lambda_max is None else 3)
+    return SparsitySchedule.linear(start, end, stages)
+
+
 def run_name(args) -> str:
     if args.name:
         return args.name
     method = args.method + {"full": "", "lora": f"-r{args.r}", "qlora": f"-r{args.r}",
                             "adapter": f"-{args.adapter_kind}-m{args.bottleneck}",
-                            "prefix": f"-L{args.prefix_length}"}[args.method]
+                            "prefix": f"-L{args.prefix_length}",
+                            "sora": f"-r{args.r}"}[args.method]
     return "_".join([args.model + ("-tiny" if args.tiny else ""), args.data, method, args.impl,
                      f"s{args.seed}"])
 
@@ -155,6 +199,25 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def sora_summary(model, args) -> dict:
+    """Live ranks per module and parameter counts before/after pruning (a pruned copy)."""
+    import copy
+
+    from pelib.inject import trainable_parameters
+    from pelib.sora import export_lora, live_ranks, prune
+
+    live = live_ranks(model)
+    pruned = prune(copy.deepcopy(model))
+    summary = dict(live_ranks=live, live_ranks_total=sum(live.values()),
+                   initial_ranks_total=args.r * len(live),
+                   params_before_pruning=trainable_parameters(model),
+                   params_after_pruning=trainable_parameters(pruned))
+    if args.save_adapter:
+        export_lora(model, args.save_adapter)
+        summary["adapter"] = args.save_adapter
+    return summary
+
+
 def finetune(args) -> dict:
     import pelib
     from pelib.io import atomic_write
@@ -178,6 +241,12 @@ def finetune(args) -> dict:
     record = dict(name=name, **asdict(result), seconds_per_epoch=result.train_seconds / args.epochs,
                   args=vars(args), eval_split=args.eval_split, train_rows=len(data.texts),
                   eval_rows=len(evaluation.texts))
+    if args.method == "sora":
+        record["sora"] = sora_summary(model, args)
+        s = record["sora"]
+        print(f"SoRA: {s['live_ranks_total']} of {s['initial_ranks_total']} ranks live; "
+              f"{s['params_after_pruning']:,} adapter parameters after pruning "
+              f"({s['params_before_pruning']:,} before)")
     atomic_write(out / f"{name}.json",
                  lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
     plot_losses(result.losses, out / f"{name}_loss.png", name)
