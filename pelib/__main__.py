@@ -124,7 +124,11 @@ def build(args, cfg):
 
         apply_sora(model, targets, r=args.r, alpha=alpha, dropout=args.dropout,
                    gate_init=args.gate_init)
-        hooks.append(SoRA(sora_schedule(args), gate_lr=sora_arg(args, "gate_lr"),
+        from pelib.train import total_steps
+
+        schedule = sora_schedule(args)
+        schedule.begin(total_steps(len(data.texts), cfg))  # a schedule must end within the run
+        hooks.append(SoRA(schedule, gate_lr=sora_arg(args, "gate_lr"),
                           lr_scaled=args.threshold_scale == "lr", variant=args.prox_variant))
     elif args.method == "adapter" and args.impl == "pelib":
         from pelib.adapter import apply_adapters
@@ -223,6 +227,9 @@ def finetune(args) -> dict:
     from pelib.io import atomic_write
     from pelib.train import TrainConfig, train
 
+    if args.save_adapter and args.method != "sora":
+        raise SystemExit("pelib: --save-adapter writes SoRA's pruned adapter; use it with "
+                         "--method sora")
     out = writable_dir(args.out)
     if args.r <= 0:
         raise SystemExit(f"pelib: --r must be a positive integer, got {args.r}")
