@@ -208,11 +208,15 @@ def sora_summary(model, args) -> dict:
     import copy
 
     from pelib.inject import trainable_parameters
-    from pelib.sora import export_lora, live_ranks, prune
+    import torch
+
+    from pelib.sora import export_lora, live_ranks, prune, sora_layers
 
     live = live_ranks(model)
+    gates = torch.cat([m.gate.detach().abs() for _, m in sora_layers(model)])
     pruned = prune(copy.deepcopy(model))
     summary = dict(live_ranks=live, live_ranks_total=sum(live.values()),
+                   live_gate_abs_mean=float(gates[gates > 0].mean()) if (gates > 0).any() else 0.0,
                    initial_ranks_total=args.r * len(live),
                    params_before_pruning=trainable_parameters(model),
                    params_after_pruning=trainable_parameters(pruned))
