@@ -35,7 +35,7 @@
 # | preset | what | time on 2 CPU cores |
 # |---|---|---|
 # | `smoke` | toy random models, 64 examples: checks the pipeline (CI) | ~2 min |
-# | `workshop` (`make run`) | MiniLM on Banking77 (+ peft rows) and CLINC150 on 2,000-example subsets for 2 epochs; SmolLM2-135M on 320 examples | ~20-25 min |
+# | `workshop` (`make run`) | MiniLM on Banking77 (+ peft rows) and CLINC150, 3,000 training examples, 1 epoch, batch 16; SmolLM2-135M on 320 examples | ~20-25 min |
 # | `full` | all data, 3 epochs, 3 seeds, both data sets, peft rows | many hours (run overnight) |
 #
 # This notebook reads `results/summary.json` if `make run` has written it; otherwise (and in

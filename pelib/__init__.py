@@ -34,5 +34,6 @@ from .data import load_nlu  # noqa: E402
 from .adapter import apply_adapters  # noqa: E402
 from .prefix import apply_prefix  # noqa: E402
 from .adalora import RankAllocator, apply_adalora  # noqa: E402
+from .sora import SoRA, apply_sora  # noqa: E402
 from .quant import apply_qlora, load_qlora, merge_qlora  # noqa: E402
 from . import metrics, quant, train  # noqa: E402  (pelib.train.train, pelib.quant.quantize_4bit)

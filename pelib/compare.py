@@ -65,8 +65,8 @@ def preset(name: str) -> list[tuple[str, list[str]]]:
         add("minilm", "banking77", PELIB_METHODS + peft, [0], common)
         add("smollm2", "banking77", LLM_METHODS, [0], common)
     elif name == "workshop":  # subsets sized so that everything fits in ~20 min on 2 cores
-        common = ["--train-limit", "2000", "--eval-limit", "1000", "--epochs", "2",
-                  "--max-length", "48"]
+        common = ["--train-limit", "3000", "--eval-limit", "1000", "--epochs", "1",
+                  "--batch-size", "16", "--max-length", "48"]
         add("minilm", "banking77", PELIB_METHODS + PEFT_METHODS, [0], common)
         add("minilm", "clinc150", PELIB_METHODS, [0], common)
         add("smollm2", "banking77", LLM_METHODS, [0],

@@ -239,8 +239,6 @@ def train(model: nn.Module, tokenizer, train_data, eval_data, cfg: TrainConfig,
     optimizer = make_optimizer(model, cfg, hooks)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_linear(total, round(cfg.warmup_ratio * total)))
-    for h in hooks:
-        getattr(h, "begin", lambda m, o, t: None)(model, optimizer, total)
     trainable, n_total = count_parameters(model)
     result = TrainResult(metrics={}, trainable_params=trainable, total_params=n_total,
                          config=asdict(cfg))
@@ -251,6 +249,8 @@ def train(model: nn.Module, tokenizer, train_data, eval_data, cfg: TrainConfig,
         loop = load_checkpoint(cfg.checkpoint, model, optimizer, scheduler, hooks, cfg)
         loop["resumed_at"] = loop["step"]
         result.losses, result.history = loop["losses"], loop["history"]
+    for h in hooks:  # after a resume: optimizer.load_state_dict made new param-group dicts
+        getattr(h, "begin", lambda m, o, t: None)(model, optimizer, total)
     model.train()
     bar = tqdm(total=total, initial=loop["step"], desc="train", disable=not cfg.progress,
                dynamic_ncols=True)

@@ -1,0 +1,345 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 08 · SoRA: let the data choose each layer's rank
+#
+# LoRA fixes one rank r for every adapted matrix. SoRA (Ding et al., 2023, arXiv:2311.11696)
+# starts every matrix at a generous r and puts a **gate** $g \in \mathbb{R}^r$ between $A$ and $B$:
+#
+# $$ y = x W^\top + b + \frac{\alpha}{r}\,\big((x A^\top) \odot g\big) B^\top
+#    \quad\Longleftrightarrow\quad \Delta W = \frac{\alpha}{r}\, B\,\mathrm{diag}(g)\,A . $$
+#
+# Rank k of a matrix is switched off exactly when $g_k = 0$. SoRA makes $g$ sparse by training it
+# with an $\ell_1$ penalty $\xi\lVert g\rVert_1$, not by adding $\xi\,\mathrm{sign}(g)$ to the gradient
+# (which only jitters around zero) but with a **proximal gradient** step:
+#
+# $$ g_{t+1} = \mathcal{T}_{\eta_t \xi}\big(g_t - \eta_t \nabla_g L\big), \qquad
+#    \mathcal{T}_\lambda(g) = \mathrm{sign}(g)\max(|g| - \lambda, 0). $$
+#
+# After training, a zero gate means the rank can be removed: $A$ loses a row, $B$ a column, and
+# what is left is an ordinary LoRA adapter with a per-matrix rank. The plan:
+# 1. the gated layer; 2. the soft threshold, exact and as the official code writes it;
+# 3. why a prox and not a subgradient; 4. training on Banking77 with a sparsity schedule, gate
+# plots; 5. pruning to plain LoRA; 6. check against pelib (and peft).
+
+# %%
+import copy
+import math
+import os
+
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FAST = os.environ.get("PELIB_FAST") == "1"  # CI: tiny sizes
+torch.manual_seed(0)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+
+# %% [markdown]
+# ## 1. The gated layer
+# The only change to the LoRA layer of notebook 03 is the element-wise product with $g$ on the
+# r-dimensional bottleneck. We start the gate at $g = 1$: the layer is then exactly LoRA with the
+# same $\alpha/r$, and every rank starts equally alive. (The official code draws $g \sim N(0,1)$;
+# then about a tenth of the gates start within 0.13 of zero and are pruned almost at once,
+# decided by the draw rather than the data.)
+
+# %%
+class SoRA(nn.Module):
+    """y = base(x) + (alpha/r) * ((x A^T) * g) B^T, base frozen, g of shape (r,)."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.r, self.scaling = r, alpha / r
+        self.A = nn.Parameter(torch.empty(r, base.in_features))   # (r, d_in)
+        self.B = nn.Parameter(torch.zeros(base.out_features, r))  # (d_out, r)
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.g = nn.Parameter(torch.ones(r))                      # (r,)
+
+    def forward(self, x):                                         # (..., d_in)
+        h = F.linear(x, self.A) * self.g                          # (..., r): gated ranks
+        return self.base(x) + F.linear(h, self.B) * self.scaling  # (..., d_out)
+
+
+layer = SoRA(nn.Linear(384, 384), r=8, alpha=16)
+x = torch.randn(4, 10, 384)                                       # (B, T, d_in)
+assert torch.equal(layer(x), layer.base(x))                       # B = 0: the base layer
+print("trainable:", sum(p.numel() for p in layer.parameters() if p.requires_grad),
+      "= LoRA's", 8 * (384 + 384), "+ 8 gates")
+
+# %% [markdown]
+# ## 2. The soft threshold, and the official update
+# $\mathcal{T}_\lambda$ is the proximal operator of $\lambda|g|$:
+# $\mathcal{T}_\lambda(v) = \arg\min_g \tfrac12 (g - v)^2 + \lambda |g|$. Setting the subgradient
+# to zero gives three cases: $g = v - \lambda$ if $v > \lambda$, $g = v + \lambda$ if
+# $v < -\lambda$, and $g = 0$ in between. It is continuous: a value just above $\lambda$ becomes a
+# small positive number.
+#
+# The official SoRA optimizer (TsinghuaC3I/SoRA, `src/sparse_optimizer.py`) writes it as three
+# masked in-place statements, one after the other:
+# `p[p > lam] -= lam; p[p < -lam] += lam; p[|p| < lam] = 0`. The third statement sees the result
+# of the first: a value in $(\lambda, 2\lambda)$ has just become $|v| - \lambda < \lambda$ and is
+# then zeroed. So it is **not** $\mathcal{T}_\lambda$: it has a jump at $|v| = 2\lambda$ and keeps
+# $|v| = \lambda$ exactly as it is.
+
+# %%
+def soft_threshold(g, lam):
+    return torch.sign(g) * torch.clamp(g.abs() - lam, min=0)
+
+
+def official(g, lam):  # the three statements, in their order
+    p = g.clone()
+    p[p > lam] -= lam
+    p[p < -lam] += lam
+    p[p.abs() < lam] = 0.0
+    return p
+
+
+lam = 0.25
+v = torch.linspace(-1, 1, 801)
+fig, ax = plt.subplots(figsize=(5.5, 3.2))
+ax.plot(v, soft_threshold(v, lam), label="exact soft threshold $T_\\lambda$")
+ax.plot(v, official(v, lam), "--", label="official 3-statement update")
+for s in (-2, -1, 1, 2):
+    ax.axvline(s * lam, color="grey", lw=0.5)
+ax.set(xlabel="g before the prox", ylabel="g after", title=f"lambda = {lam}")
+ax.legend()
+plt.show()
+band = (v.abs() > lam) & (v.abs() < 2 * lam)
+diff = (soft_threshold(v, lam) - official(v, lam)).abs()
+print(f"they differ at {int((diff > 0).sum())} of {len(v)} points, max {diff.max():.3f}; "
+      f"all of them in lam < |g| <= 2 lam: {bool((diff[~band & (v.abs() != lam)] == 0).all())}")
+assert torch.equal(soft_threshold(v, lam), F.softshrink(v, lam))  # torch's own softshrink agrees
+
+# %% [markdown]
+# Does it matter? Each step hits a gate with a threshold of about $\eta\xi$, so a gate in the band
+# is at most $2\eta\xi$ from zero either way; the official rule rounds such gates to zero a little
+# early. pelib uses the exact operator and offers the official one only for reproduction
+# (`pelib.sora.SoRA(variant="official")`).
+#
+# **Which threshold?** The paper's proximal step uses $\eta_t\xi$: the penalty is scaled by the
+# step size, like the gradient. The official default optimizer subtracts $\xi$ itself after every
+# step (its values of $\xi$, around $10^{-3}$, are chosen for that), and a second file multiplies
+# by the lr. pelib follows the paper (`lr_scaled=True`, reading the gate group's current lr, which
+# includes warmup and decay); `lr_scaled=False` gives the official form.
+#
+# ## 3. Why a prox: exact zeros
+# A toy lasso, $\min_g \tfrac12\lVert Xg - y\rVert^2 + \xi \lVert g\rVert_1$ with a sparse truth.
+# Gradient descent on the subgradient ($\nabla + \xi\,\mathrm{sign}(g)$) never lands on 0; the
+# proximal step (ISTA) does, and stays there.
+
+# %%
+torch.manual_seed(0)
+X = torch.randn(200, 16)
+g_true = torch.zeros(16)
+g_true[:4] = torch.tensor([2.0, -1.5, 1.0, 0.5])
+y = X @ g_true + 0.1 * torch.randn(200)
+xi, eta = 5.0, 1 / torch.linalg.matrix_norm(X, 2) ** 2
+g_sub, g_prox = torch.zeros(16), torch.zeros(16)
+for _ in range(300):
+    g_sub = g_sub - eta * (X.T @ (X @ g_sub - y) + xi * torch.sign(g_sub))
+    g_prox = soft_threshold(g_prox - eta * X.T @ (X @ g_prox - y), eta * xi)
+print("exact zeros: subgradient", int((g_sub == 0).sum()), " prox", int((g_prox == 0).sum()),
+      " (truth: 12)")
+print("prox solution:", [round(t, 2) for t in g_prox.tolist()[:6]], "...")
+assert (g_prox[4:] == 0).all() and (g_prox[:4] != 0).all()
+
+# %% [markdown]
+# ## 4. Training on Banking77 with a sparsity schedule
+# MiniLM, every `query, key, value, dense` linear gets a gated adapter of r = 8. Three things
+# differ from the LoRA loop of notebook 03:
+# * the gates are their own AdamW parameter group, with their own learning rate and no weight
+#   decay (the $\ell_1$ prox is their only penalty);
+# * after each `optimizer.step()`, every gate goes through $\mathcal{T}_{\eta\xi}$ (once per
+#   optimizer step: with gradient accumulation, not once per micro-batch);
+# * $\xi$ is raised in stages (the paper's *sparsifying scheduler*), here linearly over 3 stages.
+#
+# Note that nothing stops $B$ from growing while $g$ shrinks (only the product matters): the
+# $\ell_1$ pressure removes ranks the loss does not defend, it does not shrink the update itself.
+
+# %%
+import pelib
+
+model, tokenizer = pelib.load_backbone("minilm", num_labels=77)
+targets = ["query", "key", "value", "dense"]
+for p in model.parameters():
+    p.requires_grad_(False)
+names = [n for n, m in model.named_modules()
+         if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets]
+for n in names:
+    parent, child = model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]
+    setattr(parent, child, SoRA(getattr(parent, child), r=8, alpha=16))
+model.classifier.requires_grad_(True)
+sora = {n: model.get_submodule(n) for n in names}
+print(len(sora), "gated modules,", 8 * len(sora), "ranks in all")
+
+train = pelib.load_nlu("banking77", "train", limit=192 if FAST else 4000)
+test = pelib.load_nlu("banking77", "test", limit=128 if FAST else 3080)
+EPOCHS, BS = (2, 16) if FAST else (3, 32)
+LR, GATE_LR = 2e-3, (8e-2 if FAST else 1e-2)  # FAST: few steps, so a faster gate
+XIS = [0.2, 0.6, 1.0] if FAST else [0.05, 0.25, 0.45]  # xi per stage (as the CLI default)
+
+
+def batches(data, bs, shuffle, seed=0):
+    order = torch.randperm(len(data.texts), generator=torch.Generator().manual_seed(seed)) \
+        if shuffle else torch.arange(len(data.texts))
+    for k in range(0, len(order), bs):
+        idx = order[k:k + bs].tolist()
+        enc = tokenizer([data.texts[i] for i in idx], padding=True, truncation=True,
+                        max_length=64, return_tensors="pt")
+        yield enc, torch.tensor([data.labels[i] for i in idx])
+
+
+gates = [m.g for m in sora.values()]
+rest = [p for p in model.parameters() if p.requires_grad and all(p is not g for g in gates)]
+opt = torch.optim.AdamW([{"params": rest, "lr": LR},
+                         {"params": gates, "lr": GATE_LR, "weight_decay": 0.0}])
+steps_per_epoch = math.ceil(len(train.texts) / BS)
+total = EPOCHS * steps_per_epoch
+gate_trace, live_trace, step = [], [], 0
+model.train()
+for epoch in range(EPOCHS):
+    for enc, y in batches(train, BS, shuffle=True, seed=epoch):
+        loss = F.cross_entropy(model(**enc).logits, y)
+        loss.backward()
+        opt.step()
+        xi = XIS[min(step * len(XIS) // total, len(XIS) - 1)]  # stage of this step
+        with torch.no_grad():  # the prox: T_{eta * xi} on every gate
+            for g in gates:
+                g.copy_(soft_threshold(g, opt.param_groups[1]["lr"] * xi))
+        opt.zero_grad()
+        step += 1
+        gate_trace.append(torch.stack([g.detach().clone() for g in gates]))  # (modules, r)
+        live_trace.append(sum(int((g != 0).sum()) for g in gates))
+gate_trace = torch.stack(gate_trace)                              # (steps, modules, r)
+print(f"{step} steps; live ranks {live_trace[-1]} of {8 * len(gates)}")
+
+# %%
+fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.2))
+for j, k in enumerate([0, len(names) // 2, len(names) - 1]):
+    for i in range(8):
+        a1.plot(gate_trace[:, k, i], color=f"C{j}", lw=0.8,
+                label=names[k].replace("bert.encoder.", "") if i == 0 else None)
+a1.set(xlabel="optimizer step", ylabel="gate value", title="gates of three modules")
+a1.legend(fontsize=7)
+a2.plot(live_trace)
+for s in range(1, len(XIS)):
+    a2.axvline(s * total / len(XIS), color="grey", lw=0.5)
+a2.set(xlabel="optimizer step", ylabel="live ranks (all modules)", title="xi raised per stage")
+plt.show()
+live = {n: int((m.g != 0).sum()) for n, m in sora.items()}
+fig, ax = plt.subplots(figsize=(10, 3))
+ax.bar(range(len(live)), list(live.values()))
+ax.set_xticks(range(len(live)), [n.replace("bert.encoder.layer.", "L").replace("attention.", "")
+                                  for n in live], rotation=90, fontsize=6)
+ax.set(ylabel="live ranks", title="rank left per module after training (started at 8)")
+plt.show()
+
+# %%
+@torch.no_grad()
+def accuracy(m):
+    m.eval()
+    hits = sum((m(**enc).logits.argmax(-1) == y).sum().item() for enc, y in batches(test, 128, False))
+    m.train()
+    return hits / len(test.texts)
+
+
+acc_gated = accuracy(model)
+print(f"accuracy with the gates: {acc_gated:.3f} ({len(test.texts)} test rows)")
+
+# %% [markdown]
+# ## 5. Prune to plain LoRA
+# For each module keep the live ranks $K = \{k : g_k \neq 0\}$ and fold the gate (and the change
+# of $\alpha/r$ to $\alpha/r'$, $r' = |K|$) into $B$:
+#
+# $$ A' = A_{K,:}, \qquad B' = B_{:,K}\,\mathrm{diag}(g_K)\,\frac{r'}{r}
+#    \quad\Rightarrow\quad \frac{\alpha}{r'} B' A' = \frac{\alpha}{r} B\,\mathrm{diag}(g)\,A . $$
+#
+# The result is an ordinary LoRA adapter whose rank differs per module (peft's `rank_pattern`). A
+# module with no live rank keeps only its frozen weight: peft needs r >= 1, so it simply leaves
+# the list of target modules.
+
+# %%
+class LoRA(nn.Module):
+    def __init__(self, base, A, B, scaling):
+        super().__init__()
+        self.base, self.A, self.B, self.scaling = base, nn.Parameter(A), nn.Parameter(B), scaling
+
+    def forward(self, x):
+        return self.base(x) + F.linear(F.linear(x, self.A), self.B) * self.scaling
+
+
+pruned = copy.deepcopy(model)
+rank_pattern = {}
+with torch.no_grad():
+    for n in names:
+        m = pruned.get_submodule(n)
+        K = (m.g != 0).nonzero().flatten()
+        parent, child = pruned.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]
+        if len(K) == 0:
+            setattr(parent, child, m.base)
+            continue
+        r2 = len(K)
+        setattr(parent, child, LoRA(m.base, m.A[K].clone(), m.B[:, K] * m.g[K] * (r2 / 8), 16 / r2))
+        rank_pattern[n] = r2
+probe = next(batches(test, 16, False))[0]
+model.eval(), pruned.eval()
+with torch.no_grad():
+    y_gated, y_pruned = model(**probe).logits, pruned(**probe).logits
+n_before = sum(m.A.numel() + m.B.numel() + m.g.numel() for m in sora.values())
+n_after = sum(rank_pattern[n] * (sora[n].A.shape[1] + sora[n].B.shape[0]) for n in rank_pattern)
+print(f"adapter parameters {n_before:,} -> {n_after:,}; max |gated - pruned| = "
+      f"{(y_gated - y_pruned).abs().max():.2e}; modules left out: {len(names) - len(rank_pattern)}")
+assert (y_gated - y_pruned).abs().max() < 1e-4
+
+# %% [markdown]
+# ## 6. Check: pelib's SoRA is the one we built
+# `pelib.sora` has the same layer (`SoRALinear`: peft's `lora_A`, `lora_B`, `base_layer`, plus
+# `gate`), the exact `soft_threshold` and the `official_threshold`, the prox as a training hook
+# (`SoRA`, with a `SparsitySchedule`), and `prune`/`export_lora`, which write a peft LoRA adapter
+# with a `rank_pattern`. We copy our trained weights in and compare.
+
+# %%
+from pelib.sora import SoRALinear, apply_sora, export_lora, live_ranks, official_threshold, prune
+from pelib.sora import soft_threshold as pelib_soft_threshold
+
+assert torch.equal(pelib_soft_threshold(v, lam), soft_threshold(v, lam))
+assert torch.equal(official_threshold(v, lam), official(v, lam))
+ours = pelib.load_backbone("minilm", num_labels=77)[0]
+apply_sora(ours, targets, r=8, alpha=16)
+with torch.no_grad():
+    for n, m in sora.items():
+        p = ours.get_submodule(n)
+        p.lora_A.weight.copy_(m.A), p.lora_B.weight.copy_(m.B), p.gate.copy_(m.g)
+    ours.classifier.load_state_dict(model.classifier.state_dict())
+ours.eval()
+with torch.no_grad():
+    assert (ours(**probe).logits - y_gated).abs().max() < 1e-5
+assert live_ranks(ours) == live
+if rank_pattern:  # something is left to export (always, with these settings)
+    import tempfile
+
+    from peft import PeftModel
+
+    with tempfile.TemporaryDirectory() as d:
+        export_lora(ours, d)
+        theirs = PeftModel.from_pretrained(pelib.load_backbone("minilm", num_labels=77)[0], d).eval()
+        with torch.no_grad():
+            assert (theirs(**probe).logits - y_gated).abs().max() < 1e-4
+    prune(ours)
+    assert {n: m.r for n, m in pelib.lora.lora_layers(ours)} == rank_pattern
+print("pelib's SoRA equals the notebook's, and peft loads its pruned adapter")

@@ -1,0 +1,304 @@
+"""SoRA: Sparse Low-Rank Adaptation (Ding et al., 2023, arXiv:2311.11696).
+
+LoRA with a gate vector g in R^r between A and B, made sparse by a proximal step:
+
+    y = x W^T + b + (alpha/r) * ((dropout(x) A^T) * g) B^T,      A: (r, in), B: (out, r), g: (r,)
+
+so Delta W = (alpha/r) B diag(g) A. After each optimizer step the gates alone go through the
+proximal operator of xi * ||g||_1 (the paper's proximal gradient, eq. 5):
+
+    g_{t+1} = T_{eta_t * xi}(g_t - eta_t grad),    T_lam(g) = sign(g) * max(|g| - lam, 0)
+
+The "- eta_t grad" is whatever the optimizer does (AdamW here); the hook then applies T. Rank k of
+a module is dead once g_k = 0: its gradient is (alpha/r) (B^T G)_k (x A^T)_k, which does not
+vanish, so a dead rank can come back if the loss wants it; a rank dead at the end is pruned.
+The sparsity xi is raised in stages (the paper's sparsifying scheduler).
+
+What we keep, and where we differ from the official code (TsinghuaC3I/SoRA):
+* `soft_threshold` is the exact T_lam. The official update (src/sparse_optimizer.py) applies three
+  masked in-place statements one after the other; a value with lam < |g| < 2 lam is first
+  moved to |g| - lam < lam and then zeroed by the third. `official_threshold` reproduces it (for
+  reproduction only: `SoRA(variant="official")`).
+* Threshold scale: the paper uses eta_t * xi (`lr_scaled=True`, our default; eta_t is the gate
+  group's current lr, read from the optimizer). The official default optimizer uses xi itself
+  (`lr_scaled=False`); its `sparse_optimizer_multiply_lr.py` uses lr * xi.
+* Gate init: the official code draws g ~ N(0, 1). We default to g = 1 (`gate_init="ones"`):
+  the layer starts as plain LoRA with the same alpha/r, every rank starts alive and equal, and
+  which ranks die is decided by the data rather than by the draw (with N(0,1) a tenth of the
+  gates start within 0.13 of zero). `gate_init="normal"` gives the official choice.
+* Gates are vectors of shape (r,) (the official code uses (1, r); both broadcast alike).
+* Pruning (`prune`) drops the ranks whose gate is 0, folds g into B and exports plain LoRA with
+  a per-module `rank_pattern`, which peft loads. A module with every gate at 0 has no adapter
+  left (peft needs r >= 1): it is left out of `target_modules` and keeps its frozen base weight.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .inject import inject, resolve_modules_to_save
+from .lora import LoRALinear, check_rank
+
+GATE_INITS = ("ones", "normal")
+VARIANTS = ("exact", "official")
+
+
+class SoRALinear(LoRALinear):
+    """LoRALinear with a gate g of shape (r,) between A and B (peft's names for A and B)."""
+
+    def __init__(self, base_layer: nn.Linear, r: int = 8, alpha: float = 16,
+                 dropout: float = 0.0, gate_init: str = "ones"):
+        super().__init__(base_layer, r, alpha, dropout)
+        if gate_init not in GATE_INITS:
+            raise ValueError(f"gate_init must be one of {GATE_INITS}, got {gate_init!r}")
+        w = self.lora_A.weight
+        gate = torch.ones(r, device=w.device, dtype=w.dtype) if gate_init == "ones" else \
+            torch.randn(r, device=w.device, dtype=w.dtype)
+        self.gate = nn.Parameter(gate)  # (r,)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B.weight * self.gate) @ self.lora_A.weight * self.scaling  # (out, in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)  # (..., out)
+        if self.merged:
+            return result
+        x = x.to(self.lora_A.weight.dtype)
+        h = self.lora_A(self.lora_dropout(x)) * self.gate  # (..., r), gated ranks
+        return result + self.lora_B(h) * self.scaling
+
+    def live(self) -> torch.Tensor:
+        return (self.gate != 0).nonzero().flatten()  # indices of live ranks
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", live={int((self.gate != 0).sum())}"
+
+
+def _check_lam(lam) -> float:
+    lam = float(lam)
+    if not lam >= 0 or not math.isfinite(lam):
+        raise ValueError(f"the sparsity threshold must be a finite number >= 0, got {lam}; "
+                         "pass a non-negative sparse lambda (xi)")
+    return lam
+
+
+def soft_threshold(g: torch.Tensor, lam: float) -> torch.Tensor:
+    """T_lam(g) = sign(g) * max(|g| - lam, 0): the prox of lam * ||g||_1, exactly."""
+    lam = _check_lam(lam)
+    return torch.sign(g) * torch.clamp(g.abs() - lam, min=0)
+
+
+def official_threshold(g: torch.Tensor, lam: float) -> torch.Tensor:
+    """The official code's three in-place statements, in their order (for reproduction only).
+    Not T_lam: lam < |g| < 2 lam gives 0 instead of |g| - lam (and |g| == lam is kept)."""
+    lam = _check_lam(lam)
+    p = g.clone()
+    p[p > lam] -= lam
+    p[p < -lam] += lam
+    p[p.abs() < lam] = 0.0
+    return p
+
+
+class SparsitySchedule:
+    """xi raised over stages: xi = lambdas[k] during stage k; stages split the run evenly unless
+    `stage_steps` fixes their length. The last value holds to the end of training."""
+
+    def __init__(self, lambdas: Sequence[float], stage_steps: int | None = None):
+        if not hasattr(lambdas, "__len__"):
+            raise ValueError("the sparsity schedule must be a finite list of lambdas, got a "
+                             f"{type(lambdas).__name__}; pass e.g. [0.1, 0.2, 0.3]")
+        self.lambdas = [_check_lam(v) for v in lambdas]
+        if not self.lambdas:
+            raise ValueError("the sparsity schedule is empty; give at least one lambda")
+        if stage_steps is not None and (not isinstance(stage_steps, int) or stage_steps < 1):
+            raise ValueError(f"stage_steps must be a positive integer, got {stage_steps!r}")
+        self.stage_steps = stage_steps
+        self.total_steps = None
+
+    @classmethod
+    def linear(cls, start: float, end: float, stages: int, stage_steps: int | None = None):
+        """`stages` values from start to end, evenly spaced (the official 'linear' schedule)."""
+        if not isinstance(stages, int) or stages < 1:
+            raise ValueError(f"stages must be a positive integer, got {stages!r}")
+        if stages == 1:
+            return cls([start], stage_steps)
+        return cls([start + (end - start) * k / (stages - 1) for k in range(stages)], stage_steps)
+
+    def begin(self, total_steps: int) -> None:
+        n = len(self.lambdas)
+        if self.stage_steps is None:
+            if n > total_steps:
+                raise ValueError(f"the schedule has {n} stages but training has only "
+                                 f"{total_steps} steps; use fewer stages")
+        elif (n - 1) * self.stage_steps >= total_steps:
+            raise ValueError(
+                f"the schedule does not end within training: its last stage would start at step "
+                f"{(n - 1) * self.stage_steps + 1} of {total_steps}; lower stage_steps (or leave "
+                f"it None to split the run evenly) or use fewer stages")
+        self.total_steps = total_steps
+
+    def __call__(self, step: int) -> float:
+        """xi for optimizer step `step` (1-based, as the training loop counts)."""
+        if self.stage_steps is not None:
+            k = (step - 1) // self.stage_steps
+        else:
+            if self.total_steps is None:
+                raise RuntimeError("call begin(total_steps) first (the training loop does)")
+            k = (step - 1) * len(self.lambdas) // self.total_steps
+        return self.lambdas[min(k, len(self.lambdas) - 1)]
+
+
+class SoRA:
+    """The training hook: gates in their own AdamW group (lr `gate_lr`, no weight decay), and the
+    proximal step after every optimizer step (once per step, whatever the accumulation)."""
+
+    def __init__(self, sparse_lambda: float | SparsitySchedule = 0.1, gate_lr: float | None = None,
+                 lr_scaled: bool = True, variant: str = "exact"):
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if gate_lr is not None and not gate_lr > 0:
+            raise ValueError(f"gate_lr must be > 0, got {gate_lr}")
+        self.schedule = sparse_lambda if isinstance(sparse_lambda, SparsitySchedule) else \
+            SparsitySchedule([sparse_lambda])
+        self.gate_lr, self.lr_scaled, self.variant = gate_lr, lr_scaled, variant
+        self.prox = soft_threshold if variant == "exact" else official_threshold
+        self.group = None
+        self.history = []  # per step: (xi, threshold)
+
+    def state_dict(self) -> dict:  # for checkpoints (the threshold itself follows from the step)
+        return dict(history=self.history)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = state["history"]
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        gates = [m.gate for _, m in sora_layers(model)]
+        if not gates:
+            raise ValueError("the model has no SoRA layers; call pelib.sora.apply_sora first")
+        group = dict(params=gates, weight_decay=0.0)  # the L1 prox is the gates' only penalty
+        if self.gate_lr is not None:
+            group["lr"] = self.gate_lr
+        return [group]
+
+    def begin(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int) -> None:
+        gate_ids = {id(m.gate) for _, m in sora_layers(model)}
+        self.group = next((g for g in optimizer.param_groups
+                           if gate_ids & {id(p) for p in g["params"]}), None)
+        if self.group is None:
+            raise ValueError("the optimizer does not train the gates; pass this hook to "
+                             "pelib.train.train(hooks=[...]) so it can add their group")
+        self.schedule.begin(total_steps)
+
+    @torch.no_grad()
+    def step(self, model: nn.Module, step: int) -> None:
+        xi = self.schedule(step)
+        lam = xi * self.group["lr"] if self.lr_scaled else xi  # eta_t * xi (paper) or xi
+        for _, m in sora_layers(model):
+            m.gate.copy_(self.prox(m.gate, lam))
+        self.history.append((xi, lam))
+
+
+def sora_layers(model: nn.Module) -> list[tuple[str, SoRALinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SoRALinear)]
+
+
+def live_ranks(model: nn.Module) -> dict[str, int]:
+    """Module name -> number of non-zero gates."""
+    return {n: int((m.gate != 0).sum()) for n, m in sora_layers(model)}
+
+
+def apply_sora(model: nn.Module, target_modules: str | Iterable[str], r: int = 8,
+               alpha: float = 16, dropout: float = 0.0, gate_init: str = "ones",
+               modules_to_save: Iterable[str] | None = None) -> nn.Module:
+    """Wrap every targeted nn.Linear in a SoRALinear of rank r; freeze the rest (the head trains)."""
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("this model already has LoRA/SoRA layers; load a fresh backbone first")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+
+    def wrap(name: str, module: nn.Module) -> nn.Module:
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"{name!r} is a {type(module).__name__}; SoRA targets nn.Linear only")
+        try:
+            check_rank(r, module)
+            return SoRALinear(module, r, alpha, dropout, gate_init)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+
+    inject(model, target_modules, wrap, modules_to_save)
+    model.pelib_adapter = dict(  # pelib-only file format (gates); `prune` gives peft's LORA
+        peft_type="SORA", r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=False,
+        gate_init=gate_init, target_modules=target_modules if isinstance(target_modules, str)
+        else sorted(set(target_modules)),
+        modules_to_save=resolve_modules_to_save(model, modules_to_save), rank_pattern={})
+    return model
+
+
+@torch.no_grad()
+def prune(model: nn.Module) -> nn.Module:
+    """Turn a trained SoRA model into plain LoRA, in place, with the same function:
+    keep the live ranks K of each module, A' = A[K], B' = B[:, K] * g[K] * (r'/r) (so that
+    (alpha/r') B' A' = (alpha/r) B diag(g) A with r' = |K|); a module with no live rank becomes
+    its frozen base layer again and leaves target_modules."""
+    layers = sora_layers(model)
+    if not layers:
+        raise ValueError("the model has no SoRA layers to prune")
+    if any(m.merged for _, m in layers):
+        raise ValueError("unmerge the SoRA layers (pelib.lora.unmerge) before pruning")
+    config = model.pelib_adapter
+    r0, alpha = config["r"], config["lora_alpha"]
+    kept, ranks = [], {}
+    for name, m in layers:
+        keep = m.live()
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        if len(keep) == 0:
+            setattr(parent, name.rpartition(".")[2], m.base_layer)
+            continue
+        new = LoRALinear(m.base_layer, len(keep), alpha, m.lora_dropout.p
+                         if isinstance(m.lora_dropout, nn.Dropout) else 0.0)
+        new.lora_A.weight.copy_(m.lora_A.weight[keep])
+        new.lora_B.weight.copy_(m.lora_B.weight[:, keep] * m.gate[keep] * (m.scaling / new.scaling))
+        setattr(parent, name.rpartition(".")[2], new)
+        kept.append(name)
+        ranks[name] = len(keep)
+    if not kept:
+        raise ValueError("every gate is zero: no adapter is left to export (peft needs r >= 1 "
+                         "in some module); lower the sparse lambda")
+    model.pelib_adapter = dict(
+        peft_type="LORA", r=r0, lora_alpha=alpha, lora_dropout=config["lora_dropout"],
+        use_rslora=False, target_modules=kept, modules_to_save=config["modules_to_save"],
+        rank_pattern={n: k for n, k in ranks.items() if k != r0})
+    return model
+
+
+def export_lora(model: nn.Module, path, base_model_name_or_path: str | None = None):
+    """Save the pruned adapter of a trained SoRA model in peft's LoRA format (model unchanged)."""
+    from .io import save_adapter
+
+    return save_adapter(prune(copy.deepcopy(model)), path, base_model_name_or_path)
+
+
+def load_sora(model: nn.Module, path) -> nn.Module:
+    """Load a gated adapter saved by pelib.save_adapter from a SoRA model (peft_type SORA)."""
+    from .io import _existing, load_adapter_weights, read_adapter
+
+    config, tensors = read_adapter(path)
+    if config.get("peft_type") != "SORA":
+        raise ValueError(f"{path}: peft_type {config.get('peft_type')!r} is not a SoRA adapter; "
+                         "a pruned (LORA) adapter loads with pelib.load_adapter")
+    r = config["r"]
+    bad = {k: tuple(t.shape) for k, t in tensors.items() if k.endswith(".gate") and t.shape != (r,)}
+    if bad:
+        k, shape = next(iter(bad.items()))
+        raise ValueError(f"{path}: gate {k} has shape {shape}, pelib's gates are vectors of shape "
+                         f"(r,) = ({r},) ({len(bad)} bad); an official-code (1, r) gate loads "
+                         "after gate.reshape(-1)")
+    apply_sora(model, config["target_modules"], r=r, alpha=config["lora_alpha"],
+               dropout=config.get("lora_dropout", 0.0), gate_init=config.get("gate_init", "ones"),
+               modules_to_save=_existing(model, config.get("modules_to_save")))
+    load_adapter_weights(model, tensors, source=str(path))
+    return model
