@@ -35,7 +35,8 @@
 # | preset | what | time on 2 CPU cores |
 # |---|---|---|
 # | `smoke` | toy random models, 64 examples: checks the pipeline (CI) | ~2 min |
-# | `workshop` (`make run`) | MiniLM on Banking77 (+ peft rows) and CLINC150, 3,000 training examples, 1 epoch, batch 16; SmolLM2-135M on 320 examples | ~20-25 min |
+# | `workshop` (`make run`) | MiniLM on Banking77 (+ peft rows) and CLINC150, 5,000 training examples, 1 epoch, batch 16; SmolLM2-135M on 640 examples | ~20 min |
+# | `seeds` | the close calls of `workshop` (LoRA r=8, QLoRA, AdaLoRA, SoRA, pelib and peft) with seeds 0, 1, 2 | ~8 min after `workshop` |
 # | `full` | all data, 3 epochs, 3 seeds, both data sets, peft rows | many hours (run overnight) |
 #
 # This notebook reads `results/summary.json` if `make run` has written it; otherwise (and in
@@ -64,7 +65,7 @@ else:  # run a few toy runs of the smoke preset through the same command `make r
     subprocess.run([sys.executable, "-m", "pelib", "compare", "--preset", "smoke", "--out",
                     str(source), "--no-progress", "--only", *only], check=True,
                    cwd=ROOT, stdout=subprocess.DEVNULL)
-records = json.loads((source / "summary.json").read_text())
+records = json.loads((source / ("summary.json" if source == RESULTS else "summary_smoke.json")).read_text())
 print(f"{len(records)} runs from {source}")
 
 # %% [markdown]

@@ -2,6 +2,7 @@
 
     python -m pelib compare --preset workshop     # `make run`: about 20 minutes on 2 CPU cores
     python -m pelib compare --preset full         # the full-size study (hours on a CPU)
+    python -m pelib compare --preset seeds        # the close calls of `workshop`, 3 seeds
     python -m pelib compare --preset smoke        # toy models, seconds (runs inside `make test`)
 
 Each run is one `python -m pelib finetune ... --resume` in its own process, so its peak memory
@@ -9,7 +10,7 @@ is its own and an interrupted comparison picks up where it stopped: finished run
 results/<name>.json exists with the same arguments) are skipped, and the run that was cut off
 continues from its last checkpoint. At the end: results/summary.md (one table per model and
 data set, mean and spread over seeds) and three figures: F1 against trainable parameters,
-peak memory, and loss curves.
+peak memory, and loss curves (presets other than workshop add their name: summary_seeds.md).
 """
 from __future__ import annotations
 
@@ -47,6 +48,10 @@ LLM_METHODS = [
 ]
 
 
+WORKSHOP = ["--train-limit", "5000", "--eval-limit", "1000", "--epochs", "1", "--batch-size", "16",
+            "--max-length", "48"]
+
+
 def preset(name: str) -> list[tuple[str, list[str]]]:
     """The runs of a preset as (label, argv) pairs."""
     runs = []
@@ -65,13 +70,15 @@ def preset(name: str) -> list[tuple[str, list[str]]]:
         add("minilm", "banking77", PELIB_METHODS + peft, [0], common)
         add("smollm2", "banking77", LLM_METHODS, [0], common)
     elif name == "workshop":  # subsets sized so that everything fits in ~20 min on 2 cores
-        common = ["--train-limit", "3000", "--eval-limit", "1000", "--epochs", "1",
-                  "--batch-size", "16", "--max-length", "48"]
-        add("minilm", "banking77", PELIB_METHODS + PEFT_METHODS, [0], common)
-        add("minilm", "clinc150", PELIB_METHODS, [0], common)
+        add("minilm", "banking77", PELIB_METHODS + PEFT_METHODS, [0], WORKSHOP)
+        add("minilm", "clinc150", PELIB_METHODS, [0], WORKSHOP)
         add("smollm2", "banking77", LLM_METHODS, [0],
-            ["--train-limit", "320", "--eval-limit", "300", "--epochs", "1", "--batch-size", "8",
+            ["--train-limit", "640", "--eval-limit", "300", "--epochs", "1", "--batch-size", "8",
              "--max-length", "32"])
+    elif name == "seeds":  # the close calls of the workshop table, seeds 0-2 (seed 0 is reused)
+        close = [m for m in PELIB_METHODS + PEFT_METHODS
+                 if any(k in m[0] for k in ("LoRA r=8", "AdaLoRA", "SoRA"))]
+        add("minilm", "banking77", close, [0, 1, 2], WORKSHOP)
     elif name == "full":  # the study at full size: 3 epochs, all data, 3 seeds
         common = ["--epochs", "3"]
         add("minilm", "banking77", PELIB_METHODS + PEFT_METHODS, [0, 1, 2], common)
@@ -79,7 +86,7 @@ def preset(name: str) -> list[tuple[str, list[str]]]:
         add("smollm2", "banking77", LLM_METHODS, [0],
             ["--epochs", "1", "--batch-size", "8", "--max-length", "64", "--bf16"])
     else:
-        raise SystemExit(f"pelib: unknown preset {name!r}; choose smoke, workshop or full")
+        raise SystemExit(f"pelib: unknown preset {name!r}; choose smoke, workshop, seeds or full")
     return runs
 
 
@@ -166,7 +173,7 @@ def summary(records) -> str:
     return "\n".join(lines)
 
 
-def figures(records, out: Path) -> list[Path]:
+def figures(records, out: Path, tag: str = "") -> list[Path]:
     """F1 vs trainable parameters, peak memory bars, loss curves; one panel per model/data."""
     import matplotlib
 
@@ -179,7 +186,7 @@ def figures(records, out: Path) -> list[Path]:
     paths = []
 
     def save(fig, name):
-        path = out / name
+        path = out / name.replace(".png", f"{tag}.png")
         fig.tight_layout()
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
         plt.close(fig)
@@ -222,7 +229,7 @@ def figures(records, out: Path) -> list[Path]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="pelib compare", description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="workshop", choices=["smoke", "workshop", "full"])
+    ap.add_argument("--preset", default="workshop", choices=["smoke", "workshop", "seeds", "full"])
     ap.add_argument("--out", default="results")
     ap.add_argument("--only", nargs="+", default=None,
                     help="run only the methods whose label contains one of these words")
@@ -240,15 +247,17 @@ def main(argv=None) -> None:
             raise SystemExit(f"pelib: --only {args.only} matches no run of preset {args.preset}")
     records = run_all(runs, out, progress=not args.no_progress)
     text = summary(records)
-    atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(text))
-    atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(
+    tag = "" if args.preset == "workshop" else f"_{args.preset}"  # presets share the run files
+    atomic_write(out / f"summary{tag}.md", lambda tmp: Path(tmp).write_text(text))
+    atomic_write(out / f"summary{tag}.json", lambda tmp: Path(tmp).write_text(json.dumps(
         [{k: r[k] for k in ("name", "label", "metrics", "trainable_params", "total_params",
                             "peak_memory_mb", "seconds_per_step", "train_seconds", "args", "losses",
                             "history", "train_rows", "eval_rows", "eval_split", "memory_kind")}
          for r in records], indent=1)))
-    paths = figures(records, out)
+    paths = figures(records, out, tag)
     print(text)
-    print(f"wrote {out / 'summary.md'}, {out / 'summary.json'} and " + ", ".join(str(p) for p in paths))
+    print(f"wrote {out / f'summary{tag}.md'}, {out / f'summary{tag}.json'} and "
+          + ", ".join(str(p) for p in paths))
 
 
 if __name__ == "__main__":

@@ -11,12 +11,12 @@ def test_smoke_subset_runs_summarises_and_skips_finished_runs(tmp_path, capsys):
     argv = ["--preset", "smoke", "--out", str(tmp_path), "--only", "LoRA r=2", "Houlsby",
             "--no-progress"]
     main(argv)
-    text = (tmp_path / "summary.md").read_text()
+    text = (tmp_path / "summary_smoke.md").read_text()
     assert "| LoRA r=2 | pelib | 1 |" in text and "| Houlsby adapter m=64 | pelib | 1 |" in text
     assert "smollm2-tiny on banking77" not in text  # --only kept the MiniLM rows only
-    for fig in ("f1_vs_params.png", "memory.png", "losses.png"):
+    for fig in ("f1_vs_params_smoke.png", "memory_smoke.png", "losses_smoke.png"):
         assert (tmp_path / fig).stat().st_size > 1000
-    records = json.loads((tmp_path / "summary.json").read_text())
+    records = json.loads((tmp_path / "summary_smoke.json").read_text())
     assert len(records) == 2 and summary(records) == text  # the table rebuilds from the JSON
     assert not list(tmp_path.glob("*.ckpt"))  # checkpoints are removed once results exist
 
@@ -37,6 +37,8 @@ def test_presets_cover_every_method_and_the_peer():
     assert {m for m, peer in methods if not peer} == {"full", "lora", "qlora", "adalora", "sora",
                                                       "adapter", "prefix"}
     assert {m for m, peer in methods if peer} == {"lora", "qlora", "adalora"}
+    seeds = preset("seeds")  # its seed-0 runs are the workshop's (same arguments: reused)
+    assert all(a in [b for _, b in runs] for _, a in seeds if a[a.index("--seed") + 1] == "0")
     full = preset("full")
     assert {a[a.index("--seed") + 1] for _, a in full} == {"0", "1", "2"}
 
