@@ -3,6 +3,7 @@
     python -m pelib compare --preset workshop     # `make run`: about 20 minutes on 2 CPU cores
     python -m pelib compare --preset full         # the full-size study (hours on a CPU)
     python -m pelib compare --preset seeds        # the close calls of `workshop`, 3 seeds
+    python -m pelib compare --preset lr           # each method's lr at 1/3, 1, 3x: dev F1
     python -m pelib compare --preset smoke        # toy models, seconds (runs inside `make test`)
 
 Each run is one `python -m pelib finetune ... --resume` in its own process, so its peak memory
@@ -79,6 +80,17 @@ def preset(name: str) -> list[tuple[str, list[str]]]:
         close = [m for m in PELIB_METHODS + PEFT_METHODS
                  if any(k in m[0] for k in ("LoRA r=8", "AdaLoRA", "SoRA"))]
         add("minilm", "banking77", close, [0, 1, 2], WORKSHOP)
+    elif name == "lr":  # each method at its default lr and at 1/3 and 3x, chosen by dev F1
+        from .__main__ import DEFAULT_LR
+
+        for label, argv in PELIB_METHODS:
+            if "qlora" in argv:
+                continue  # QLoRA trains the same LoRA parameters as LoRA r=8
+            lr = DEFAULT_LR[argv[argv.index("--method") + 1]]
+            runs.append((label, ["--model", "minilm", "--data", "banking77", "--seed", "0"] + argv + WORKSHOP))
+            for f in (1 / 3, 3):
+                runs.append((f"{label} lr={lr * f:.2g}", ["--model", "minilm", "--data", "banking77",
+                             "--seed", "0"] + argv + WORKSHOP + ["--lr", f"{lr * f:.2g}"]))
     elif name == "full":  # the study at full size: 3 epochs, all data, 3 seeds
         common = ["--epochs", "3"]
         add("minilm", "banking77", PELIB_METHODS + PEFT_METHODS, [0, 1, 2], common)
@@ -86,7 +98,7 @@ def preset(name: str) -> list[tuple[str, list[str]]]:
         add("smollm2", "banking77", LLM_METHODS, [0],
             ["--epochs", "1", "--batch-size", "8", "--max-length", "64", "--bf16"])
     else:
-        raise SystemExit(f"pelib: unknown preset {name!r}; choose smoke, workshop, seeds or full")
+        raise SystemExit(f"pelib: unknown preset {name!r}; choose smoke, workshop, seeds, lr or full")
     return runs
 
 
@@ -146,7 +158,8 @@ def _fmt(xs, digits=4):
 def summary(records) -> str:
     """The markdown tables: one per model and data set."""
     lines = ["# Results", "",
-             "Macro precision / recall / F1 on the evaluation split; ± is the standard deviation over "
+             "Macro precision / recall / F1 on the evaluation split (dev F1: the dev split after the last "
+             "epoch, what choices are made on); ± is the standard deviation over "
              "seeds (none with one seed: then differences of about 0.01 F1 are inside the noise). "
              "Peak memory: process RSS on a CPU, max_memory_allocated on a GPU. Time: optimizer "
              "steps only.", ""]
@@ -157,8 +170,8 @@ def summary(records) -> str:
                   f"epochs {r0['args']['epochs']}, batch {r0['args']['batch_size']}, "
                   f"max length {r0['args']['max_length']}", "",
                   "| method | impl | seeds | accuracy | precision | recall | macro-F1 | trainable | "
-                  "% of model | peak MB | s/step | train s |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "% of model | peak MB | s/step | train s | dev F1 |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for (label, impl), rs in rows.items():
             m = lambda k: [r["metrics"][k] for r in rs]  # noqa: E731
             t = rs[0]
@@ -168,7 +181,8 @@ def summary(records) -> str:
                 f"{100 * t['trainable_params'] / t['total_params']:.2f} | "
                 f"{statistics.fmean(r['peak_memory_mb'] for r in rs):,.0f} | "
                 f"{statistics.fmean(r['seconds_per_step'] for r in rs):.3f} | "
-                f"{statistics.fmean(r['train_seconds'] for r in rs):.0f} |")
+                f"{statistics.fmean(r['train_seconds'] for r in rs):.0f} | "
+                f"{_fmt([r['history'][-1].get('dev_f1', float('nan')) for r in rs])} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -200,7 +214,10 @@ def figures(records, out: Path, tag: str = "") -> list[Path]:
             ax.annotate(f"{label}{' (peft)' if impl == 'peft' else ''}",
                         (rs[0]["trainable_params"], f1), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
-        ax.set(xscale="log", xlabel="trainable parameters (log)", ylabel="macro-F1",
+        counts = [rs[0]["trainable_params"] for rs in rows.values()]
+        wide = max(counts) > 3 * min(counts)  # a log axis only where the counts span a range
+        ax.set(xscale="log" if wide else "linear", ylabel="macro-F1",
+               xlabel="trainable parameters" + (" (log)" if wide else ""),
                title=f"{model} / {data}  (o pelib, x peft)")
     save(fig, "f1_vs_params.png")
 
@@ -229,7 +246,7 @@ def figures(records, out: Path, tag: str = "") -> list[Path]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="pelib compare", description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="workshop", choices=["smoke", "workshop", "seeds", "full"])
+    ap.add_argument("--preset", default="workshop", choices=["smoke", "workshop", "seeds", "lr", "full"])
     ap.add_argument("--out", default="results")
     ap.add_argument("--only", nargs="+", default=None,
                     help="run only the methods whose label contains one of these words")
