@@ -16,6 +16,7 @@ peak memory, and loss curves (presets other than workshop add their name: summar
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -82,7 +83,7 @@ def preset(name: str) -> list[tuple[str, list[str]]]:
         add("smollm2", "banking77", LLM_METHODS, [0], common)
     elif name == "workshop":  # subsets sized so that everything fits in ~20 min on 2 cores
         add("minilm", "banking77", PELIB_METHODS + PEFT_METHODS, [0], WORKSHOP, tuned=True)
-        add("minilm", "clinc150", PELIB_METHODS, [0], WORKSHOP, tuned=True)
+        add("minilm", "clinc150", PELIB_METHODS + PEFT_METHODS, [0], WORKSHOP, tuned=True)
         add("smollm2", "banking77", LLM_METHODS, [0],
             ["--train-limit", "640", "--eval-limit", "300", "--epochs", "1", "--batch-size", "8",
              "--max-length", "32"])
@@ -128,9 +129,14 @@ def run_all(runs, out: Path, progress: bool = True) -> list[dict]:
     records = []
     bar = tqdm(runs, desc="comparison", unit="run", disable=not progress, dynamic_ncols=True)
     for label, argv in bar:
+        # The file name carries a hash of the arguments: runs that differ only in, say, the lr
+        # or the subset size must not overwrite each other; presets with the same run share it.
+        digest = hashlib.sha1(" ".join(argv).encode()).hexdigest()[:6]
         argv = argv + ["--out", str(out)]
         args = parser().parse_args(["finetune"] + argv)
-        name = run_name(args)
+        name = f"{run_name(args)}_{digest}"
+        argv = argv + ["--name", name]
+        args = parser().parse_args(["finetune"] + argv)
         bar.set_postfix_str(name)
         path = out / f"{name}.json"
         if not (path.exists() and _same_run(json.loads(path.read_text())["args"], vars(args))):

@@ -20,7 +20,7 @@ def test_smoke_subset_runs_summarises_and_skips_finished_runs(tmp_path, capsys):
     assert len(records) == 2 and summary(records) == text  # the table rebuilds from the JSON
     assert not list(tmp_path.glob("*.ckpt"))  # checkpoints are removed once results exist
 
-    run = tmp_path / "minilm-tiny_banking77_lora-r2_pelib_s0.json"
+    run, = tmp_path.glob("minilm-tiny_banking77_lora-r2_pelib_s0_*.json")
     stamp = run.stat().st_mtime_ns
     main(argv)  # everything is done: nothing runs again
     assert run.stat().st_mtime_ns == stamp
@@ -29,6 +29,17 @@ def test_smoke_subset_runs_summarises_and_skips_finished_runs(tmp_path, capsys):
     run.write_text(json.dumps(rec))
     main(argv)
     assert json.loads(run.read_text())["args"]["epochs"] == 1.0
+
+
+def test_runs_that_differ_only_in_lr_do_not_share_a_file(tmp_path):
+    """Two runs whose default names agree (the name has no lr) get separate result files."""
+    from pelib.compare import run_all
+
+    common = ["--model", "minilm", "--data", "banking77", "--seed", "0", "--method", "lora",
+              "--r", "2", "--tiny", "--train-limit", "32", "--eval-limit", "16", "--epochs", "1"]
+    a, b = run_all([("a", common), ("b", common + ["--lr", "0.01"])], tmp_path, progress=False)
+    assert a["name"] != b["name"] and a["args"]["lr"] is None and b["args"]["lr"] == 0.01
+    assert len(list(tmp_path.glob("*.json"))) == 2
 
 
 def test_presets_cover_every_method_and_the_peer():
