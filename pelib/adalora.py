@@ -36,7 +36,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .inject import inject, resolve_modules_to_save
+from .inject import inject_linears, resolve_modules_to_save
 from .lora import check_rank
 
 
@@ -86,16 +86,10 @@ def apply_adalora(model: nn.Module, target_modules: str | Iterable[str], init_r:
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
 
-    def wrap(name, module):
-        if not isinstance(module, nn.Linear):
-            raise TypeError(f"{name!r} is a {type(module).__name__}; AdaLoRA here targets "
-                            "nn.Linear modules only")
-        try:
-            return SVDLinear(module, init_r, alpha, dropout)
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
+    def make(name: str, module: nn.Linear) -> nn.Module:
+        return SVDLinear(module, init_r, alpha, dropout)
 
-    inject(model, target_modules, wrap, modules_to_save)
+    inject_linears(model, target_modules, make, "AdaLoRA", modules_to_save)
     model.pelib_adapter = dict(
         peft_type="ADALORA", init_r=init_r, lora_alpha=alpha, lora_dropout=dropout,
         target_modules=target_modules if isinstance(target_modules, str) else

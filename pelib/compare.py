@@ -133,8 +133,7 @@ def run_all(runs, out: Path, progress: bool = True) -> list[dict]:
         # or the subset size must not overwrite each other; presets with the same run share it.
         digest = hashlib.sha1(" ".join(argv).encode()).hexdigest()[:6]
         argv = argv + ["--out", str(out)]
-        args = parser().parse_args(["finetune"] + argv)
-        name = f"{run_name(args)}_{digest}"
+        name = f"{run_name(parser().parse_args(['finetune'] + argv))}_{digest}"
         argv = argv + ["--name", name]
         args = parser().parse_args(["finetune"] + argv)
         bar.set_postfix_str(name)

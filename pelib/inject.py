@@ -85,6 +85,24 @@ def resolve_modules_to_save(model: nn.Module, modules_to_save: Iterable[str] | N
     return out
 
 
+def inject_linears(model: nn.Module, target_modules,
+                   make: Callable[[str, nn.Linear], nn.Module], method: str,
+                   modules_to_save: Iterable[str] | None = None) -> nn.Module:
+    """`inject` for the methods that wrap nn.Linear layers (LoRA, QLoRA, AdaLoRA, SoRA):
+    `make(name, linear)` builds the wrapper; a target that is not an nn.Linear, or a
+    ValueError from `make` (a rank that does not fit), is reported with the module's name."""
+    def wrap(name: str, module: nn.Module) -> nn.Module:
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"{name!r} is a {type(module).__name__}; {method} here targets "
+                            "nn.Linear modules only")
+        try:
+            return make(name, module)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+
+    return inject(model, target_modules, wrap, modules_to_save)
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total). Tied weights are counted once. A weight stored as packed codes (a
     Linear4bit's buffer, declared through its `stored_weight_numel`) counts as the parameters

@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .inject import inject, resolve_modules_to_save
+from .inject import inject_linears, resolve_modules_to_save
 
 
 class LoRALinear(nn.Module):
@@ -111,20 +111,14 @@ def apply_lora(model: nn.Module, target_modules: str | Iterable[str], r: int = 8
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     rank_pattern = dict(rank_pattern or {})
 
-    def wrap(name: str, module: nn.Module) -> nn.Module:
-        if not isinstance(module, nn.Linear):
-            raise TypeError(f"{name!r} is a {type(module).__name__}; LoRA here targets nn.Linear "
-                            f"modules only")
+    def make(name: str, module: nn.Linear) -> nn.Module:
         r_here = next((v for k, v in rank_pattern.items()
                        if name == k or name.endswith("." + k)), r)
-        try:
-            check_rank(r_here, module)  # before any (costly) base_wrap
-            base = base_wrap(module) if base_wrap is not None else module
-            return LoRALinear(base, r_here, alpha, dropout, use_rslora)
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
+        check_rank(r_here, module)  # before any (costly) base_wrap
+        base = base_wrap(module) if base_wrap is not None else module
+        return LoRALinear(base, r_here, alpha, dropout, use_rslora)
 
-    inject(model, target_modules, wrap, modules_to_save)
+    inject_linears(model, target_modules, make, "LoRA", modules_to_save)
     model.pelib_adapter = dict(
         peft_type="LORA", r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora,
         target_modules=target_modules if isinstance(target_modules, str) else

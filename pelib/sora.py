@@ -40,7 +40,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from .inject import inject, resolve_modules_to_save
+from .inject import inject_linears, resolve_modules_to_save
 from .lora import LoRALinear, check_rank
 
 GATE_INITS = ("ones", "normal")
@@ -220,16 +220,11 @@ def apply_sora(model: nn.Module, target_modules: str | Iterable[str], r: int = 8
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
 
-    def wrap(name: str, module: nn.Module) -> nn.Module:
-        if not isinstance(module, nn.Linear):
-            raise TypeError(f"{name!r} is a {type(module).__name__}; SoRA targets nn.Linear only")
-        try:
-            check_rank(r, module)
-            return SoRALinear(module, r, alpha, dropout, gate_init)
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
+    def make(name: str, module: nn.Linear) -> nn.Module:
+        check_rank(r, module)
+        return SoRALinear(module, r, alpha, dropout, gate_init)
 
-    inject(model, target_modules, wrap, modules_to_save)
+    inject_linears(model, target_modules, make, "SoRA", modules_to_save)
     model.pelib_adapter = dict(  # pelib-only file format (gates); `prune` gives peft's LORA
         peft_type="SORA", r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=False,
         gate_init=gate_init, target_modules=target_modules if isinstance(target_modules, str)

@@ -36,6 +36,18 @@ def _median_ms(fn, repeats: int) -> float:
     return statistics.median(_ms(fn) for _ in range(repeats))
 
 
+def _alternating_medians(runs: dict, repeats: int) -> dict:
+    """Warm every run up once, then time them in turn `repeats` times (so all see the same
+    machine load); the median ms of each."""
+    times = {k: [] for k in runs}
+    for fn in runs.values():
+        fn()
+    for _ in range(repeats):
+        for k, fn in runs.items():
+            times[k].append(_ms(fn))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def bench_dequant(n: int = 4096, repeats: int = 9, dtype: torch.dtype = torch.float32, seed: int = 0) -> dict:
     """Time pelib vs bitsandbytes dequantize_4bit of an (n, n) weight; print and return the figures."""
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU import logs a warning
@@ -59,13 +71,7 @@ def bench_dequant(n: int = 4096, repeats: int = 9, dtype: torch.dtype = torch.fl
         "bnb": lambda: bnbF.dequantize_4bit(bnb_packed, bnb_state),
         "pelib_out": lambda: dequantize_4bit(packed, state, out=out),
     }
-    times = {k: [] for k in runs}
-    for fn in runs.values():
-        fn()
-    for _ in range(repeats):
-        for k, fn in runs.items():
-            times[k].append(_ms(fn))
-    ms = {k: statistics.median(v) for k, v in times.items()}
+    ms = _alternating_medians(runs, repeats)
     assert torch.equal(out, bnbF.dequantize_4bit(bnb_packed, bnb_state))
 
     # Floors. Copy bandwidth on touched buffers: read + write of the output's size.
@@ -112,13 +118,7 @@ def bench_linear(n: int = 4096, tokens: int = 256, repeats: int = 9, seed: int =
     with torch.no_grad():
         assert torch.equal(ours(x), theirs(x)), "pelib and bitsandbytes disagree on this layer"
     runs = {"pelib": step(ours), "bnb": step(theirs), "fp32 nn.Linear": step(dense)}
-    times = {k: [] for k in runs}
-    for fn in runs.values():
-        fn()
-    for _ in range(repeats):
-        for k, fn in runs.items():
-            times[k].append(_ms(fn))
-    ms = {k: statistics.median(v) for k, v in times.items()}
+    ms = _alternating_medians(runs, repeats)
     res = dict(n=n, tokens=tokens, threads=torch.get_num_threads(), **{f"{k}_ms": v for k, v in ms.items()},
                ratio=ms["pelib"] / ms["bnb"])
     print(f"frozen 4-bit layer {n}x{n}, forward + backward to dx, {tokens} tokens, "
