@@ -7,14 +7,16 @@ One module per technique (see the notebooks for the derivations):
     lora     LoRA (Hu et al. 2021): W + (alpha/r) B A, merge/unmerge
     adalora  AdaLoRA (Zhang et al. 2023): P Lambda Q triplets, importance, budget (RankAllocator)
     sora     SoRA (Ding et al. 2023): gated LoRA, proximal soft-threshold, pruning to LoRA
-    io       adapter save/load in peft's file format
+    io       adapter files in peft's format (knows no method); files: atomic writes
+    methods  the method table: default lr, builders per implementation, loaders
+    peers    the peer library's (peft, bitsandbytes) builds of the same methods
     backbone the packaged pretrained models (MiniLM, SmolLM2), offline
     data     Banking77 / CLINC150 from data/
     train    one method-agnostic training loop; metrics: P/R/F1
     quant    NF4/FP4 code maps, blockwise (double) quantisation, Linear4bit,
              QLoRA (apply_qlora, merge_qlora)
     kernels  Triton kernels with pure-torch references
-    compare  every method side by side (`python -m pelib compare`)
+    finetune, compare, bench   the command line (`python -m pelib ...`)
 """
 import os as _os
 
@@ -28,12 +30,12 @@ __version__ = "0.1.0"
 
 from .inject import count_parameters, trainable_parameters  # noqa: E402
 from .lora import LoRALinear, apply_lora  # noqa: E402
-from .io import load_adapter, save_adapter  # noqa: E402
 from .backbone import load_backbone, tiny_backbone  # noqa: E402
 from .data import load_nlu  # noqa: E402
 from .adapter import apply_adapters  # noqa: E402
 from .prefix import apply_prefix  # noqa: E402
 from .adalora import RankAllocator, apply_adalora  # noqa: E402
 from .sora import SoRA, apply_sora  # noqa: E402
-from .quant import apply_qlora, load_qlora, merge_qlora  # noqa: E402
+from .quant import apply_qlora, merge_qlora  # noqa: E402
+from .methods import METHODS, load_adapter, save_adapter  # noqa: E402
 from . import metrics, quant, train  # noqa: E402  (pelib.train.train, pelib.quant.quantize_4bit)

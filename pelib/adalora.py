@@ -36,8 +36,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .inject import inject_linears, resolve_modules_to_save
-from .lora import check_rank
+from .inject import adapter_record, check_alpha, get_submodule_parent, inject_linears
+from .lora import LoRALinear, check_rank
 
 
 class SVDLinear(nn.Module):
@@ -56,6 +56,7 @@ class SVDLinear(nn.Module):
         nn.init.normal_(self.lora_B, std=0.02)
         # fixed at init_r (not saved): zeroing a triplet must not rescale the others
         self.register_buffer("ranknum", torch.tensor([float(r)], device=w.device), persistent=False)
+        self.keep: list[bool] | None = None  # the allocator's final mask: which triplets are saved
 
     in_features = property(lambda self: self.base_layer.in_features)
     out_features = property(lambda self: self.base_layer.out_features)
@@ -70,6 +71,15 @@ class SVDLinear(nn.Module):
         return result + (self.lora_dropout(x) @ (self.lora_A * self.lora_E).T @ self.lora_B.T) \
             * self.scaling / (self.ranknum + 1e-5)
 
+    @torch.no_grad()
+    def export_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """What an adapter file holds for this layer: the kept triplets only, as peft saves an
+        AdaLoRA adapter (the config's rank_pattern says which of the init_r were kept)."""
+        keep = slice(None) if self.keep is None else \
+            torch.tensor(self.keep, dtype=torch.bool, device=self.lora_E.device)
+        return {f"{name}.lora_A": self.lora_A[keep], f"{name}.lora_E": self.lora_E[keep],
+                f"{name}.lora_B": self.lora_B[:, keep]}
+
     def extra_repr(self) -> str:
         return f"init_r={self.r}, alpha={self.alpha}"
 
@@ -79,22 +89,18 @@ def apply_adalora(model: nn.Module, target_modules: str | Iterable[str], init_r:
                   modules_to_save: Iterable[str] | None = None) -> nn.Module:
     """Wrap every targeted nn.Linear in an SVDLinear with init_r triplets; freeze the rest.
     Train with a RankAllocator as a hook of pelib.train.train (it prunes the triplets)."""
-    if any(isinstance(m, SVDLinear) for m in model.modules()):
-        raise ValueError("this model already has AdaLoRA layers; load a fresh backbone first")
-    if not isinstance(init_r, int) or init_r <= 0:
+    if not isinstance(init_r, int) or isinstance(init_r, bool) or init_r <= 0:
         raise ValueError(f"init_r must be a positive integer, got {init_r!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    check_alpha(alpha)
 
     def make(name: str, module: nn.Linear) -> nn.Module:
         return SVDLinear(module, init_r, alpha, dropout)
 
-    inject_linears(model, target_modules, make, "AdaLoRA", modules_to_save)
-    model.pelib_adapter = dict(
-        peft_type="ADALORA", init_r=init_r, lora_alpha=alpha, lora_dropout=dropout,
-        target_modules=target_modules if isinstance(target_modules, str) else
-        sorted(set(target_modules)),
-        modules_to_save=resolve_modules_to_save(model, modules_to_save), rank_pattern=None)
+    inject_linears(model, target_modules, make, "AdaLoRA", modules_to_save, dropout)
+    adapter_record(model, "ADALORA", target_modules, modules_to_save, init_r=init_r,
+                   lora_alpha=alpha, lora_dropout=dropout, rank_pattern=None,
+                   save_blocked="an AdaLoRA adapter needs its schedule to be saved: create a "
+                                "pelib.adalora.RankAllocator for the model and train with it first")
     return model
 
 
@@ -152,6 +158,8 @@ class RankAllocator:
             self.model_config.update(target_r=target_r, tinit=tinit, tfinal=tfinal, deltaT=deltaT,
                                      beta1=beta1, beta2=beta2, orth_reg_weight=orth_reg_weight,
                                      total_step=self.total_step)
+            if self.total_step is not None:
+                self.model_config.pop("save_blocked", None)
         self.budget, self.rank_pattern, self.history = self.init_bgt, None, []
         self.reset_importance()
 
@@ -166,6 +174,7 @@ class RankAllocator:
         self.total_step = total_step
         if getattr(self, "model_config", None) is not None:
             self.model_config["total_step"] = total_step
+            self.model_config.pop("save_blocked", None)  # peft's config needs total_step
 
     def budget_schedule(self, step: int) -> tuple[int, bool]:
         """(budget b(t), whether to mask at this step); cubic decay between the two phases."""
@@ -229,6 +238,8 @@ class RankAllocator:
 
     def _set_pattern(self, pattern) -> None:
         self.rank_pattern = pattern
+        for name, m in self.layers.items():
+            m.keep = list(pattern[name])
         if self.model_config is not None:  # what save_adapter exports
             self.model_config["rank_pattern"] = {f"{n}.lora_E": v for n, v in pattern.items()}
 
@@ -281,30 +292,11 @@ class RankAllocator:
 
 
 @torch.no_grad()
-def pruned_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable tensors with the masked triplets dropped, as peft saves an AdaLoRA adapter
-    (its rank_pattern tells the loader which of the init_r triplets each module kept)."""
-    pattern = (getattr(model, "pelib_adapter", None) or {}).get("rank_pattern") or {}
-    out = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    for name, m in svd_layers(model):
-        keep = pattern.get(f"{name}.lora_E")
-        if keep is None:
-            continue
-        keep = torch.tensor(keep, dtype=torch.bool, device=m.lora_E.device)
-        out[f"{name}.lora_A"], out[f"{name}.lora_E"] = m.lora_A[keep], m.lora_E[keep]
-        out[f"{name}.lora_B"] = m.lora_B[:, keep]
-    return out
-
-
-@torch.no_grad()
 def to_lora(model: nn.Module) -> nn.Module:
     """Turn a pruned AdaLoRA model into plain LoRA, in place: each SVDLinear becomes a LoRALinear
     of rank k = its kept triplets, A = Q[keep], B = P[:, keep] diag(λ_keep) * (alpha/init_r) / (alpha/k),
     so the outputs stay the same; a module that kept nothing gets its base layer back. Then
     pelib.save_adapter writes a peft LORA adapter with a per-module rank_pattern."""
-    from .inject import get_submodule_parent
-    from .lora import LoRALinear
-
     config = getattr(model, "pelib_adapter", None) or {}
     layers = svd_layers(model)
     if not layers or config.get("peft_type") != "ADALORA":

@@ -24,7 +24,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-# (label, finetune arguments). One learning rate per method: pelib.__main__.DEFAULT_LR.
+from .files import atomic_write, writable_dir
+from .finetune import options, parse, run_name
+from .methods import METHODS
+
+# (label, finetune arguments). One learning rate per method: pelib.methods.METHODS[m].lr.
 PELIB_METHODS = [
     ("full fine-tuning", ["--method", "full"]),
     ("LoRA r=2", ["--method", "lora", "--r", "2"]),
@@ -92,12 +96,10 @@ def preset(name: str) -> list[tuple[str, list[str]]]:
                  if any(k in m[0] for k in ("LoRA r=8", "AdaLoRA", "SoRA"))]
         add("minilm", "banking77", close, [0, 1, 2], WORKSHOP, tuned=True)
     elif name == "lr":  # each method at its default lr and at 1/3 and 3x, chosen by dev F1
-        from .__main__ import DEFAULT_LR
-
         for label, argv in PELIB_METHODS:
             if "qlora" in argv:
                 continue  # QLoRA trains the same LoRA parameters as LoRA r=8
-            lr = DEFAULT_LR[argv[argv.index("--method") + 1]]
+            lr = METHODS[argv[argv.index("--method") + 1]].lr
             runs.append((label, ["--model", "minilm", "--data", "banking77", "--seed", "0"] + argv + WORKSHOP))
             for f in (1 / 3, 3):
                 runs.append((f"{label} lr={lr * f:.2g}", ["--model", "minilm", "--data", "banking77",
@@ -124,8 +126,6 @@ def run_all(runs, out: Path, progress: bool = True) -> list[dict]:
     """Run (or skip, when already done) every run in its own process; return their records."""
     from tqdm import tqdm
 
-    from .__main__ import parser, run_name
-
     records = []
     bar = tqdm(runs, desc="comparison", unit="run", disable=not progress, dynamic_ncols=True)
     for label, argv in bar:
@@ -133,12 +133,12 @@ def run_all(runs, out: Path, progress: bool = True) -> list[dict]:
         # or the subset size must not overwrite each other; presets with the same run share it.
         digest = hashlib.sha1(" ".join(argv).encode()).hexdigest()[:6]
         argv = argv + ["--out", str(out)]
-        name = f"{run_name(parser().parse_args(['finetune'] + argv))}_{digest}"
+        name = f"{run_name(parse(argv))}_{digest}"
         argv = argv + ["--name", name]
-        args = parser().parse_args(["finetune"] + argv)
+        args = parse(argv)
         bar.set_postfix_str(name)
         path = out / f"{name}.json"
-        if not (path.exists() and _same_run(json.loads(path.read_text())["args"], vars(args))):
+        if not (path.exists() and _same_run(json.loads(path.read_text())["args"], options(args))):
             cmd = [sys.executable, "-m", "pelib", "finetune", *argv, "--resume"]
             if not progress:
                 cmd.append("--no-progress")
@@ -209,8 +209,6 @@ def figures(records, out: Path, tag: str = "") -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .io import atomic_write
-
     groups = _group(records)
     paths = []
 
@@ -268,10 +266,10 @@ def main(argv=None) -> None:
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
-    from .__main__ import writable_dir
-    from .io import atomic_write
-
-    out = writable_dir(args.out)
+    try:
+        out = writable_dir(args.out)
+    except ValueError as e:
+        raise SystemExit(f"pelib: {e}") from None
     runs = preset(args.preset)
     if args.only:
         runs = [(l, a) for l, a in runs if any(w.lower() in l.lower() for w in args.only)]

@@ -4,11 +4,14 @@ Every PEFT method in pelib goes through here, so they all agree on what a target
 a module matches `t` when its full name equals `t` or ends with `.t` (peft's rule for a list),
 and a single string that is not a module name is read as a regular expression that must match
 the full name (peft's rule for a string).
+
+The checks every method shares live here too: one method per model (`inject` refuses a
+second), a dropout in [0, 1), and the config record (`adapter_record`, what pelib.io writes
+as adapter_config.json in peft's format).
 """
 from __future__ import annotations
 
 import math
-
 import re
 from typing import Callable, Iterable
 
@@ -56,9 +59,14 @@ def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def inject(model: nn.Module, target_modules, wrap: Callable[[str, nn.Module], nn.Module],
-           modules_to_save: Iterable[str] | None = None) -> nn.Module:
+           modules_to_save: Iterable[str] | None = None, what: str = "an adapter") -> nn.Module:
     """Freeze `model`, then replace each target by `wrap(name, module)` (whose new parameters
-    stay trainable) and unfreeze `modules_to_save` (default: a classification head)."""
+    stay trainable) and unfreeze `modules_to_save` (default: a classification head).
+    `what` names the method's layers in errors ("LoRA layers", "a prefix")."""
+    have = getattr(model, "pelib_method", None)
+    if have is not None:  # a second method would freeze the first one's parameters
+        raise ValueError(f"this model already has {have}; load a fresh backbone first "
+                         "(pelib injects one method per model)")
     targets = find_targets(model, target_modules)
     wrapped = [(name, wrap(name, model.get_submodule(name))) for name in targets]  # all checks first
     for p in model.parameters():
@@ -69,7 +77,30 @@ def inject(model: nn.Module, target_modules, wrap: Callable[[str, nn.Module], nn
     for name in resolve_modules_to_save(model, modules_to_save):
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
+    model.pelib_method = what
     return model
+
+
+def check_dropout(dropout: float) -> None:
+    if not 0.0 <= dropout < 1.0:  # also refuses NaN
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+
+
+def check_alpha(alpha: float) -> None:
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, got {alpha}")
+
+
+def adapter_record(model: nn.Module, peft_type: str, target_modules,
+                   modules_to_save: Iterable[str] | None, **fields) -> dict:
+    """Set and return `model.pelib_adapter`: the fields of peft's adapter_config.json for this
+    method (peft_type, targets, the trained heads, and the method's own `fields`)."""
+    model.pelib_adapter = dict(
+        peft_type=peft_type,
+        target_modules=target_modules if isinstance(target_modules, str) else
+        sorted(set(target_modules)),
+        modules_to_save=resolve_modules_to_save(model, modules_to_save), **fields)
+    return model.pelib_adapter
 
 
 def resolve_modules_to_save(model: nn.Module, modules_to_save: Iterable[str] | None) -> list[str]:
@@ -87,10 +118,12 @@ def resolve_modules_to_save(model: nn.Module, modules_to_save: Iterable[str] | N
 
 def inject_linears(model: nn.Module, target_modules,
                    make: Callable[[str, nn.Linear], nn.Module], method: str,
-                   modules_to_save: Iterable[str] | None = None) -> nn.Module:
+                   modules_to_save: Iterable[str] | None = None, dropout: float = 0.0) -> nn.Module:
     """`inject` for the methods that wrap nn.Linear layers (LoRA, QLoRA, AdaLoRA, SoRA):
     `make(name, linear)` builds the wrapper; a target that is not an nn.Linear, or a
     ValueError from `make` (a rank that does not fit), is reported with the module's name."""
+    check_dropout(dropout)
+
     def wrap(name: str, module: nn.Module) -> nn.Module:
         if not isinstance(module, nn.Linear):
             raise TypeError(f"{name!r} is a {type(module).__name__}; {method} here targets "
@@ -100,7 +133,7 @@ def inject_linears(model: nn.Module, target_modules,
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
 
-    return inject(model, target_modules, wrap, modules_to_save)
+    return inject(model, target_modules, wrap, modules_to_save, what=f"{method} layers")
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -5,44 +5,46 @@ peft stores each trainable tensor under `base_model.model.<name in the base mode
 classification head as `base_model.model.classifier.weight`. pelib's module names are the base
 model's names plus peft's `lora_A` / `lora_B`, so the mapping is just that prefix. Files are
 written to a temporary name and renamed, so a crash never leaves half an adapter behind.
+
+This module knows no method. A method declares its file through what it put on the model:
+`model.pelib_adapter`, the config record (pelib.inject.adapter_record), and, where a layer
+stores other tensors than its parameters (AdaLoRA drops its pruned triplets), the layer's
+`export_tensors(name)`. Loading is `load_with(model, path, peft_types, from_config)`: the
+method passes its own `from_config` (inject the layers a config describes); `pelib.load_adapter`
+(pelib.methods) picks it from the file's peft_type.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
-import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .files import atomic_write
+
 PREFIX = "base_model.model."
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then rename tmp_path to path (atomic on one file system)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+# Fields that must agree when a file is loaded into a model that already has its layers.
+SHAPE_FIELDS = ("peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "rank_pattern",
+                "alpha_pattern")
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every trainable tensor of an injected model (adapter weights and trained heads)."""
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    """The tensors an adapter file holds: every trainable tensor (adapter weights and trained
+    heads), except that a layer defining `export_tensors(name)` gives its own."""
+    exporters = [(n, m) for n, m in model.named_modules() if hasattr(m, "export_tensors")]
+    owned = tuple(f"{n}." for n, _ in exporters)
+    out = {n: p.detach() for n, p in model.named_parameters()
+           if p.requires_grad and not n.startswith(owned)}
+    for n, m in exporters:
+        out.update(m.export_tensors(n))
+    return out
 
 
 def _task_type(model: nn.Module) -> str:
@@ -55,28 +57,24 @@ def _task_type(model: nn.Module) -> str:
 
 def save_adapter(model: nn.Module, path: str | os.PathLike,
                  base_model_name_or_path: str | None = None) -> Path:
+    """Write the adapter of an injected model as a peft adapter folder; returns the folder."""
     config = getattr(model, "pelib_adapter", None)
     if config is None:
         raise ValueError("this model has no pelib adapter; call pelib.apply_lora (or another "
                          "method) before save_adapter")
+    if config.get("save_blocked"):  # a method that cannot be saved yet says why
+        raise ValueError(config["save_blocked"])
     if any(getattr(m, "merged", False) for m in model.modules()):
         raise ValueError("the adapter is merged into the base weights; call "
                          "pelib.lora.unmerge(model) before saving it")
-    if config.get("peft_type") == "ADALORA":  # masked triplets dropped, as peft saves them
-        from .adalora import pruned_state_dict
-
-        if not config.get("total_step"):
-            raise ValueError("an AdaLoRA adapter needs its schedule to be saved: create a "
-                             "pelib.adalora.RankAllocator for the model and train with it first")
-        state = pruned_state_dict(model)
-    else:
-        state = adapter_state_dict(model)
-    tensors = {PREFIX + n: t.contiguous() for n, t in state.items()}
+    tensors = {PREFIX + n: t.contiguous() for n, t in adapter_state_dict(model).items()}
     bad = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
     if bad:
         raise ValueError(f"refusing to save non-finite (NaN/inf) weights: {bad[:3]}")
-    full = dict(config, task_type=_task_type(model), bias="none", fan_in_fan_out=False,
-                init_lora_weights=True, inference_mode=True, alpha_pattern={},
+    full = dict({k: v for k, v in config.items() if k != "save_blocked"},
+                task_type=_task_type(model), bias="none", fan_in_fan_out=False,
+                init_lora_weights=True, inference_mode=True,
+                alpha_pattern=config.get("alpha_pattern") or {},
                 base_model_name_or_path=base_model_name_or_path or getattr(model, "pelib_name", None),
                 modules_to_save=config.get("modules_to_save") or None)
     path = Path(path)
@@ -87,41 +85,95 @@ def save_adapter(model: nn.Module, path: str | os.PathLike,
     return path
 
 
-def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+def _require(path: Path, name: str) -> Path:
+    if not (path / name).exists():
+        raise FileNotFoundError(f"{path / name} not found: an adapter folder holds "
+                                f"{CONFIG_NAME} and {WEIGHTS_NAME}")
+    return path / name
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """The adapter_config.json of an adapter folder, as a dict; clear errors if broken."""
     path = Path(path)
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (path / name).exists():
-            raise FileNotFoundError(f"{path / name} not found: an adapter folder holds "
-                                    f"{CONFIG_NAME} and {WEIGHTS_NAME}")
-    config = json.loads((path / CONFIG_NAME).read_text())
-    tensors = load_file(path / WEIGHTS_NAME)
+    config_file, _ = _require(path, CONFIG_NAME), _require(path, WEIGHTS_NAME)
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path / CONFIG_NAME} is not valid JSON ({e}); save the adapter again") \
+            from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path / CONFIG_NAME} holds no JSON object; save the adapter again")
+    return config
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, tensors without peft's prefix) of an adapter folder; clear errors if broken."""
+    path = Path(path)
+    config = read_config(path)
+    try:
+        tensors = load_file(path / WEIGHTS_NAME)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path / WEIGHTS_NAME} is not a readable safetensors file ({e}); "
+                         "save the adapter again") from None
     return config, {k.removeprefix(PREFIX): v for k, v in tensors.items()}
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Inject the adapter described by `path` into a fresh base model and load its weights."""
-    from .lora import apply_lora
-
-    config, tensors = read_adapter(path)
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"{path}: peft_type {config.get('peft_type')!r} is not supported by "
-                         "pelib.load_adapter (LORA is)")
-    if getattr(model, "pelib_adapter", None) is None:
-        apply_lora(model, config["target_modules"], r=config["r"], alpha=config["lora_alpha"],
-                   dropout=config.get("lora_dropout", 0.0),
-                   use_rslora=config.get("use_rslora", False),
-                   modules_to_save=_existing(model, config.get("modules_to_save")),
-                   rank_pattern=config.get("rank_pattern") or None)
-    load_adapter_weights(model, tensors, source=str(path))
-    return model
-
-
-def _existing(model: nn.Module, names):
-    # peft lists both "classifier" and "score" for SEQ_CLS; keep the ones this model has.
+def existing_modules(model: nn.Module, names) -> list[str] | None:
+    """The modules_to_save of a config that this model has (peft lists both "classifier" and
+    "score" for SEQ_CLS); None if none."""
     if not names:
         return None
     have = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     return [n for n in names if n in have] or None
+
+
+def _normalised(config: dict) -> dict:
+    out = {k: config.get(k) for k in SHAPE_FIELDS}
+    for k in ("rank_pattern", "alpha_pattern"):
+        out[k] = out[k] or {}
+    out["use_rslora"] = bool(out["use_rslora"])
+    if isinstance(out["target_modules"], list):
+        out["target_modules"] = sorted(set(out["target_modules"]))
+    return out
+
+
+def check_same_adapter(model: nn.Module, config: dict, source: str) -> None:
+    """Loading into a model that has its layers already: the file must describe those layers
+    (same type, rank, alpha, targets, patterns), else its weights would run at another scale."""
+    if any(getattr(m, "merged", False) for m in model.modules()):
+        raise ValueError(f"cannot load {source} into a merged model (its base weights already "
+                         "hold an update); load into a fresh base model instead")
+    have, want = _normalised(model.pelib_adapter), _normalised(config)
+    diff = {k: (have[k], want[k]) for k in SHAPE_FIELDS if have[k] != want[k]}
+    if diff:
+        raise ValueError(f"{source} was trained with other settings than this model's adapter "
+                         f"(model vs file: {diff}); load it into a fresh base model instead")
+
+
+def load_with(model: nn.Module, path: str | os.PathLike, peft_types: tuple[str, ...],
+              from_config: Callable[[nn.Module, dict, list | None], object],
+              check: Callable[[dict, dict, str], None] | None = None) -> nn.Module:
+    """The one loader: read the folder, inject the layers the config describes with
+    `from_config(model, config, modules_to_save)` (or check that the model's own layers match
+    it), then copy the weights in. `check(config, tensors, source)` may refuse a file first."""
+    config, tensors = read_adapter(path)
+    path = Path(path)
+    if config.get("peft_type") not in peft_types:
+        raise ValueError(f"{path}: peft_type {config.get('peft_type')!r} is not one of "
+                         f"{list(peft_types)}; pelib.load_adapter(model, path) picks the loader "
+                         "from the file")
+    for k in ("r", "lora_alpha"):
+        v = config.get(k)
+        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v)):
+            raise ValueError(f"{path / CONFIG_NAME}: {k} = {v!r} is not a finite number")
+    if check is not None:
+        check(config, tensors, str(path))
+    if getattr(model, "pelib_adapter", None) is None:
+        from_config(model, config, existing_modules(model, config.get("modules_to_save")))
+    else:
+        check_same_adapter(model, config, str(path))
+    load_adapter_weights(model, tensors, source=str(path))
+    return model
 
 
 def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source="") -> None:
@@ -141,7 +193,11 @@ def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], sou
     if problems:
         raise ValueError(f"adapter {source} does not fit this model (was it trained for another "
                          "base model?): " + " | ".join(problems))
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    not_float = [k for k, t in tensors.items() if not t.is_floating_point()]
+    if not_float:
+        raise ValueError(f"adapter {source} holds non-float tensors in {not_float[:3]} "
+                         f"({tensors[not_float[0]].dtype}); adapter weights are floating point")
+    bad = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
     if bad:
         raise ValueError(f"adapter {source} holds NaN/inf weights in {bad[:3]}")
     with torch.no_grad():

@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .inject import inject_linears, resolve_modules_to_save
+from .inject import adapter_record, check_alpha, inject_linears
 
 
 class LoRALinear(nn.Module):
@@ -94,38 +94,50 @@ def check_rank(r, layer: nn.Module) -> None:
                          f"{layer.in_features}->{layer.out_features} layer; choose r <= {limit}")
 
 
+def _pattern(pattern: dict, name: str, default):
+    """peft's rank_pattern / alpha_pattern rule: the first key that is the module's name or a
+    dotted suffix of it."""
+    return next((v for k, v in pattern.items() if name == k or name.endswith("." + k)), default)
+
+
 def apply_lora(model: nn.Module, target_modules: str | Iterable[str], r: int = 8,
                alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False,
                modules_to_save: Iterable[str] | None = None,
                rank_pattern: dict[str, int] | None = None,
+               alpha_pattern: dict[str, float] | None = None,
                base_wrap: Callable[[nn.Linear], nn.Module] | None = None) -> nn.Module:
     """Wrap every targeted nn.Linear in a LoRALinear, freeze the rest (a classification head,
-    or `modules_to_save`, stays trainable). `rank_pattern` maps a name suffix to its own r.
+    or `modules_to_save`, stays trainable). `rank_pattern` / `alpha_pattern` map a name suffix
+    to its own r / alpha (peft's fields of the same names).
     `base_wrap`, if given, turns each target into the frozen base first (QLoRA quantises it:
     pelib.quant.apply_qlora)."""
-    if any(isinstance(m, LoRALinear) for m in model.modules()):
-        raise ValueError("this model already has LoRA layers; load a fresh backbone first")
-    if not isinstance(r, int) or r <= 0:
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise ValueError(f"r must be a positive integer, got {r!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    rank_pattern = dict(rank_pattern or {})
+    rank_pattern, alpha_pattern = dict(rank_pattern or {}), dict(alpha_pattern or {})
+    for a in [alpha, *alpha_pattern.values()]:
+        check_alpha(a)
 
     def make(name: str, module: nn.Linear) -> nn.Module:
-        r_here = next((v for k, v in rank_pattern.items()
-                       if name == k or name.endswith("." + k)), r)
+        r_here = _pattern(rank_pattern, name, r)
         check_rank(r_here, module)  # before any (costly) base_wrap
         base = base_wrap(module) if base_wrap is not None else module
-        return LoRALinear(base, r_here, alpha, dropout, use_rslora)
+        return LoRALinear(base, r_here, _pattern(alpha_pattern, name, alpha), dropout, use_rslora)
 
-    inject_linears(model, target_modules, make, "LoRA", modules_to_save)
-    model.pelib_adapter = dict(
-        peft_type="LORA", r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora,
-        target_modules=target_modules if isinstance(target_modules, str) else
-        sorted(set(target_modules)),
-        modules_to_save=resolve_modules_to_save(model, modules_to_save),
-        rank_pattern=rank_pattern)
+    inject_linears(model, target_modules, make, "LoRA", modules_to_save, dropout)
+    adapter_record(model, "LORA", target_modules, modules_to_save, r=r, lora_alpha=alpha,
+                   lora_dropout=dropout, use_rslora=use_rslora, rank_pattern=rank_pattern,
+                   alpha_pattern=alpha_pattern)
     return model
+
+
+def lora_from_config(model: nn.Module, config: dict, modules_to_save=None, **kwargs) -> nn.Module:
+    """Inject the LoRA layers a peft LORA config describes (pelib.load_adapter's job for LORA
+    files); `kwargs` go to apply_lora (QLoRA passes its base_wrap this way)."""
+    return apply_lora(model, config["target_modules"], r=config["r"], alpha=config["lora_alpha"],
+                      dropout=config.get("lora_dropout", 0.0),
+                      use_rslora=config.get("use_rslora", False), modules_to_save=modules_to_save,
+                      rank_pattern=config.get("rank_pattern") or None,
+                      alpha_pattern=config.get("alpha_pattern") or None, **kwargs)
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:

@@ -40,7 +40,8 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from .inject import inject_linears, resolve_modules_to_save
+from .io import save_adapter
+from .inject import adapter_record, check_alpha, get_submodule_parent, inject_linears
 from .lora import LoRALinear, check_rank
 
 GATE_INITS = ("ones", "normal")
@@ -215,22 +216,35 @@ def apply_sora(model: nn.Module, target_modules: str | Iterable[str], r: int = 8
                alpha: float = 16, dropout: float = 0.0, gate_init: str = "ones",
                modules_to_save: Iterable[str] | None = None) -> nn.Module:
     """Wrap every targeted nn.Linear in a SoRALinear of rank r; freeze the rest (the head trains)."""
-    if any(isinstance(m, LoRALinear) for m in model.modules()):
-        raise ValueError("this model already has LoRA/SoRA layers; load a fresh backbone first")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    check_alpha(alpha)
 
     def make(name: str, module: nn.Linear) -> nn.Module:
         check_rank(r, module)
         return SoRALinear(module, r, alpha, dropout, gate_init)
 
-    inject_linears(model, target_modules, make, "SoRA", modules_to_save)
-    model.pelib_adapter = dict(  # pelib-only file format (gates); `prune` gives peft's LORA
-        peft_type="SORA", r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=False,
-        gate_init=gate_init, target_modules=target_modules if isinstance(target_modules, str)
-        else sorted(set(target_modules)),
-        modules_to_save=resolve_modules_to_save(model, modules_to_save), rank_pattern={})
+    inject_linears(model, target_modules, make, "SoRA", modules_to_save, dropout)
+    # a pelib-only file format (the gates); `prune` turns the model into peft's LORA
+    adapter_record(model, "SORA", target_modules, modules_to_save, r=r, lora_alpha=alpha,
+                   lora_dropout=dropout, use_rslora=False, gate_init=gate_init, rank_pattern={})
     return model
+
+
+def sora_from_config(model: nn.Module, config: dict, modules_to_save=None) -> nn.Module:
+    """Inject the gated layers a SORA adapter config describes (for pelib.load_adapter)."""
+    return apply_sora(model, config["target_modules"], r=config["r"], alpha=config["lora_alpha"],
+                      dropout=config.get("lora_dropout", 0.0),
+                      gate_init=config.get("gate_init", "ones"), modules_to_save=modules_to_save)
+
+
+def check_gate_shapes(config: dict, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Gates are vectors (r,); the official code saves (1, r): say how to convert."""
+    r = config["r"]
+    bad = {k: tuple(t.shape) for k, t in tensors.items() if k.endswith(".gate") and t.shape != (r,)}
+    if bad:
+        k, shape = next(iter(bad.items()))
+        raise ValueError(f"{source}: gate {k} has shape {shape}, pelib's gates are vectors of "
+                         f"shape (r,) = ({r},) ({len(bad)} bad); an official-code (1, r) gate "
+                         "loads after gate.reshape(-1)")
 
 
 @torch.no_grad()
@@ -249,15 +263,15 @@ def prune(model: nn.Module) -> nn.Module:
     kept, ranks = [], {}
     for name, m in layers:
         keep = m.live()
-        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        parent, child = get_submodule_parent(model, name)
         if len(keep) == 0:
-            setattr(parent, name.rpartition(".")[2], m.base_layer)
+            setattr(parent, child, m.base_layer)
             continue
         new = LoRALinear(m.base_layer, len(keep), alpha, m.lora_dropout.p
                          if isinstance(m.lora_dropout, nn.Dropout) else 0.0)
         new.lora_A.weight.copy_(m.lora_A.weight[keep])
         new.lora_B.weight.copy_(m.lora_B.weight[:, keep] * m.gate[keep] * (m.scaling / new.scaling))
-        setattr(parent, name.rpartition(".")[2], new)
+        setattr(parent, child, new)
         kept.append(name)
         ranks[name] = len(keep)
     if not kept:
@@ -272,28 +286,4 @@ def prune(model: nn.Module) -> nn.Module:
 
 def export_lora(model: nn.Module, path, base_model_name_or_path: str | None = None):
     """Save the pruned adapter of a trained SoRA model in peft's LoRA format (model unchanged)."""
-    from .io import save_adapter
-
     return save_adapter(prune(copy.deepcopy(model)), path, base_model_name_or_path)
-
-
-def load_sora(model: nn.Module, path) -> nn.Module:
-    """Load a gated adapter saved by pelib.save_adapter from a SoRA model (peft_type SORA)."""
-    from .io import _existing, load_adapter_weights, read_adapter
-
-    config, tensors = read_adapter(path)
-    if config.get("peft_type") != "SORA":
-        raise ValueError(f"{path}: peft_type {config.get('peft_type')!r} is not a SoRA adapter; "
-                         "a pruned (LORA) adapter loads with pelib.load_adapter")
-    r = config["r"]
-    bad = {k: tuple(t.shape) for k, t in tensors.items() if k.endswith(".gate") and t.shape != (r,)}
-    if bad:
-        k, shape = next(iter(bad.items()))
-        raise ValueError(f"{path}: gate {k} has shape {shape}, pelib's gates are vectors of shape "
-                         f"(r,) = ({r},) ({len(bad)} bad); an official-code (1, r) gate loads "
-                         "after gate.reshape(-1)")
-    apply_sora(model, config["target_modules"], r=r, alpha=config["lora_alpha"],
-               dropout=config.get("lora_dropout", 0.0), gate_init=config.get("gate_init", "ones"),
-               modules_to_save=_existing(model, config.get("modules_to_save")))
-    load_adapter_weights(model, tensors, source=str(path))
-    return model

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .files import atomic_write
 from .inject import count_parameters
 from .metrics import classification_metrics
 
@@ -190,8 +191,6 @@ def save_checkpoint(path, model, optimizer, scheduler, hooks, loop: dict, cfg: T
     """Everything a resumed run needs to continue bit for bit: the trainable tensors, AdamW's
     moments, the schedule, the RNG states, where in which epoch we are, and each hook's
     state (a hook with state must define state_dict / load_state_dict)."""
-    from .io import atomic_write
-
     state = dict(
         run={k: getattr(cfg, k) for k in _RUN_KEYS},
         trainable={n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},

@@ -288,19 +288,19 @@ def test_fold_into_plain_lora_loads_in_peft_and_pelib(tmp_path):
 def test_interrupted_adalora_run_resumes_to_the_same_budget_and_weights(tmp_path, impl):
     """The allocator's scores live outside the model; a checkpoint carries them (hook
     state_dict), so a run cut off mid-pruning resumes to the same budgets, masks and weights."""
-    from pelib.__main__ import build, parser
+    from pelib.finetune import build, parse
 
     class StopAt:
         def step(self, model, step):
             if step == 7:
                 raise KeyboardInterrupt
 
-    argv = ["finetune", "--tiny", "--method", "adalora", "--impl", impl, "--init-r", "4",
+    argv = ["--tiny", "--method", "adalora", "--impl", impl, "--init-r", "4",
             "--target-r", "2", "--train-limit", "96", "--epochs", "2", "--batch-size", "8",
             "--tinit", "2", "--tfinal", "4", "--delta-t", "2"]
 
     def run(ckpt, extra=()):
-        args = parser().parse_args(argv)
+        args = parse(argv)
         cfg = TrainConfig(epochs=2, lr=5e-3, batch_size=8, progress=False, checkpoint=ckpt,
                           checkpoint_every=3)
         model, tok, data, hooks = build(args, cfg)

@@ -13,7 +13,6 @@ from pelib.lora import LoRALinear, lora_layers
 from pelib.quant import (
     Linear4bit,
     apply_qlora,
-    load_qlora,
     merge_qlora,
     merged_weight,
     qlora_layers,
@@ -186,7 +185,7 @@ def test_adapter_files_are_peft_lora(tmp_path):
     with torch.no_grad():
         y = ours(**x).logits
         fp32 = PeftModel.from_pretrained(tiny(), tmp_path / "q").eval()(**x).logits
-        again = load_qlora(tiny(), tmp_path / "q").eval()(**x).logits
+        again = pelib.load_adapter(tiny(), tmp_path / "q", method="qlora").eval()(**x).logits
         also = pelib.load_adapter(apply_qlora(tiny(), TARGETS["minilm"], r=4, alpha=8),
                                   tmp_path / "q").eval()(**x).logits
     assert torch.equal(y, again) and torch.equal(y, also)
@@ -280,12 +279,12 @@ def test_cli_peft_qlora_has_the_same_bytes_and_parameters():
     """`--method qlora --impl peft` builds the peer (transformers + bitsandbytes NF4+DQ, peft
     LoRA) from the same base weights: every 4-bit byte equals pelib's, same trainable count."""
     bnb_nn = pytest.importorskip("bitsandbytes.nn")
-    from pelib.__main__ import build, parser
+    from pelib.finetune import build, parse
     from pelib.train import TrainConfig
 
-    argv = ["finetune", "--tiny", "--method", "qlora", "--train-limit", "32", "--r", "2"]
-    ours, *_ = build(parser().parse_args(argv), TrainConfig())
-    theirs, *_ = build(parser().parse_args(argv + ["--impl", "peft"]), TrainConfig())
+    argv = ["--tiny", "--method", "qlora", "--train-limit", "32", "--r", "2"]
+    ours, *_ = build(parse(argv), TrainConfig())
+    theirs, *_ = build(parse(argv + ["--impl", "peft"]), TrainConfig())
     for n, m in qlora_layers(ours):
         b = theirs.get_submodule("base_model.model." + n).base_layer
         assert isinstance(b, bnb_nn.Linear4bit)

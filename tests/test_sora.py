@@ -11,7 +11,7 @@ import pelib
 from pelib.__main__ import main
 from pelib.io import CONFIG_NAME, WEIGHTS_NAME
 from pelib.sora import (SoRA, SoRALinear, SparsitySchedule, apply_sora, export_lora,
-                        live_ranks, load_sora, official_threshold, prune, soft_threshold,
+                        live_ranks, official_threshold, prune, soft_threshold,
                         sora_layers)
 from pelib.train import TrainConfig, make_optimizer, train
 from test_lora import batch, tiny
@@ -219,13 +219,13 @@ def test_all_gates_zero_is_an_error():
 def test_gated_adapter_round_trip_and_wrong_gate_shape(tmp_path):
     model = randomise(apply_sora(tiny(), TARGETS, r=4, alpha=8)).eval()
     pelib.save_adapter(model, tmp_path / "sora")
-    again = load_sora(tiny(), tmp_path / "sora").eval()
+    again = pelib.load_adapter(tiny(), tmp_path / "sora").eval()
     x = batch()
     with torch.no_grad():
         assert torch.equal(model(**x).logits, again(**x).logits)
     export_lora(model, tmp_path / "lora")
     with pytest.raises(ValueError, match="pelib.load_adapter"):
-        load_sora(tiny(), tmp_path / "lora")
+        pelib.load_adapter(tiny(), tmp_path / "lora", method="sora")
     from safetensors.torch import load_file, save_file
 
     sd = load_file(tmp_path / "sora" / WEIGHTS_NAME)
@@ -233,7 +233,7 @@ def test_gated_adapter_round_trip_and_wrong_gate_shape(tmp_path):
     sd[key] = sd[key].reshape(1, -1)  # the official code's (1, r) layout
     save_file(sd, tmp_path / "sora" / WEIGHTS_NAME)
     with pytest.raises(ValueError, match=r"shape \(1, 4\).*\(r,\) = \(4,\)"):
-        load_sora(tiny(), tmp_path / "sora")
+        pelib.load_adapter(tiny(), tmp_path / "sora")
 
 
 def test_cli_sora_records_live_ranks_and_writes_pruned_adapter(tmp_path):
@@ -270,21 +270,21 @@ def test_interrupted_sora_run_resumes_to_the_same_gates():
     group's lr, which the checkpointed scheduler restores)."""
     import tempfile
 
-    from pelib.__main__ import build, parser
+    from pelib.finetune import build, parse
 
     class StopAt:
         def step(self, model, step):
             if step == 7:
                 raise KeyboardInterrupt
 
-    argv = ["finetune", "--tiny", "--method", "sora", "--r", "4", "--train-limit", "96",
+    argv = ["--tiny", "--method", "sora", "--r", "4", "--train-limit", "96",
             "--epochs", "2", "--batch-size", "8", "--sparse-lambda", "0.5", "--sparse-lambda-max",
             "2.0", "--gate-lr", "0.5"]
 
     def run(ckpt, extra=()):
         cfg = TrainConfig(epochs=2, lr=5e-3, batch_size=8, progress=False, checkpoint=ckpt,
                           checkpoint_every=3)
-        model, tok, data, hooks = build(parser().parse_args(argv), cfg)
+        model, tok, data, hooks = build(parse(argv), cfg)
         res = train(model, tok, data, data, cfg, hooks=hooks + list(extra))
         w = torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
         return res, w, hooks[0].history

@@ -31,7 +31,15 @@ from .ledger import (
     state_nbytes,
 )
 from .linear4bit import Dequant4bitLinear, Linear4bit
-from .qlora import MERGE_STRATEGIES, apply_qlora, load_qlora, merge_qlora, merged_weight, qlora_layers, qlora_nbytes
+from .qlora import (
+    MERGE_STRATEGIES,
+    apply_qlora,
+    merge_qlora,
+    merged_weight,
+    qlora_from_config,
+    qlora_layers,
+    qlora_nbytes,
+)
 
 
 def __getattr__(name):  # the benchmark imports bitsandbytes: load it only when asked for

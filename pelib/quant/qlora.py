@@ -29,7 +29,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..io import _existing, load_adapter_weights, read_adapter
+from ..inject import get_submodule_parent
 from ..lora import LoRALinear, apply_lora, lora_layers
 from .linear4bit import Linear4bit
 
@@ -40,7 +40,8 @@ def apply_qlora(model: nn.Module, target_modules: str | Iterable[str], r: int = 
                 alpha: float = 16, dropout: float = 0.0, blocksize: int = 64,
                 double_quant: bool = True, compute_dtype: torch.dtype = torch.float32,
                 modules_to_save: Iterable[str] | None = None, use_rslora: bool = False,
-                quant_type: str = "nf4", rank_pattern: dict[str, int] | None = None) -> nn.Module:
+                quant_type: str = "nf4", rank_pattern: dict[str, int] | None = None,
+                alpha_pattern: dict[str, float] | None = None) -> nn.Module:
     """Quantise every targeted nn.Linear to NF4 (+DQ), wrap it in LoRA, freeze the rest
     (a classification head, or `modules_to_save`, trains). Modifies `model` and returns it."""
 
@@ -48,24 +49,23 @@ def apply_qlora(model: nn.Module, target_modules: str | Iterable[str], r: int = 
         return Linear4bit.from_linear(linear, blocksize, quant_type, double_quant, compute_dtype)
 
     apply_lora(model, target_modules, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
-               modules_to_save=modules_to_save, rank_pattern=rank_pattern, base_wrap=quantise)
+               modules_to_save=modules_to_save, rank_pattern=rank_pattern,
+               alpha_pattern=alpha_pattern, base_wrap=quantise)
     model.pelib_quant = dict(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
                              compute_dtype=str(compute_dtype).removeprefix("torch."))
     return model
 
 
-def load_qlora(model: nn.Module, path, **quant_kwargs) -> nn.Module:
-    """A peft LoRA adapter folder on a fresh fp32 base, quantised as apply_qlora does
-    (`quant_kwargs`: blocksize, double_quant, compute_dtype, quant_type)."""
-    config, tensors = read_adapter(path)
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"{path}: peft_type {config.get('peft_type')!r} is not a LoRA adapter")
-    apply_qlora(model, config["target_modules"], r=config["r"], alpha=config["lora_alpha"],
-                dropout=config.get("lora_dropout", 0.0), use_rslora=config.get("use_rslora", False),
-                modules_to_save=_existing(model, config.get("modules_to_save")),
-                rank_pattern=config.get("rank_pattern") or None, **quant_kwargs)
-    load_adapter_weights(model, tensors, source=str(path))
-    return model
+def qlora_from_config(model: nn.Module, config: dict, modules_to_save=None,
+                      **quant_kwargs) -> nn.Module:
+    """Inject the layers a peft LORA config describes on a 4-bit base, quantised as apply_qlora
+    does (`quant_kwargs`: blocksize, double_quant, compute_dtype, quant_type); for
+    pelib.load_adapter(model, path, method="qlora")."""
+    return apply_qlora(model, config["target_modules"], r=config["r"], alpha=config["lora_alpha"],
+                       dropout=config.get("lora_dropout", 0.0),
+                       use_rslora=config.get("use_rslora", False), modules_to_save=modules_to_save,
+                       rank_pattern=config.get("rank_pattern") or None,
+                       alpha_pattern=config.get("alpha_pattern") or None, **quant_kwargs)
 
 
 def qlora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
@@ -111,8 +111,8 @@ def merge_qlora(model: nn.Module, strategy: str = "nf4") -> nn.Module:
                 W = W.bfloat16().float()
                 bias = None if bias is None else bias.bfloat16().float()
             new = _dense(W, bias)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        parent, child = get_submodule_parent(model, name)
+        setattr(parent, child, new)
     if hasattr(model, "pelib_adapter"):
         del model.pelib_adapter
     model.pelib_merged = strategy

@@ -1,0 +1,189 @@
+"""`python -m pelib finetune`: fine-tune a packaged backbone on a packaged data set, one run.
+
+    python -m pelib finetune --model minilm --data banking77 --method lora --r 8 --epochs 3
+
+prints a result table and writes results/<run>.json (metrics, trainable parameters, time, peak
+memory, config) and results/<run>_loss.png. The methods and their options come from the method
+table (pelib.methods); this module only turns options into a run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+from .backbone import DEFAULT_TARGETS
+from .files import atomic_write, writable_dir
+from .methods import METHODS, Run
+
+IMPLS = ("pelib", "peft")
+
+
+def add_arguments(f: argparse.ArgumentParser) -> None:
+    """The finetune options: common ones, then one group per method (from the table)."""
+    f.add_argument("--model", default="minilm", choices=["minilm", "smollm2"])
+    f.add_argument("--data", default="banking77", choices=["banking77", "clinc150"])
+    f.add_argument("--method", default="lora", choices=list(METHODS),
+                   help="; ".join(f"{k}: {m.help}" for k, m in METHODS.items()))
+    f.add_argument("--impl", default="pelib", choices=IMPLS,
+                   help="build the model with pelib or with the peer library peft (methods: "
+                        + ", ".join(k for k, m in METHODS.items() if "peft" in m.build) + ")")
+    f.add_argument("--r", type=int, default=8)
+    f.add_argument("--alpha", type=float, default=None, help="default: 2*r")
+    f.add_argument("--rslora", action="store_true")
+    f.add_argument("--dropout", type=float, default=0.0)
+    f.add_argument("--targets", nargs="+", default=None, help="default: the backbone's usual set")
+    f.add_argument("--epochs", type=float, default=3)
+    f.add_argument("--lr", type=float, default=None,
+                   help="default per method: " + ", ".join(f"{k} {m.lr:g}" for k, m in METHODS.items()))
+    f.add_argument("--batch-size", type=int, default=32)
+    f.add_argument("--grad-accum", type=int, default=1)
+    f.add_argument("--max-length", type=int, default=64)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--bf16", action="store_true", help="bf16 autocast (a real speed-up on AMX CPUs)")
+    f.add_argument("--train-limit", type=int, default=None, help="train on a seeded subset")
+    f.add_argument("--eval-limit", type=int, default=None)
+    f.add_argument("--eval-split", default="test", choices=["dev", "test"])
+    f.add_argument("--tiny", action="store_true", help="a toy-size random model (for tests)")
+    f.add_argument("--out", default="results")
+    f.add_argument("--name", default=None, help="run name (file stem under --out)")
+    f.add_argument("--no-progress", action="store_true")
+    f.add_argument("--resume", action="store_true",
+                   help="checkpoint to OUT/NAME.ckpt while training and continue from it if it "
+                        "exists (removed once the results are written)")
+    f.add_argument("--checkpoint-every", type=int, default=50,
+                   help="optimizer steps between checkpoints")
+    owners = {}
+    for name, m in METHODS.items():
+        if m.options is not None:
+            g = f.add_argument_group(f"--method {name}")
+            m.options(g)
+            owners.update({a.dest: name for a in g._group_actions})
+    f.set_defaults(_owners=owners)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The finetune options of `argv` (without the word `finetune`)."""
+    p = argparse.ArgumentParser(prog="pelib finetune")
+    add_arguments(p)
+    return p.parse_args(argv)
+
+
+def options(args) -> dict:
+    """The options of a run as a plain dict (what its record stores and compare compares)."""
+    return {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
+
+
+def run_name(args) -> str:
+    if args.name:
+        return args.name
+    return "_".join([args.model + ("-tiny" if args.tiny else ""), args.data,
+                     args.method + METHODS[args.method].tag(args), args.impl, f"s{args.seed}"])
+
+
+def check(args) -> None:
+    """Options that do not fit the method: a clear error, never silently ignored."""
+    method = METHODS[args.method]
+    if args.impl not in method.build:
+        peft = [k for k, m in METHODS.items() if args.impl in m.build]
+        raise ValueError(f"--impl {args.impl} is only for --method {', '.join(peft)}, "
+                         f"not {args.method}")
+    defaults = parse([])
+    for dest, owner in getattr(args, "_owners", {}).items():
+        if owner != args.method and getattr(args, dest) != getattr(defaults, dest):
+            flag = "--" + dest.replace("_", "-")
+            raise ValueError(f"{flag} is an option of --method {owner}, not {args.method}")
+    if args.r <= 0:
+        raise ValueError(f"--r must be a positive integer, got {args.r}")
+    if args.name is not None and (not args.name or re.search(r"[/\\]|^\.\.?$", args.name)):
+        raise ValueError(f"--name {args.name!r} must be a plain file stem (no path separators); "
+                         "use --out to choose the folder")
+
+
+def plot_losses(losses: list[float], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = max(1, len(losses) // 50)  # moving average over ~2% of the run
+    smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1])
+              for i in range(len(losses))]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(losses, alpha=0.3, label="loss per step")
+    ax.plot(smooth, label=f"moving average ({k} steps)")
+    ax.set(xlabel="optimizer step", ylabel="cross-entropy", title=title)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def table(rows: list[dict]) -> str:
+    cols = ["run", "acc", "P", "R", "F1", "trainable", "s/epoch", "peak MB"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        m = r["metrics"]
+        lines.append(f"| {r['name']} | {m['accuracy']:.4f} | {m['precision']:.4f} | "
+                     f"{m['recall']:.4f} | {m['f1']:.4f} | {r['trainable_params']:,} | "
+                     f"{r['seconds_per_epoch']:.1f} | {r['peak_memory_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def build(args, cfg):
+    """The model with the method injected, its tokenizer, the train split and the hooks."""
+    import torch
+
+    from .backbone import load_backbone, tiny_backbone
+    from .data import load_nlu
+    from .train import total_steps
+
+    data = load_nlu(args.data, "train", limit=args.train_limit, seed=args.seed)
+    n_labels = len(data.label_names)
+    if args.tiny:
+        model, tokenizer = tiny_backbone(args.model, n_labels, seed=args.seed)
+    else:
+        torch.manual_seed(args.seed)  # the new classification head
+        model, tokenizer = load_backbone(args.model, num_labels=n_labels)
+    run = Run(targets=args.targets or DEFAULT_TARGETS[args.model],
+              total_steps=total_steps(len(data.texts), cfg))
+    model, hooks = METHODS[args.method].build[args.impl](model, args, run)
+    return model, tokenizer, data, hooks
+
+
+def finetune(args) -> dict:
+    """One run: build, train, evaluate, write the record and the loss curve; return the record.
+    Bad options raise ValueError with a message that names the fix."""
+    from .data import load_nlu
+    from .train import TrainConfig, train
+
+    check(args)
+    out = writable_dir(args.out)
+    name = run_name(args)
+    ckpt = out / f"{name}.ckpt" if args.resume else None
+    method = METHODS[args.method]
+    cfg = TrainConfig(epochs=args.epochs, lr=method.lr if args.lr is None else args.lr,
+                      batch_size=args.batch_size, grad_accum=args.grad_accum,
+                      max_length=args.max_length, bf16=args.bf16, seed=args.seed,
+                      progress=not args.no_progress, checkpoint=ckpt and str(ckpt),
+                      checkpoint_every=args.checkpoint_every)
+    model, tokenizer, data, hooks = build(args, cfg)
+    evaluation = load_nlu(args.data, args.eval_split, limit=args.eval_limit, seed=args.seed)
+    dev = load_nlu(args.data, "dev", limit=args.eval_limit, seed=args.seed)
+    result = train(model, tokenizer, data, evaluation, cfg, hooks=hooks, dev_data=dev)
+    record = dict(name=name, **asdict(result), seconds_per_epoch=result.train_seconds / args.epochs,
+                  args=options(args), eval_split=args.eval_split, train_rows=len(data.texts),
+                  eval_rows=len(evaluation.texts))
+    report = method.report(model, hooks, args, result.steps) if method.report else None
+    if report:
+        record[args.method] = report
+    atomic_write(out / f"{name}.json",
+                 lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
+    plot_losses(result.losses, out / f"{name}_loss.png", name)
+    if ckpt and ckpt.exists():
+        ckpt.unlink()  # the results are written: nothing left to resume
+    print(table([record]))
+    print(f"wrote {out / name}.json and {out / name}_loss.png")
+    return record
