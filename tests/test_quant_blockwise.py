@@ -242,11 +242,10 @@ def test_errors_are_clear():
 
 def test_bench_runs(capsys):
     """The benchmark runs end to end (tiny size; its timings are not asserted)."""
-    import pelib.quant
+    from pelib.bench.quant import bench_dequant, main
 
-    res = pelib.quant.bench_dequant(n=128, repeats=1)
+    res = bench_dequant(n=128, repeats=1)
     assert {"pelib_ms", "bnb_ms", "ratio", "floor_ms"} <= set(res) and "ratio" in capsys.readouterr().out
-    from pelib.quant.bench import main
 
     main(["--n", "128", "--tokens", "8", "--repeats", "1"])  # also the layer (it checks equality)
     assert "bnb Linear4bit" in capsys.readouterr().out

@@ -94,8 +94,8 @@ def dequantize_4bit_triton(packed, code, n, blocksize, dtype, absmax=None, qabsm
     packed = packed.reshape(-1)
     assert blocksize % 2 == 0 and packed.dtype == torch.uint8 and packed.numel() == (n + 1) // 2
     if double:                 # DOUBLE=True never reads absmax_ptr: absmax2 stands in
-        absmax2, code2, offset = absmax2.float().contiguous(), code2.float().contiguous(), offset.reshape(1).float()
-        absmax = absmax2
+        absmax2, code2 = absmax2.float().contiguous(), code2.float().contiguous()
+        absmax, offset = absmax2, offset.reshape(1).float()
     else:                      # DOUBLE=False reads only absmax_ptr: the others are placeholders
         absmax = qabsmax = absmax2 = code2 = offset = absmax.float().contiguous()
     # The interpreter truncates on a bf16 cast: it writes fp32 and torch rounds to bf16.

@@ -33,10 +33,3 @@ from .ledger import (
 from .linear4bit import Dequant4bitLinear, Linear4bit
 from .qlora import MERGE_STRATEGIES, apply_qlora, load_qlora, merge_qlora, merged_weight, qlora_layers, qlora_nbytes
 
-
-def __getattr__(name):  # the benchmark imports bitsandbytes: load it only when asked for
-    if name == "bench_dequant":
-        from .bench import bench_dequant
-
-        return bench_dequant
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -130,7 +130,8 @@ class QuantState:
                     quant_type=qs.quant_type, code=qs.code)
         if qs.nested:
             state.qabsmax, state.offset = qs.absmax, qs.offset
-            state.absmax2, state.code2, state.blocksize2 = qs.state2.absmax, qs.state2.code, qs.state2.blocksize
+            state.absmax2, state.code2 = qs.state2.absmax, qs.state2.code
+            state.blocksize2 = qs.state2.blocksize
         else:
             state.absmax = qs.absmax
         return state
