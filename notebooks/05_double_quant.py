@@ -188,7 +188,7 @@ assert torch.equal(W_lut.view_as(W), bnbF.dequantize_4bit(b_packed, b_state))  #
 print(f"naive {median_ms(lambda: dequantize_naive(packed, absmax, n)):.1f} ms, "
       f"256-entry table {median_ms(lambda: dequantize_lut(packed, absmax, n)):.1f} ms, "
       f"bitsandbytes {median_ms(lambda: bnbF.dequantize_4bit(b_packed, b_state)):.1f} ms "
-      f"(medians of 5 on a shared machine: indicative; `python -m pelib.quant.bench` measures properly)")
+      f"(medians of 5 on a shared machine: indicative; `python -m pelib bench quant` measures properly)")
 
 # %% [markdown]
 # ## 3. Double quantisation

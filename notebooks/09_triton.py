@@ -419,31 +419,31 @@ assert all(t.numel() != W_dq.numel() for t in saved)
 # ## 8. The package
 #
 # `pelib.kernels` holds the finished versions (one file per kernel, its `_ref` beside it,
-# backward passes for all of them) and `pelib.kernels.patch(model)` switches a transformers
-# Llama model's RMSNorm, RoPE, SwiGLU and loss to them. `python -m pelib.kernels.bench` times
+# backward passes for all of them) and `pelib.patch.patch(model)` switches a transformers
+# Llama model's RMSNorm, RoPE, SwiGLU and loss to them. `python -m pelib bench kernels` times
 # them against torch eager and prints these limits; `bench/gpu.sh` runs the full sizes on one
 # H200. Here we check that the package computes what we built.
 
 # %%
 import pelib.kernels as K
-from pelib.kernels.nf4 import nf4_dequantize_triton
 from pelib.kernels.rmsnorm import rms_norm_triton
-from pelib.kernels.swiglu import swiglu_triton
+from pelib.kernels.swiglu_kernel import swiglu_triton
 from pelib.kernels.rope import apply_rope_triton
-from pelib.kernels.cross_entropy import cross_entropy_triton
+from pelib.kernels.cross_entropy_kernel import cross_entropy_triton
 from pelib.kernels.lora import lora_linear_fused
+from pelib.quant import QuantState, dequantize_4bit
 
-dq = (qs.absmax, qs.state2.absmax, qs.state2.code, qs.offset)
-for dt in (torch.float32, torch.float16):
-    assert torch.equal(nf4_dequantize_triton(packed, dq, qs.code, (rows, cols), 64, dt), nf4_dequant(*args, dt))
+state = QuantState.from_bnb(qs)        # bitsandbytes' scales in pelib's one QuantState (shared tensors)
+with K.backend("triton"):               # pelib.quant's 4-bit op on the kernel (a GPU's default)
+    for dt in (torch.float32, torch.float16):
+        assert torch.equal(dequantize_4bit(packed, state, dt), nf4_dequant(*args, dt))
 assert torch.equal(rms_norm_triton(xr, wr), rms_nb)
 assert torch.allclose(swiglu_triton(gs, us), h_nb, atol=1e-6, rtol=1e-6)
 k = torch.randn(B, 3, T, D, device=DEVICE)
 q_pelib, _ = apply_rope_triton(q, k, cos, sin)
 assert torch.allclose(q_pelib, q_nb, atol=1e-6)
 assert torch.allclose(cross_entropy_triton(logits, labels), ce_nb, atol=1e-6)
-w4 = K.NF4Weight.from_bnb(packed, qs)
-y_pelib = lora_linear_fused(xl, w4, A, Bm, s)
+y_pelib = lora_linear_fused(xl, (packed, state), A, Bm, s)
 assert torch.allclose(y_pelib, y_nb, atol=1e-5, rtol=1e-5)
 assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-5)
            for a, b in zip(torch.autograd.grad(y_pelib, (xl, A, Bm), dy), grads_nb))
@@ -452,10 +452,10 @@ print("pelib.kernels computes what this notebook built")
 # %% [markdown]
 # ## 9. Patching a LoRA and a QLoRA model
 #
-# `K.patch(model)` also reaches pelib's own adapters: every `pelib.lora.LoRALinear` whose base is
+# `patch(model)` (pelib.patch) also reaches pelib's own adapters: every `pelib.lora.LoRALinear` whose base is
 # an `nn.Linear` (dense W) or a `pelib.quant.Linear4bit` (NF4 + double quantisation) now runs
 # through `lora_linear`, section 7's node with W dense or 4-bit. A merged layer, an active
-# dropout or an unfrozen W keep the plain forward; `K.unpatch(model)` puts every forward back.
+# dropout or an unfrozen W keep the plain forward; `unpatch(model)` puts every forward back.
 #
 # The promise to check: the same loss and the same gradient for every trainable parameter (the
 # LoRA A and B) with the kernels on and off. B starts at zero in LoRA, which would hide the
@@ -466,6 +466,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import pelib
 from pelib.lora import lora_layers
+from pelib.patch import patch, unpatch
 from pelib.quant import Linear4bit
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -494,9 +495,9 @@ ids = torch.randint(0, 1003, (2, 17), device=DEVICE)
 for qlora in (False, True):
     model = tiny_lora_llama(qlora)
     loss_off, g_off = loss_and_grads(model, ids)
-    K.patch(model)
+    patch(model)
     loss_on, g_on = loss_and_grads(model, ids)
-    K.unpatch(model)
+    unpatch(model)
     worst = max(((g_on[n] - g).abs().max() / g.abs().max()).item() for n, g in g_off.items())
     print(f"{'QLoRA' if qlora else 'LoRA'}: loss off {loss_off:.6f}, on {loss_on:.6f}; "
           f"{len(g_off)} LoRA gradients, worst max|on - off| / max|off| = {worst:.1e}")

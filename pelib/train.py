@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -24,6 +23,7 @@ from tqdm import tqdm
 
 from .files import atomic_write
 from .inject import count_parameters
+from .measure import PeakMemory
 from .metrics import classification_metrics
 
 
@@ -68,44 +68,6 @@ class TrainResult:
     steps: int = 0
     resumed_at_step: int | None = None  # set when the run continued from a checkpoint
     config: dict = field(default_factory=dict)
-
-
-class PeakMemory:
-    """Peak memory while the block runs: max_memory_allocated on CUDA, else the peak resident
-    set size of this process, sampled every 20 ms (ru_maxrss would be the lifetime peak)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.peak = 0
-        self.kind = "cuda max_memory_allocated" if self.cuda else "process RSS (sampled)"
-
-    def __enter__(self):
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-            return self
-        import psutil
-
-        proc, self._stop = psutil.Process(), threading.Event()
-        self.peak = proc.memory_info().rss
-
-        def sample():
-            while not self._stop.wait(0.02):
-                self.peak = max(self.peak, proc.memory_info().rss)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self._stop.set()
-            self._thread.join()
-
-    @property
-    def mb(self) -> float:
-        return self.peak / 2**20
 
 
 def encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:

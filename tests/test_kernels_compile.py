@@ -18,9 +18,8 @@ SCRIPT = textwrap.dedent('''
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from importlib import import_module
-    # (pelib.kernels.swiglu and .cross_entropy are the functions; the modules live in sys.modules)
-    nf4, rmsnorm, swiglu, rope, ce = (import_module("pelib.kernels." + m)
-                                      for m in ("nf4", "rmsnorm", "swiglu", "rope", "cross_entropy"))
+    nf4, rmsnorm, swiglu, rope, ce = (import_module("pelib.kernels." + m) for m in
+                                      ("nf4", "rmsnorm", "swiglu_kernel", "rope", "cross_entropy_kernel"))
 
     def build(fn, sig, consts, **options):
         sig = dict(sig, **{k: "constexpr" for k in consts})

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from kernel_tol import assert_close
 
-from pelib.kernels.cross_entropy import cross_entropy_ref, cross_entropy_triton
+from pelib.kernels.cross_entropy_kernel import cross_entropy_ref, cross_entropy_triton
 
 LOSS_TOL = (1e-5, 1e-5)  # the loss is fp32 whatever the logits' dtype
 GRAD_TOL = {torch.float32: (1e-7, 1e-5), torch.float16: (1e-6, 2e-3), torch.bfloat16: (1e-5, 1.6e-2)}

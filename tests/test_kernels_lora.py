@@ -4,7 +4,7 @@ import torch
 from kernel_tol import assert_close
 
 from pelib.kernels.lora import lora_linear_fused, lora_linear_ref
-from pelib.kernels.nf4 import NF4Weight
+from pelib.quant import QuantState
 
 bnbF = pytest.importorskip("bitsandbytes.functional")
 
@@ -54,7 +54,7 @@ def test_lora_dense_vs_autograd(dtype, bias):
 def test_lora_nf4_equals_dense_and_saves_no_dense_w(double):
     x, W, A, B, b, dy = _setup(torch.float16, bias=True)
     packed, qs = bnbF.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=double)
-    w4 = NF4Weight.from_bnb(packed, qs)
+    w4 = (packed, QuantState.from_bnb(qs))
     W_dq = bnbF.dequantize_4bit(packed, qs)                                   # (OUT, IN) fp16
 
     saved = []

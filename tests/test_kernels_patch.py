@@ -5,6 +5,7 @@ from kernel_tol import assert_close
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import pelib.kernels as K
+from pelib.patch import patch, unpatch
 
 
 def _model():
@@ -44,7 +45,7 @@ def test_patch_same_loss_and_grads_then_unpatch():
     ref_loss, ref_grads, _ = _loss_and_grads(model, ids, labels)
 
     original_rope = llama.apply_rotary_pos_emb
-    K.patch(model)
+    patch(model)
     assert llama.apply_rotary_pos_emb is K.apply_rope
     loss, grads, graph = _loss_and_grads(model, ids, labels)
     used = _grad_fns(graph)
@@ -54,7 +55,7 @@ def test_patch_same_loss_and_grads_then_unpatch():
     for n, g in ref_grads.items():
         assert_close(grads[n], g, 1e-6, 1e-4, n)
 
-    K.unpatch(model)
+    unpatch(model)
     assert llama.apply_rotary_pos_emb is original_rope
     loss2, grads2, graph2 = _loss_and_grads(model, ids, labels)
     assert torch.equal(loss2, ref_loss)                                          # exactly as before

@@ -10,8 +10,8 @@ from kernel_tol import assert_close
 from test_kernels_patch import _grad_fns, _model
 
 import pelib
-import pelib.kernels as K
 from pelib.lora import LoRALinear, lora_layers
+from pelib.patch import patch, unpatch
 from pelib.quant import Linear4bit
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -65,7 +65,7 @@ def test_patch_lora_same_loss_and_grads_then_unpatch(base, double_quant):
     assert len(ref_grads) == 2 * N_LAYERS                                         # A and B of each
     assert _count(ref_graph, "LoRALinearFunction") == 0
 
-    K.patch(model)
+    patch(model)
     assert all("forward" in m.__dict__ for _, m in lora_layers(model))
     loss, grads, graph = _loss_and_grads(model, ids, labels)
     assert _count(graph, "LoRALinearFunction") == N_LAYERS                       # every projection fused
@@ -75,7 +75,7 @@ def test_patch_lora_same_loss_and_grads_then_unpatch(base, double_quant):
         assert g.abs().max() > 0, n
         assert_close(grads[n], g, 1e-6, 1e-4, n)
 
-    K.unpatch(model)
+    unpatch(model)
     assert not any("forward" in m.__dict__ for _, m in lora_layers(model))
     loss2, grads2, _ = _loss_and_grads(model, ids, labels)
     assert torch.equal(loss2, ref_loss)                                          # exactly as before
@@ -85,12 +85,12 @@ def test_patch_lora_same_loss_and_grads_then_unpatch(base, double_quant):
 def test_qlora_patch_saves_no_dense_weight():
     model = _lora_model("nf4")
     ids, labels = _batch()
-    K.patch(model)
+    patch(model)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         loss = model(input_ids=ids, labels=labels).loss
     loss.backward()
-    K.unpatch(model)
+    unpatch(model)
 
     bases = [m.base_layer for _, m in lora_layers(model)]
     w_numel = {b.out_features * b.in_features for b in bases}                   # {2048, 4096, 8192}
@@ -104,7 +104,7 @@ def test_qlora_patch_saves_no_dense_weight():
 
 def test_lora_falls_back_to_the_class_forward():
     model = _lora_model("dense")
-    K.patch(model)
+    patch(model)
     layer = model.model.layers[0].self_attn.q_proj
     x = torch.randn(3, 64, requires_grad=True)
     fused = layer(x)
@@ -125,7 +125,7 @@ def test_lora_falls_back_to_the_class_forward():
     assert torch.equal(layer(x), layer.base_layer(x))
     layer.unmerge()
     assert type(layer(x).grad_fn).__name__.startswith("LoRALinearFunction")
-    K.unpatch(model)
+    unpatch(model)
 
 
 @pytest.mark.parametrize("base", ["dense", "nf4"])
@@ -138,10 +138,10 @@ def test_patch_lora_under_bf16_autocast(base):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref_dtype = layer(x).dtype
         ref_loss, ref_grads, _ = _loss_and_grads(model, ids, labels)
-        K.patch(model)
+        patch(model)
         assert layer(x).dtype == ref_dtype                                     # the class's dtype rule
         loss, grads, graph = _loss_and_grads(model, ids, labels)
-        K.unpatch(model)
+        unpatch(model)
     assert _count(graph, "LoRALinearFunction") == N_LAYERS
     assert_close(loss, ref_loss, 0, 1e-2, "loss")
     for n, g in ref_grads.items():                                             # bf16 rounding: compare norms

@@ -3,7 +3,7 @@ import pytest
 import torch
 from kernel_tol import TOL, assert_close
 
-from pelib.kernels.swiglu import swiglu_ref, swiglu_triton
+from pelib.kernels.swiglu_kernel import swiglu_ref, swiglu_triton
 
 GRAD_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 

@@ -40,16 +40,6 @@ def bnb_quantize(W, blocksize, quant_type, double_quant):
     return bnbF.quantize_4bit(W, blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant)
 
 
-def state_from_bnb(s) -> QuantState:
-    """Our QuantState holding bitsandbytes' tensors."""
-    state = QuantState(shape=s.shape, dtype=s.dtype, blocksize=s.blocksize, quant_type=s.quant_type, code=s.code)
-    if s.nested:
-        state.qabsmax, state.absmax2, state.code2, state.offset = s.absmax, s.state2.absmax, s.state2.code, s.offset
-    else:
-        state.absmax = s.absmax
-    return state
-
-
 def bnb_cpu_8bit_quantize(x, code, blocksize):
     """What bitsandbytes' CPU kernel does for 8-bit blockwise quantisation: scale by the
     reciprocal absmax, round into one of 65536 bins of [-1, 1], and read the code index from
@@ -96,7 +86,7 @@ def test_matches_bitsandbytes(shape, blocksize, quant_type, double_quant, dtype)
         assert torch.equal(state.absmax, b_state.absmax)
 
     # Their bytes and state through our dequantiser: identical values.
-    ours = dequantize_4bit(b_packed, state_from_bnb(b_state))
+    ours = dequantize_4bit(b_packed, QuantState.from_bnb(b_state))
     theirs = bnbF.dequantize_4bit(b_packed, b_state)
     assert ours.dtype == dtype and ours.shape == W.shape
     assert torch.equal(ours, theirs)
@@ -252,11 +242,10 @@ def test_errors_are_clear():
 
 def test_bench_runs(capsys):
     """The benchmark runs end to end (tiny size; its timings are not asserted)."""
-    import pelib.quant
+    from pelib.bench.quant import bench_dequant, main
 
-    res = pelib.quant.bench_dequant(n=128, repeats=1)
+    res = bench_dequant(n=128, repeats=1)
     assert {"pelib_ms", "bnb_ms", "ratio", "floor_ms"} <= set(res) and "ratio" in capsys.readouterr().out
-    from pelib.quant.bench import main
 
     main(["--n", "128", "--tokens", "8", "--repeats", "1"])  # also the layer (it checks equality)
     assert "bnb Linear4bit" in capsys.readouterr().out
@@ -285,8 +274,8 @@ def test_bitsandbytes_cpu_dequant_bug_rows_shorter_than_a_block(shape):
     fails, the bug is fixed: drop the test."""
     W = weight(shape, torch.float32)
     b_packed, b_state = bnb_quantize(W, 64, "nf4", True)
-    ours = dequantize_4bit(b_packed, state_from_bnb(b_state))
-    assert torch.equal(ours, dequantize_4bit_ref(b_packed.reshape(-1), state_from_bnb(b_state)))
+    ours = dequantize_4bit(b_packed, QuantState.from_bnb(b_state))
+    assert torch.equal(ours, dequantize_4bit_ref(b_packed.reshape(-1), QuantState.from_bnb(b_state)))
     theirs = bnbF.dequantize_4bit(b_packed, b_state)
     blocks = W.reshape(-1, 64)
     assert ((ours - W).reshape(-1, 64).abs() <= 0.16 * blocks.abs().amax(1, keepdim=True)).all()

@@ -13,7 +13,8 @@ Shapes: x (N, in), xa = x A^T (N, r), y (N, out). With dy = dL/dy (N, out):
     W and bias are frozen: no gradient.
 
 What is saved for backward: x, A, B, and W as it was given: the dense W (a reference to the
-parameter, no new memory), or for NF4 only its packed bytes and statistics (n/2 bytes plus
+parameter, no new memory), or for a 4-bit W (pelib.quant's packed bytes and QuantState) only
+the bytes and the state's tensors (n/2 bytes plus
 ~n/64 bytes with double quantisation). The dense dequantised W is made in forward, used, and
 dropped; the backward dequantises it again. xa is recomputed (2*N*in*r FLOPs, ~r/out of the
 forward's cost) instead of being saved.
@@ -29,57 +30,55 @@ stored in 16 bits across the forward-backward gap. This is Unsloth's choice as w
 FLOPs per call (forward + backward): 4*N*in*out (x W^T, dy W) + N*r*(8*in + 6*out) (x A^T
 twice, dA and dxa A over `in`; the LoRA term of y, dB and dxa over `out`).
 """
+import dataclasses
+
 import torch
 
 from ._dispatch import use_triton
-from .nf4 import NF4Weight, nf4_dequantize_ref
+
+_STATE_TENSORS = ("code", "absmax", "qabsmax", "absmax2", "code2", "offset")  # pelib.quant.QuantState's
 
 
-def _nf4_tensors(w: NF4Weight):
-    """The NF4 weight as a flat tuple of tensors (autograd saves tensors, not dataclasses)."""
-    if isinstance(w.absmax, torch.Tensor):
-        return (w.packed, w.code, w.absmax)
-    qabsmax, absmax2, code2, offset = w.absmax
-    offset = torch.as_tensor(offset, dtype=torch.float32, device=w.packed.device)
-    return (w.packed, w.code, qabsmax, absmax2, code2, offset)
+def _split(state):
+    """A QuantState as (its tensors, the state without them): autograd saves tensors, and the
+    husk (shape, dtype, blocksize, names) rebuilds the state from them in backward."""
+    names = tuple(k for k in _STATE_TENSORS if getattr(state, k) is not None)
+    return [getattr(state, k) for k in names], (dataclasses.replace(state, **dict.fromkeys(names)), names)
 
 
-def _nf4_rebuild(meta, tensors):
-    shape, blocksize, blocksize2, dq = meta
-    packed, code, *stats = tensors
-    absmax = tuple(stats) if dq else stats[0]
-    return NF4Weight(packed, absmax, code, shape, blocksize, None, blocksize2)
+def _dequantize(packed, meta, tensors, dtype):
+    from pelib.quant.blockwise import dequantize_4bit  # lazily: kernels stay leaves
+
+    husk, names = meta
+    return dequantize_4bit(packed, dataclasses.replace(husk, **dict(zip(names, tensors))), dtype)
 
 
 class LoRALinearFunction(torch.autograd.Function):
     """y = x W^T + s (x A^T) B^T (+ bias); returns grads for x, A, B only.
 
     Saves for backward: x, A, B, and either the dense W (the frozen parameter itself) or the
-    NF4 tensors (packed uint8, code, absmax or qabsmax/absmax2/code2/offset); never a dense
-    dequantised copy of W.
+    4-bit tensors (packed uint8 and the QuantState's code, absmax or qabsmax/absmax2/code2/offset);
+    never a dense dequantised copy of W. `W` is the dense W or the packed bytes (with `meta`).
     """
 
     @staticmethod
-    def forward(ctx, x, A, B, scaling, bias, W, nf4_meta, *nf4_tensors):
+    def forward(ctx, x, A, B, scaling, bias, W, meta, *state_tensors):
         X = x.reshape(-1, x.shape[-1])                                         # (N, in)
-        if nf4_meta is None:
+        if meta is None:
             Wd = W.to(X.dtype)                                                  # (out, in)
         else:
-            Wd = _nf4_rebuild(nf4_meta, nf4_tensors).dequantize(X.dtype)       # (out, in), dropped below
+            Wd = _dequantize(W, meta, state_tensors, X.dtype)                   # (out, in), dropped below
         Ac, Bc = A.to(X.dtype), B.to(X.dtype)
         xa = X @ Ac.t()                                                         # (N, r)
         y = torch.addmm(bias.to(X.dtype), X, Wd.t()) if bias is not None else X @ Wd.t()  # (N, out)
         y.addmm_(xa, Bc.t(), alpha=scaling)                                     # y += s xa B^T, in place
-        if nf4_meta is None:
-            ctx.save_for_backward(x, A, B, W)
-        else:
-            ctx.save_for_backward(x, A, B, *nf4_tensors)
-        ctx.scaling, ctx.nf4_meta = scaling, nf4_meta
+        ctx.save_for_backward(x, A, B, W, *state_tensors)                      # W: dense, or packed bytes
+        ctx.scaling, ctx.meta = scaling, meta
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x, A, B, *w = ctx.saved_tensors
+        x, A, B, W, *state_tensors = ctx.saved_tensors
         s = ctx.scaling
         X = x.reshape(-1, x.shape[-1])                                         # (N, in)
         dY = dy.reshape(-1, dy.shape[-1]).to(X.dtype)                          # (N, out)
@@ -90,33 +89,36 @@ class LoRALinearFunction(torch.autograd.Function):
         dA = dxa.t() @ X                                                        # (r, in)
         dx = None
         if ctx.needs_input_grad[0]:
-            if ctx.nf4_meta is None:
-                Wd = w[0].to(X.dtype)
+            if ctx.meta is None:
+                Wd = W.to(X.dtype)
             else:
-                Wd = _nf4_rebuild(ctx.nf4_meta, w).dequantize(X.dtype)         # dequantised again
+                Wd = _dequantize(W, ctx.meta, state_tensors, X.dtype)           # dequantised again
             dx = (dY @ Wd).addmm_(dxa, Ac).reshape(x.shape)                    # (N, in)
-        n_nf4 = len(w) if ctx.nf4_meta is not None else 0
-        return (dx, dA.to(A.dtype), dB.to(B.dtype), None, None, None, None) + (None,) * n_nf4
+        return (dx, dA.to(A.dtype), dB.to(B.dtype), None, None, None, None) + (None,) * len(state_tensors)
 
 
 def lora_linear_ref(x, W, A, B, scaling, bias=None):
-    """Plain torch under autograd. W is a dense tensor or an NF4Weight (dequantised in torch)."""
-    if isinstance(W, NF4Weight):
-        W = nf4_dequantize_ref(W.packed, W.absmax, W.code, W.shape, W.blocksize, x.dtype, W.blocksize2)
+    """Plain torch under autograd. W is a dense tensor or a (packed, QuantState) pair
+    (dequantised by pelib.quant.dequantize_4bit_ref)."""
+    if isinstance(W, tuple):
+        from pelib.quant.blockwise import dequantize_4bit_ref
+
+        W = dequantize_4bit_ref(W[0], W[1], x.dtype)
     W = W.detach().to(x.dtype)
     y = torch.nn.functional.linear(x, W, None if bias is None else bias.detach().to(x.dtype))
     return y + scaling * torch.nn.functional.linear(torch.nn.functional.linear(x, A.to(x.dtype)), B.to(x.dtype))
 
 
 def lora_linear_fused(x, W, A, B, scaling, bias=None):
-    if isinstance(W, NF4Weight):
-        meta = (tuple(W.shape), W.blocksize, W.blocksize2, not isinstance(W.absmax, torch.Tensor))
-        return LoRALinearFunction.apply(x, A, B, scaling, bias, None, meta, *_nf4_tensors(W))
+    if isinstance(W, tuple):                                                   # (packed, QuantState)
+        tensors, meta = _split(W[1])
+        return LoRALinearFunction.apply(x, A, B, scaling, bias, W[0], meta, *tensors)
     return LoRALinearFunction.apply(x, A, B, scaling, bias, W, None)
 
 
 def lora_linear(x, W, A, B, scaling, bias=None):
-    """y = x W^T + scaling * (x A^T) B^T + bias, W (out, in) dense or NF4Weight, frozen.
+    """y = x W^T + scaling * (x A^T) B^T + bias, W (out, in) frozen: a dense tensor or a 4-bit
+    (packed, pelib.quant.QuantState) pair, e.g. (layer.packed, layer.quant_state) of a Linear4bit.
 
     x (..., in), A (r, in), B (out, r) -> y (..., out). Gradients flow to x, A and B.
     """

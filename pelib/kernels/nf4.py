@@ -1,4 +1,5 @@
-"""NF4 dequantisation, with double quantisation, as one Triton kernel.
+"""NF4 dequantisation, with double quantisation, as one Triton kernel: the GPU fast path of
+`pelib.quant.dequantize_4bit`. A leaf: plain tensors in, no state class of its own.
 
 QLoRA (Dettmers et al. 2023) stores a frozen weight W (numel n) as
 
@@ -29,14 +30,11 @@ Memory traffic per element (the kernel is purely bandwidth-bound; ~3 FLOPs per e
     e.g. 4096 x 14336 -> fp16: 58.7M elements, 29.4 MB + 0.9 MB read, 117 MB written,
          ~148 MB in all: 34 us at 4.3 TB/s (H200 HBM).
 """
-from dataclasses import dataclass
-from math import prod
-
 import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import interpreting, launch_options, use_triton
+from ._dispatch import interpreting, launch_options
 
 
 @triton.jit
@@ -78,111 +76,42 @@ def _nf4_dequant_kernel(
     tl.store(out_ptr + idx, w.to(out_ptr.dtype.element_ty), mask=idx < n)
 
 
-def _unpack_absmax(absmax, device):
-    """absmax is a fp32 tensor, or the DQ tuple (qabsmax, absmax2, code2, offset)."""
-    if isinstance(absmax, torch.Tensor):
-        return None
-    qabsmax, absmax2, code2, offset = absmax
-    if not isinstance(offset, torch.Tensor):
-        offset = torch.tensor(float(offset), dtype=torch.float32, device=device)
-    return qabsmax, absmax2.float(), code2.float(), offset.reshape(1).float()
+def dequantize_4bit_triton(packed, code, n, blocksize, dtype, absmax=None, qabsmax=None, absmax2=None,
+                           code2=None, offset=None, blocksize2=256, out=None):
+    """Launch the kernel on plain tensors; returns the (n,) dequantised values in `dtype`.
 
+    packed   (cdiv(n, 2),) uint8 (any shape of that many bytes), even element in the high nibble
+    code     (16,) fp32 code map (NF4, or any 16-entry code such as FP4: it is only looked up)
+    absmax   (n_blocks,) fp32 scales, or with double quantisation, instead:
+    qabsmax  (n_blocks,) uint8, absmax2 (cdiv(n_blocks, blocksize2),) fp32, code2 (256,) fp32,
+             offset () fp32
+    out      optional contiguous tensor of n elements of `dtype` to write into
 
-def nf4_dequantize_ref(packed, absmax, code, shape, blocksize=64, dtype=torch.float32, blocksize2=256):
-    """Pure-torch NF4 (+DQ) dequantisation, operation for operation as bitsandbytes."""
-    n = prod(shape)
-    dq = _unpack_absmax(absmax, packed.device)
-    if dq is not None:
-        qabsmax, absmax2, code2, offset = dq
-        b = torch.arange(qabsmax.numel(), device=packed.device) // blocksize2
-        absmax = code2[qabsmax.long()] * absmax2[b] + offset      # (n_blocks,) fp32
-    byte = packed.reshape(-1)
-    q = torch.stack((byte >> 4, byte & 0xF), dim=-1).reshape(-1)[:n]   # (n,) high nibble first
-    scale = absmax.float().repeat_interleave(blocksize)[:n]           # (n,)
-    return (code.float()[q.long()] * scale).to(dtype).reshape(shape)
-
-
-def nf4_dequantize_triton(packed, absmax, code, shape, blocksize=64, dtype=torch.float32, blocksize2=256):
-    """The Triton kernel; same arguments and result as `nf4_dequantize_ref`."""
-    n = prod(shape)
-    assert blocksize % 2 == 0
+    The one public op is `pelib.quant.dequantize_4bit(packed, state)`, which calls this on a GPU;
+    its torch reference is `pelib.quant.dequantize_4bit_ref`.
+    """
+    double = qabsmax is not None
     packed = packed.reshape(-1)
-    assert packed.dtype == torch.uint8 and packed.numel() == (n + 1) // 2
-    dq = _unpack_absmax(absmax, packed.device)
-    if dq is None:
-        absmax = absmax.float().contiguous()
-        qabsmax = absmax2 = code2 = offset = absmax       # unused by the DOUBLE=False kernel
-    else:
-        qabsmax, absmax2, code2, offset = dq
-        absmax = absmax2                                  # unused by the DOUBLE=True kernel
+    assert blocksize % 2 == 0 and packed.dtype == torch.uint8 and packed.numel() == (n + 1) // 2
+    if double:                 # DOUBLE=True never reads absmax_ptr: absmax2 stands in
+        absmax2, code2 = absmax2.float().contiguous(), code2.float().contiguous()
+        absmax, offset = absmax2, offset.reshape(1).float()
+    else:                      # DOUBLE=False reads only absmax_ptr: the others are placeholders
+        absmax = qabsmax = absmax2 = code2 = offset = absmax.float().contiguous()
     # The interpreter truncates on a bf16 cast: it writes fp32 and torch rounds to bf16.
     kdtype = torch.float32 if (dtype == torch.bfloat16 and interpreting()) else dtype
-    out = torch.empty(n, dtype=kdtype, device=packed.device)
+    direct = out is not None and kdtype == dtype
+    res = out.view(-1) if direct else torch.empty(n, dtype=kdtype, device=packed.device)
     BLOCK = 1 << 15 if interpreting() else 1024
     grid = (triton.cdiv(packed.numel(), BLOCK),)
     _nf4_dequant_kernel[grid](
-        packed, absmax, qabsmax, absmax2, code2, offset, code.float().contiguous(), out,
-        packed.numel(), n,
-        HALF_BLOCKSIZE=blocksize // 2, BLOCKSIZE2=blocksize2, DOUBLE=dq is not None, BLOCK=BLOCK,
+        packed, absmax, qabsmax, absmax2, code2, offset,
+        code.float().contiguous(), res, packed.numel(), n,
+        HALF_BLOCKSIZE=blocksize // 2, BLOCKSIZE2=blocksize2, DOUBLE=double, BLOCK=BLOCK,
         **launch_options(),
     )
-    return out.to(dtype).reshape(shape)
-
-
-def nf4_dequantize(packed, absmax, code, shape, blocksize=64, dtype=torch.float32, blocksize2=256):
-    """Dequantise a packed NF4 weight to a dense `dtype` tensor of `shape`.
-
-    packed    (cdiv(n, 2),) or (cdiv(n, 2), 1) uint8, even element in the high nibble
-    absmax    (n_blocks,) fp32, or with double quantisation the tuple
-              (qabsmax (n_blocks,) uint8, absmax2 (cdiv(n_blocks, blocksize2),) fp32,
-               code2 (256,) fp32, offset scalar)
-    code      (16,) fp32 NF4 code map
-    """
-    f = nf4_dequantize_triton if use_triton(packed) else nf4_dequantize_ref
-    return f(packed, absmax, code, shape, blocksize, dtype, blocksize2)
-
-
-@dataclass
-class NF4Weight:
-    """A frozen 4-bit weight as plain tensors: what fused LoRA saves instead of a dense W."""
-
-    packed: torch.Tensor
-    absmax: object              # fp32 tensor, or (qabsmax, absmax2, code2, offset)
-    code: torch.Tensor
-    shape: tuple
-    blocksize: int = 64
-    dtype: torch.dtype = torch.float16
-    blocksize2: int = 256
-
-    def dequantize(self, dtype=None):
-        return nf4_dequantize(self.packed, self.absmax, self.code, self.shape, self.blocksize,
-                              dtype or self.dtype, self.blocksize2)
-
-    @classmethod
-    def from_quant_state(cls, packed, state):
-        """From packed bytes and either library's quantisation state.
-
-        `state` is pelib's `pelib.quant.QuantState` (e.g. `Linear4bit.quant_state`), whose double
-        quantisation fields are `qabsmax`, `absmax2`, `code2`, `offset`, `blocksize2`, or
-        bitsandbytes' QuantState (recognised by its `nested` flag; see `from_bnb`). The kernel
-        only looks values up in `state.code`, so a 16-entry FP4 code works as NF4 does.
-        """
-        if hasattr(state, "nested"):                                       # bitsandbytes
-            return cls.from_bnb(packed, state)
-        if state.qabsmax is not None:                                      # pelib, double quant
-            absmax = (state.qabsmax, state.absmax2, state.code2, state.offset)
-        else:
-            absmax = state.absmax
-        return cls(packed, absmax, state.code, tuple(state.shape), state.blocksize, state.dtype,
-                   state.blocksize2)
-
-    @classmethod
-    def from_bnb(cls, packed, quant_state):
-        """From the (packed, QuantState) pair of `bitsandbytes.functional.quantize_4bit`."""
-        qs = quant_state
-        if qs.nested:
-            absmax = (qs.absmax, qs.state2.absmax, qs.state2.code, qs.offset)
-            b2 = qs.state2.blocksize
-        else:
-            absmax, b2 = qs.absmax, 256
-        return cls(packed, absmax, qs.code, tuple(qs.shape), qs.blocksize, qs.dtype, b2)
+    if out is None:
+        return res.to(dtype)
+    if not direct:
+        out.view(-1).copy_(res)                             # round fp32 -> bf16 (interpreter)
+    return out.view(-1)

@@ -41,10 +41,3 @@ from .qlora import (
     qlora_nbytes,
 )
 
-
-def __getattr__(name):  # the benchmark imports bitsandbytes: load it only when asked for
-    if name == "bench_dequant":
-        from .bench import bench_dequant
-
-        return bench_dequant
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

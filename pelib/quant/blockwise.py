@@ -36,6 +36,8 @@ can land one code off (0.2-0.5% of the constants). "bnb" (the default) does the 
 and state equal the peer's; "nearest" is the exact rule of the equations (notebook 05).
 """
 import math
+import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -118,6 +120,21 @@ class QuantState:
                 a[full:].mul_(self.absmax2[-1])
             a.add_(self.offset)
         return absmax
+
+    @classmethod
+    def from_bnb(cls, qs) -> "QuantState":
+        """The same scales from bitsandbytes' QuantState (`bitsandbytes.functional.quantize_4bit`
+        or `bnb.nn.Params4bit.quant_state`): the tensors are shared, not copied. bitsandbytes
+        keeps the double-quantised scales as `absmax` (uint8) plus a nested `state2`."""
+        state = cls(shape=torch.Size(qs.shape), dtype=qs.dtype, blocksize=qs.blocksize,
+                    quant_type=qs.quant_type, code=qs.code)
+        if qs.nested:
+            state.qabsmax, state.offset = qs.absmax, qs.offset
+            state.absmax2, state.code2 = qs.state2.absmax, qs.state2.code
+            state.blocksize2 = qs.state2.blocksize
+        else:
+            state.absmax = qs.absmax
+        return state
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The per-weight tensors this state stores (what the bits/param ledger counts)."""
@@ -261,6 +278,16 @@ def dequantize_4bit_ref(packed: torch.Tensor, state: QuantState, dtype: torch.dt
     return W.view(state.shape).to(dtype or state.dtype)
 
 
+def _triton_wanted(t: torch.Tensor) -> bool:
+    """The Triton kernel for a CUDA tensor (unless the kernels backend is "ref"), or wherever
+    the backend is "triton". On the CPU "auto" keeps the torch path below: there Triton only
+    interprets (a correctness tool), and pelib.kernels (which imports Triton) need not load.
+    """
+    d = sys.modules.get("pelib.kernels._dispatch")  # loaded only if someone uses the kernels
+    backend = d.get_backend() if d else os.environ.get("PELIB_KERNELS", "auto")
+    return backend == "triton" or (t.is_cuda and backend != "ref")
+
+
 # Byte -> (high nibble, low nibble): the 256 x 2 index table behind the fast path.
 _BYTE_NIBBLES = torch.stack([torch.arange(256) >> 4, torch.arange(256) & 0xF], dim=1)  # (256, 2)
 # Bytes of packed weights a chunk. With several threads every op is a fork/join (slow on a busy
@@ -293,16 +320,25 @@ def dequantize_4bit(
     The double-quantised scales are decoded once per call (QuantState.block_absmax).
     Traffic: n/2 bytes read + n * itemsize written (+ 4 n / B for the scales). A new output
     also costs the OS mapping and zeroing its pages, often more than the arithmetic.
+
+    On a GPU (or on the CPU when the kernels backend is "triton": Triton's interpreter) the
+    same operations run as one Triton kernel, `pelib.kernels.nf4` (chunk_bytes is not used).
     """
     _check_state(packed, state)
     n, B = state.numel, state.blocksize
     dtype, device = dtype or state.dtype, packed.device
+    if out is not None and (out.shape != state.shape or out.dtype != dtype or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {tuple(state.shape)}")
+    if _triton_wanted(packed):
+        from ..kernels.nf4 import dequantize_4bit_triton  # imports Triton: only when it runs
+
+        t = {k: getattr(state, k) for k in ("absmax", "qabsmax", "absmax2", "code2", "offset")}
+        W = dequantize_4bit_triton(packed, state.code, n, B, dtype, **t, blocksize2=state.blocksize2, out=out)
+        return W.view(state.shape)
     if chunk_bytes is None:
         chunk_bytes = CHUNK_BYTES_1_THREAD if torch.get_num_threads() == 1 else CHUNK_BYTES
     if chunk_bytes % (B // 2):
         raise ValueError(f"chunk_bytes ({chunk_bytes}) must hold whole blocks of {B // 2} bytes")
-    if out is not None and (out.shape != state.shape or out.dtype != dtype or not out.is_contiguous()):
-        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {tuple(state.shape)}")
     lut = state.code[_BYTE_NIBBLES.to(device)].reshape(-1).view(torch.int64)  # (256,): two fp32 each
     absmax = state.block_absmax()  # (n_blocks,) fp32
     packed = packed.reshape(-1)  # (n_bytes,) uint8

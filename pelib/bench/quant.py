@@ -1,11 +1,12 @@
-"""Benchmark: 4-bit dequantisation on the CPU, pelib against bitsandbytes and the memory floor.
+"""Benchmark: 4-bit dequantisation on the CPU, pelib against bitsandbytes and the memory floor
+(QLoRA, arXiv:2305.14314: W~ = code[q] * absmax, absmax = code2[q2] * absmax2 + offset).
 
-    python -m pelib.quant.bench --n 4096 [--dtype float32] [--threads 1] [--tokens 256]
+    python -m pelib bench quant --n 4096 [--dtype float32] [--threads 1] [--tokens 256]
 
 Both libraries dequantise the same bytes and scales (bitsandbytes' NF4 of an N(0, 1) weight,
 blocksize 64, double quantisation)
-in the same process, alternating runs so that both see the same machine load; we print the
-medians, their ratio, pelib writing into a preallocated `out`, and two floors:
+in the same process, alternating runs (pelib.measure.time_ms) so that both see the same machine
+load; we print the medians, the peak memory each call adds, their ratio, pelib writing into a preallocated `out`, and two floors:
   - traffic: bytes that must move (n/2 packed bytes in, n * itemsize out, scales) divided
     by the bandwidth of a large tensor copy measured here;
   - a fresh output: allocating and first touching an n-element buffer. The OS maps and
@@ -18,34 +19,11 @@ A benchmark, not a test: timings on a shared machine are noisy.
 """
 import argparse
 import logging
-import statistics
-import time
 
 import torch
 
-from .blockwise import QuantState, dequantize_4bit
-
-
-def _ms(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return 1e3 * (time.perf_counter() - t0)
-
-
-def _median_ms(fn, repeats: int) -> float:
-    return statistics.median(_ms(fn) for _ in range(repeats))
-
-
-def _alternating_medians(runs: dict, repeats: int) -> dict:
-    """Warm every run up once, then time them in turn `repeats` times (so all see the same
-    machine load); the median ms of each."""
-    times = {k: [] for k in runs}
-    for fn in runs.values():
-        fn()
-    for _ in range(repeats):
-        for k, fn in runs.items():
-            times[k].append(_ms(fn))
-    return {k: statistics.median(v) for k, v in times.items()}
+from ..measure import copy_bandwidth, peak_added_mb, time_ms
+from ..quant.blockwise import QuantState, dequantize_4bit
 
 
 def bench_dequant(n: int = 4096, repeats: int = 9, dtype: torch.dtype = torch.float32, seed: int = 0) -> dict:
@@ -58,9 +36,7 @@ def bench_dequant(n: int = 4096, repeats: int = 9, dtype: torch.dtype = torch.fl
     bnb_packed, bnb_state = bnbF.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
     # Both dequantise the same bytes and scales: bitsandbytes', held in our QuantState.
     packed = bnb_packed.reshape(-1)
-    state = QuantState(shape=W.shape, dtype=dtype, blocksize=64, quant_type="nf4", code=bnb_state.code,
-                       qabsmax=bnb_state.absmax, absmax2=bnb_state.state2.absmax,
-                       code2=bnb_state.state2.code, offset=bnb_state.offset)
+    state = QuantState.from_bnb(bnb_state)
 
     # Warm up, then alternate so each sees the same load. Both return a new tensor (what a
     # caller sees); pelib is also timed writing into a preallocated `out` (bitsandbytes has
@@ -71,24 +47,25 @@ def bench_dequant(n: int = 4096, repeats: int = 9, dtype: torch.dtype = torch.fl
         "bnb": lambda: bnbF.dequantize_4bit(bnb_packed, bnb_state),
         "pelib_out": lambda: dequantize_4bit(packed, state, out=out),
     }
-    ms = _alternating_medians(runs, repeats)
+    ms = time_ms(runs, repeats)
     assert torch.equal(out, bnbF.dequantize_4bit(bnb_packed, bnb_state))
+    peak = {k: peak_added_mb(runs[k])[1] for k in ("pelib", "bnb")}
 
-    # Floors. Copy bandwidth on touched buffers: read + write of the output's size.
+    # Floors. Copy bandwidth on touched fp32 buffers of the output's size: read + write.
     numel, itemsize = n * n, torch.empty((), dtype=dtype).element_size()
-    src, dst = torch.randn(numel).to(dtype), torch.zeros(numel, dtype=dtype)
-    ms_copy = _median_ms(lambda: dst.copy_(src), repeats)
-    bandwidth = 2 * numel * itemsize / (ms_copy * 1e-3)  # bytes/s
+    bandwidth = copy_bandwidth("cpu", max(numel * itemsize // 4, 1))  # bytes/s
     traffic = numel // 2 + numel * itemsize + sum(t.numel() * t.element_size() for t in state.tensors().values())
     ms_floor = 1e3 * traffic / bandwidth
-    ms_fresh = _median_ms(lambda: torch.empty(numel, dtype=dtype).fill_(0), repeats)
+    ms_fresh = time_ms({"fresh": lambda: torch.empty(numel, dtype=dtype).fill_(0)}, repeats)["fresh"]
 
     res = dict(n=n, dtype=str(dtype), threads=torch.get_num_threads(), **{f"{k}_ms": v for k, v in ms.items()},
                ratio=ms["pelib"] / ms["bnb"],
-               traffic_MB=traffic / 1e6, copy_GBps=bandwidth / 1e9, floor_ms=ms_floor, fresh_output_ms=ms_fresh)
+               traffic_MB=traffic / 1e6, copy_GBps=bandwidth / 1e9, floor_ms=ms_floor,
+               fresh_output_ms=ms_fresh,
+               pelib_peak_MB=peak["pelib"], bnb_peak_MB=peak["bnb"])
     print(f"dequantize_4bit NF4+DQ, {n}x{n} -> {dtype}, {res['threads']} threads, median of {repeats}")
-    print(f"  pelib          {ms['pelib']:8.2f} ms")
-    print(f"  bitsandbytes   {ms['bnb']:8.2f} ms")
+    print(f"  pelib          {ms['pelib']:8.2f} ms  (peak added {peak['pelib']:.0f} MB)")
+    print(f"  bitsandbytes   {ms['bnb']:8.2f} ms  (peak added {peak['bnb']:.0f} MB)")
     print(f"  ratio          {res['ratio']:8.2f}     (pelib / bitsandbytes)")
     print(f"  pelib, out=    {ms['pelib_out']:8.2f} ms  (into a preallocated output)")
     print(f"  traffic floor  {ms_floor:8.2f} ms  ({traffic / 1e6:.1f} MB at {bandwidth / 1e9:.1f} GB/s copy bandwidth)")
@@ -102,7 +79,7 @@ def bench_linear(n: int = 4096, tokens: int = 256, repeats: int = 9, seed: int =
     import bitsandbytes as bnb
     import torch.nn as nn
 
-    from .linear4bit import Linear4bit
+    from ..quant.linear4bit import Linear4bit
 
     torch.manual_seed(seed)
     dense = nn.Linear(n, n).requires_grad_(False)
@@ -118,7 +95,7 @@ def bench_linear(n: int = 4096, tokens: int = 256, repeats: int = 9, seed: int =
     with torch.no_grad():
         assert torch.equal(ours(x), theirs(x)), "pelib and bitsandbytes disagree on this layer"
     runs = {"pelib": step(ours), "bnb": step(theirs), "fp32 nn.Linear": step(dense)}
-    ms = _alternating_medians(runs, repeats)
+    ms = time_ms(runs, repeats)
     res = dict(n=n, tokens=tokens, threads=torch.get_num_threads(), **{f"{k}_ms": v for k, v in ms.items()},
                ratio=ms["pelib"] / ms["bnb"])
     print(f"frozen 4-bit layer {n}x{n}, forward + backward to dx, {tokens} tokens, "
@@ -130,8 +107,8 @@ def bench_linear(n: int = 4096, tokens: int = 256, repeats: int = 9, seed: int =
     return res
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="pelib bench quant", description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -143,6 +120,3 @@ def main(argv=None) -> None:
     bench_dequant(args.n, args.repeats, getattr(torch, args.dtype))
     bench_linear(args.n, args.tokens, args.repeats)
 
-
-if __name__ == "__main__":
-    main()

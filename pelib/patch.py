@@ -1,7 +1,10 @@
 """Swap pelib's kernels into a transformers Llama model, explicitly, and back.
 
-    model = pelib.kernels.patch(model)     # RMSNorm, RoPE, SwiGLU, LoRA linears, loss -> kernels
-    pelib.kernels.unpatch(model)           # everything as it was
+    model = pelib.patch.patch(model)       # RMSNorm, RoPE, SwiGLU, LoRA linears, loss -> kernels
+    pelib.patch.unpatch(model)             # everything as it was
+
+It lives outside pelib.kernels (which are leaves: torch and triton only) because it knows
+transformers' Llama, pelib.lora and pelib.quant.
 
 What is replaced (transformers 5.x, models.llama.modeling_llama):
     LlamaRMSNorm.forward    per instance -> rms_norm(x, weight, eps): weights and state-dict keys
@@ -31,12 +34,11 @@ import types
 import torch
 import torch.nn.functional as F
 
-from .cross_entropy import cross_entropy
-from .lora import lora_linear
-from .nf4 import NF4Weight
-from .rmsnorm import rms_norm
-from .rope import apply_rope
-from .swiglu import swiglu
+from .kernels.cross_entropy_kernel import cross_entropy
+from .kernels.lora import lora_linear
+from .kernels.rmsnorm import rms_norm
+from .kernels.rope import apply_rope
+from .kernels.swiglu_kernel import swiglu
 
 _rope_state = {"count": 0, "original": None}
 
@@ -61,17 +63,18 @@ def _mlp_forward(self, x):
 
 
 def _lora_weight(base):
-    """The frozen W of a supported base layer: a dense tensor or an NF4Weight; None otherwise.
+    """The frozen W of a supported base layer: a dense tensor or a 4-bit (packed, QuantState)
+    pair; None otherwise.
 
     Only a plain nn.Linear (not a subclass: bitsandbytes' Linear4bit is one, and its `weight`
     is not a dense W) and pelib's Linear4bit are fused; any other base keeps the class's forward.
     """
-    from pelib.quant import Linear4bit
+    from .quant import Linear4bit
 
     if type(base) is torch.nn.Linear:
         return base.weight                                                    # (out, in)
     if isinstance(base, Linear4bit):
-        return NF4Weight.from_quant_state(base.packed, base.quant_state)      # 4-bit, never dense
+        return (base.packed, base.quant_state)                               # 4-bit, never dense
     return None
 
 
@@ -105,15 +108,15 @@ def _lora_forward(self, x):
     if autocast:
         c = torch.get_autocast_dtype(x.device.type)
     else:
-        c = base.compute_dtype if isinstance(W, NF4Weight) else W.dtype
-    out_dtype = torch.promote_types(x.dtype if isinstance(W, NF4Weight) else c,
+        c = base.compute_dtype if isinstance(W, tuple) else W.dtype
+    out_dtype = torch.promote_types(x.dtype if isinstance(W, tuple) else c,
                                     c if autocast else A.dtype)
     y = lora_linear(x.to(c), W, A, B, self.scaling, base.bias)               # (..., out) in c
     return y.to(out_dtype)
 
 
 def _llama():
-    # imported here, not at the top: `import pelib.kernels` stays free of transformers
+    # imported here, not at the top: importing pelib.patch stays free of transformers
     import transformers.models.llama.modeling_llama as llama
     return llama
 
@@ -121,7 +124,7 @@ def _llama():
 def patch(model):
     """Use pelib's kernels in a transformers Llama model (in place); returns the model."""
     llama = _llama()
-    from pelib.lora import LoRALinear
+    from .lora import LoRALinear
 
     if getattr(model, "_pelib_patched", False):
         return model

@@ -1,35 +1,37 @@
 """Seconds per training step and peak memory of one method on a packaged backbone, one method per
 process (peak RSS is per process), on a fixed batch of random tokens:
 
-    python bench/train_step.py --model smollm2 --method qlora --batch 8 --tokens 128 --steps 4
-    python bench/train_step.py --model smollm2 --method lora  --batch 8 --tokens 128 --steps 4
+    python -m pelib bench train-step --model smollm2 --method qlora --batch 8 --tokens 128 --steps 4
+    python -m pelib bench train-step --model smollm2 --method lora  --batch 8 --tokens 128 --steps 4
 
 Prints one JSON line: model state bytes by kind (pelib.quant.qlora_nbytes), the bytes autograd
 saves for the backward (activations: storages that are not the model's own tensors), resident
-memory with the model built, after the warm-up step, and its peak over the timed steps (sampled every 20 ms; glibc keeps freed
-memory, so RSS is a loose upper bound), and the median seconds per step (forward + backward +
-AdamW) after one warm-up step. A benchmark, not a test: on a shared machine the times move with
-the load (the line includes the load average).
+memory with the model built, after the warm-up step, and its peak over the timed steps (sampled
+every 20 ms; glibc keeps freed memory, so RSS is a loose upper bound; pelib.measure.PeakMemory),
+the median seconds per step (forward + backward + AdamW) after one warm-up step
+(pelib.measure.time_ms), and the limit: the step's FLOPs (counted by torch) at this machine's
+measured matmul rate (bf16 with --bf16). The peer is the other method, run in its own process
+(peak RSS is per process). A benchmark, not a test: on a shared machine the times move with the
+load (the line includes the load average).
 """
 import argparse
 import ctypes
 import gc
 import json
 import os
-import statistics
-import time
 
 import psutil
 import torch
 
-import pelib
-from pelib.backbone import DEFAULT_TARGETS
-from pelib.quant import apply_qlora, qlora_nbytes
-from pelib.train import PeakMemory
+from ..measure import PeakMemory, count_flops, matmul_rate, time_ms
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    import pelib
+    from pelib.backbone import DEFAULT_TARGETS
+    from pelib.quant import apply_qlora, qlora_nbytes
+
+    ap = argparse.ArgumentParser(prog="pelib bench train-step", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2", choices=["minilm", "smollm2"])
     ap.add_argument("--method", default="qlora", choices=["lora", "qlora"])
     ap.add_argument("--r", type=int, default=8)
@@ -81,20 +83,15 @@ def main(argv=None):
 
     step()  # warm-up: allocates Adam's moments and the gradient buffers
     rss_before = psutil.Process().memory_info().rss
-    times = []
     with PeakMemory(torch.device("cpu")) as mem:
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
+        ms = time_ms({"step": step}, repeats=args.steps, warmup=0)["step"]
+    flops = count_flops(step)
+    limit_ms = 1e3 * flops / matmul_rate(dtype=torch.bfloat16 if args.bf16 else torch.float32)
     print(json.dumps(dict(
         model=args.model, method=args.method, r=args.r, batch=f"{args.batch}x{args.tokens}", bf16=args.bf16,
         threads=torch.get_num_threads(), load_avg=round(os.getloadavg()[0], 2),
         state_MB={k: round(v / 1e6, 1) for k, v in qlora_nbytes(model).items()},
         saved_activations_MB=round(sum(saved.values()) / 1e6, 1),  # of the last step
         rss_model_MB=round(rss_model / 1e6), rss_before_MB=round(rss_before / 1e6), peak_rss_MB=round(mem.peak / 1e6),
-        s_per_step=round(statistics.median(times), 3), steps=[round(t, 2) for t in times])))
-
-
-if __name__ == "__main__":
-    main()
+        s_per_step=round(ms / 1e3, 3), limit_s_per_step=round(limit_ms / 1e3, 3),
+        gflop_per_step=round(flops / 1e9, 1))))

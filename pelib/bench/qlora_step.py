@@ -1,4 +1,5 @@
-"""One QLoRA training step of a SmolLM2-shaped Llama with pelib.kernels on vs off.
+"""One QLoRA training step of a SmolLM2-shaped Llama with pelib's kernels on vs off (a row of
+`python -m pelib bench kernels`; QLoRA, arXiv:2305.14314, with LoRA y = x W~^T + s x A^T B^T).
 
 The model has SmolLM2-135M's shapes (30 layers, hidden 576, 9 query / 3 key-value heads of 64,
 intermediate 1536, vocabulary 49152, tied embeddings) and random weights: the time of a step
@@ -10,7 +11,7 @@ compute) under a LoRA of rank r (B random, so the LoRA path carries weight). One
 
 under bf16 autocast with fp32 LoRA weights, as HF's Trainer(bf16=True) runs a peft QLoRA model
 (on the CPU path, in fp32 without autocast). "off" is the model as pelib builds it; "on" is the
-same model after `pelib.kernels.patch`. Two copies of one model, each with its own optimiser, so
+same model after `pelib.patch.patch`. Two copies of one model, each with its own optimiser, so
 both first steps start from the same weights and their losses are compared (rel_diff). The
 patched copy stays patched only while its own steps run: RoPE's patch is process-wide.
 
@@ -24,10 +25,10 @@ H200); a step of a model this narrow is far from it, bound by kernel launches an
 traffic, which is what the kernels cut.
 """
 import copy
-import statistics
-import time
 
 import torch
+
+from ..measure import peak_added_mb, time_ms
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SMOLLM2 = dict(L=30, h=576, Hq=9, Hk=3, m=1536, V=49152, r=16, batch=8, T=512)
@@ -73,39 +74,13 @@ def _trainer(model, ids, dtype):
     return step
 
 
-def _time_steps_ms(step, device, warmup, reps):
-    for _ in range(warmup):
-        step()
-    ts = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            t0.record()
-            step()
-            t1.record()
-            torch.cuda.synchronize()
-            ts.append(t0.elapsed_time(t1))
-        else:
-            t0 = time.perf_counter()
-            step()
-            ts.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(ts)
-
-
-def _peak_mb(step, device):
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
 def qlora_step_row(q, device, dtype, peaks):
-    """Time one QLoRA step with and without pelib.kernels.patch; a row for bench.run's table."""
-    import pelib.kernels as K
+    """Time one QLoRA step with and without pelib.patch; a row for kernels.run's table.
+
+    The two are timed one after the other, not in alternating turns: the RoPE patch is
+    process-wide, so the unpatched model cannot step while the patched one is patched.
+    """
+    from ..patch import patch, unpatch
 
     N, h, m, V, r, L, T = q["batch"] * q["T"], q["h"], q["m"], q["V"], q["r"], q["L"], q["T"]
     kv = q["Hk"] * h // q["Hq"]
@@ -125,16 +100,16 @@ def qlora_step_row(q, device, dtype, peaks):
     for name, model in (("ours", on), ("torch", off)):
         step = _trainer(model, ids, dtype)
         if name == "ours":
-            K.patch(on)         # only while its own steps run: the RoPE patch is process-wide
+            patch(on)           # only while its own steps run: the RoPE patch is process-wide
         try:
-            loss[name] = step()                                  # first steps: the same weights
+            loss[name], peak = peak_added_mb(step, device)       # first steps: the same weights
             timed = gpu or name == "torch"                       # CPU: Triton interprets, not timed
-            ms = _time_steps_ms(step, device, 3, 10) if timed else None
+            ms = time_ms({name: step}, repeats=10, warmup=3, device=device)[name] if timed else None
             row[name + "_ms"] = ms
             row[name + "_GBps"] = None if ms is None else nbytes / (ms * 1e-3) / 1e9
-            row[name + "_peak_MB"] = _peak_mb(step, device)
+            row[name + "_peak_MB"] = peak                        # of the first step (AdamW's states too)
         finally:
-            K.unpatch(model)                                     # no-op for the unpatched copy
+            unpatch(model)                                       # no-op for the unpatched copy
     row["rel_diff"] = (abs(loss["ours"] - loss["torch"]) / loss["torch"].abs()).item()
     row["speedup"] = None if row["ours_ms"] is None else row["torch_ms"] / row["ours_ms"]
     return row

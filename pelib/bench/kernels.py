@@ -1,17 +1,19 @@
 """Benchmarks of pelib's kernels: ours, the torch-eager peer, and the physical limit.
 
-    python -m pelib.kernels.bench --out results/kernels            # CPU: torch paths timed only
-    python -m pelib.kernels.bench --gpu --out $OUT                 # one H200: full sizes
+    python -m pelib bench kernels --out results/kernels            # CPU: torch paths timed only
+    python -m pelib bench kernels --gpu --out $OUT                 # one H200: full sizes
     bench/gpu.sh $OUT                                              # the same, with a time limit
 
 Every case is a forward+backward (or, for NF4 dequant, a forward) over realistic shapes; the
 last is a whole QLoRA training step of a SmolLM2-shaped model with `patch` on vs off
-(bench_qlora.py; the issue's goal: a speed-up of at least 1.5x). Each prints three numbers
+(qlora_step.py; the issue's goal: a speed-up of at least 1.5x). Each prints three numbers
 (DESIGN.md): our time, the peer's time, and the limit, which is
 max(bytes moved / bandwidth, FLOPs / matmul rate). The GPU limits use the H200 figures measured
 on the project's device machine (4.3 TB/s copy, 790 TFLOP/s bf16); the measured copy rate of
 the current device is printed beside them. On the CPU the Triton interpreter is a correctness
 tool, not a speed measurement: "ours" is run once, checked against the peer, and not timed.
+Times come from pelib.measure.time_ms (the implementations of a case in alternating turns, CUDA
+events on a GPU); peak memory is what each implementation's first call adds (measure.PeakMemory).
 
 Each case also reports max|ours - peer| / max|peer| on its first output, so a GPU run doubles as the first
 check of the compiled kernels against torch on that device. Results go to OUT/results.json and
@@ -20,43 +22,22 @@ OUT/results.md. These are not tests: nothing here asserts a time.
 import argparse
 import json
 import os
-import statistics
-import time
 
 import torch
 
-from .cross_entropy import cross_entropy_ref, cross_entropy_triton
-from .lora import lora_linear_fused, lora_linear_ref
-from .nf4 import NF4Weight, nf4_dequantize_ref, nf4_dequantize_triton
-from .rmsnorm import rms_norm_ref, rms_norm_triton
-from .rope import apply_rope_ref, apply_rope_triton
-from .swiglu import swiglu_ref, swiglu_triton
-from .bench_qlora import SMOLLM2, TINY, _peak_mb, qlora_step_row
+from ..kernels.cross_entropy_kernel import cross_entropy_ref, cross_entropy_triton
+from ..kernels.lora import lora_linear_fused, lora_linear_ref
+from ..kernels.rmsnorm import rms_norm_ref, rms_norm_triton
+from ..kernels.rope import apply_rope_ref, apply_rope_triton
+from ..kernels.swiglu_kernel import swiglu_ref, swiglu_triton
+from ..measure import copy_bandwidth, peak_added_mb, time_ms
+from ..quant import QuantState, dequantize_4bit, dequantize_4bit_ref, get_code
+from .qlora_step import SMOLLM2, TINY, qlora_step_row
 
 H200 = {"bandwidth": 4.3e12, "bf16_flops": 790e12}
 GPU_SIZES = dict(h=4096, m=14336, r=16, N=8192, V=49152, B=4, T=2048, Hq=32, Hk=8, D=128, qlora=SMOLLM2)
 TINY_SIZES = dict(h=64, m=160, r=4, N=33, V=1003, B=1, T=33, Hq=9, Hk=3, D=64, qlora=TINY)
-NF4_TABLE = [-1.0, -0.6961928, -0.5250731, -0.3949175, -0.2844414, -0.1847734, -0.0910500, 0.0,
-             0.0795803, 0.1609302, 0.2461123, 0.3379152, 0.4407098, 0.5626170, 0.7229568, 1.0]
-
-
-def _time_ms(fn, device, reps=3):
-    if device.type == "cuda":
-        import triton.testing
-        return triton.testing.do_bench(fn, warmup=10, rep=50)
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(ts)
-
-
-def measured_copy_bandwidth(device):
-    x = torch.empty(2**26 if device.type == "cuda" else 2**22, dtype=torch.float32, device=device)
-    ms = _time_ms(lambda: x.clone(), device)
-    return 2 * x.numel() * 4 / (ms * 1e-3)                                     # read + write, B/s
+REPEATS = {"cuda": (5, 50), "cpu": (1, 3)}  # (warm-up, timed) calls per implementation
 
 
 def _grad_fn(f, inputs, dy):
@@ -69,23 +50,33 @@ def _grad_fn(f, inputs, dy):
 
 
 def _nf4_weight(shape, device, dtype):
-    """An NF4+DQ weight: quantised by bitsandbytes when importable, else random bytes/scales."""
+    """An NF4+DQ weight as (packed, QuantState), and bitsandbytes' (packed, state) pair: quantised
+    by bitsandbytes when importable (the GPU machine has none), else random bytes and scales."""
     try:
         import bitsandbytes.functional as bnbF
         W = torch.randn(shape, device=device, dtype=dtype)
         packed, qs = bnbF.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
-        return NF4Weight.from_bnb(packed, qs), (packed, qs)
+        return (packed, QuantState.from_bnb(qs)), (packed, qs)
     except Exception:
         n = shape[0] * shape[1]
         g = torch.Generator(device=device).manual_seed(0)
         nb = -(-n // 64)
+        state = QuantState(
+            shape=torch.Size(shape), dtype=dtype, blocksize=64, quant_type="nf4",
+            code=get_code("nf4").to(device),
+            qabsmax=torch.randint(0, 256, (nb,), dtype=torch.uint8, device=device, generator=g),
+            absmax2=torch.rand(-(-nb // 256), device=device, generator=g) + 0.5,
+            code2=torch.linspace(-1, 1, 256, device=device), offset=torch.tensor(0.1, device=device))
         packed = torch.randint(0, 256, ((n + 1) // 2,), dtype=torch.uint8, device=device, generator=g)
-        qabsmax = torch.randint(0, 256, (nb,), dtype=torch.uint8, device=device, generator=g)
-        absmax2 = torch.rand(-(-nb // 256), device=device, generator=g) + 0.5
-        code2 = torch.linspace(-1, 1, 256, device=device)
-        code = torch.tensor(NF4_TABLE, device=device)
-        return NF4Weight(packed, (qabsmax, absmax2, code2, torch.tensor(0.1, device=device)), code, shape,
-                         64, dtype), None
+        return (packed, state), None
+
+
+def _dequantize_triton(packed, state, dtype):
+    """pelib.quant's one 4-bit op with the kernels backend set to Triton (the interpreter on a CPU)."""
+    from ..kernels import backend
+
+    with backend("triton"):
+        return dequantize_4bit(packed, state, dtype)
 
 
 def cases(sz, device, dtype):
@@ -97,8 +88,7 @@ def cases(sz, device, dtype):
 
     # NF4 + double quantisation dequant of a (m, h) weight
     w4, bnb_pair = _nf4_weight((m, h), dev, dtype)
-    a = (w4.packed, w4.absmax, w4.code, w4.shape, 64, dtype)
-    impls = {"ours": lambda: nf4_dequantize_triton(*a), "torch": lambda: nf4_dequantize_ref(*a)}
+    impls = {"ours": lambda: _dequantize_triton(*w4, dtype), "torch": lambda: dequantize_4bit_ref(*w4, dtype)}
     if bnb_pair is not None:
         import bitsandbytes.functional as bnbF
         impls["bitsandbytes"] = lambda: bnbF.dequantize_4bit(*bnb_pair)
@@ -142,7 +132,7 @@ def cases(sz, device, dtype):
     # 4*N*in*out (y, dx) + N*r*(8*in + 6*out) (LoRA terms, see lora.py)
     X, dY = rnd(N, h).requires_grad_(), rnd(N, h)
     Wg4, Wu4, Wd4 = w4, _nf4_weight((m, h), dev, dtype)[0], _nf4_weight((h, m), dev, dtype)[0]
-    Wg, Wu, Wd = (W.dequantize(dtype) for W in (Wg4, Wu4, Wd4))
+    Wg, Wu, Wd = (dequantize_4bit_ref(*W, dtype) for W in (Wg4, Wu4, Wd4))
     lora = [(0.01 * rnd(r, i), 0.01 * rnd(o, r)) for o, i in ((m, h), (m, h), (h, m))]
     params = [t.requires_grad_() for ab in lora for t in ab]
 
@@ -162,28 +152,32 @@ def cases(sz, device, dtype):
 
 def run(sizes, device, dtype, out_dir, peaks=None):
     os.makedirs(out_dir, exist_ok=True)
-    peaks = peaks or (H200 if device.type == "cuda" else {"bandwidth": measured_copy_bandwidth(device),
-                                                          "bf16_flops": 240e9})
-    copy_bw = measured_copy_bandwidth(device)
+    copy_bw = copy_bandwidth(device)
+    peaks = peaks or (H200 if device.type == "cuda" else {"bandwidth": copy_bw, "bf16_flops": 240e9})
     rows = []
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "versions": _versions(),
               "dtype": str(dtype), "sizes": sizes, "peaks": peaks, "measured_copy_Bps": copy_bw, "rows": rows}
     for name, (impls, nbytes, flops) in cases(sizes, device, dtype).items():
         limit_ms = 1e3 * max(nbytes / peaks["bandwidth"], flops / peaks["bf16_flops"])
-        outs = {k: f() for k, f in impls.items()}
+        outs, peak = {}, {}
+        for k, f in impls.items():                          # first calls: outputs and peak memory
+            outs[k], peak[k] = peak_added_mb(f, device)
         first = lambda o: (o if torch.is_tensor(o) else o[0]).float()
         ours_key = next(k for k in impls if k.startswith("ours"))
         peer_key = next(k for k in impls if k.startswith("torch"))
         a, b = first(outs[ours_key]), first(outs[peer_key])
         err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()  # relative to the peer's scale
         row = {"case": name, "bytes": nbytes, "flops": flops, "limit_ms": limit_ms, "rel_diff": err}
-        for k, f in impls.items():
-            interp = device.type == "cpu" and k.startswith("ours")
-            ms = None if interp else _time_ms(f, device)
+        # on the CPU "ours" only interprets: checked above, not timed
+        timed = {k: f for k, f in impls.items() if device.type == "cuda" or not k.startswith("ours")}
+        warmup, repeats = REPEATS[device.type]
+        ms_all = time_ms(timed, repeats, warmup, device)
+        for k in impls:
+            ms = ms_all.get(k)
             row[k + "_ms"] = ms
             row[k + "_GBps"] = None if ms is None else nbytes / (ms * 1e-3) / 1e9
-            row[k + "_peak_MB"] = _peak_mb(f, device)
+            row[k + "_peak_MB"] = peak[k]
         rows.append(row)
         print(_fmt(row), flush=True)
         _write(result, out_dir)                             # after every row: a later failure keeps these
@@ -200,7 +194,7 @@ def _write(result, out_dir):
         json.dump(result, f, indent=1)
     peaks, copy_bw = result["peaks"], result["measured_copy_Bps"]
     with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(f"# pelib.kernels bench on {result['device']} ({result['dtype']})\n\nsizes {result['sizes']}\n\n")
+        f.write(f"# pelib bench kernels on {result['device']} ({result['dtype']})\n\nsizes {result['sizes']}\n\n")
         f.write(f"versions {result['versions']}\n\n")
         f.write(f"limits at {peaks['bandwidth'] / 1e9:.0f} GB/s and {peaks['bf16_flops'] / 1e12:.1f} TFLOP/s; "
                 f"measured copy here {copy_bw / 1e9:.0f} GB/s\n\n")
@@ -226,8 +220,8 @@ def _fmt(row):
             f"max|ours-torch|/max|torch| {row['rel_diff']:.2g}{speedup}")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None):
+    p = argparse.ArgumentParser(prog="pelib bench kernels", description=__doc__.splitlines()[0])
     p.add_argument("--gpu", action="store_true", help="full sizes on cuda:0 (bf16)")
     p.add_argument("--out", default="results/kernels", help="folder for results.json and results.md")
     args = p.parse_args(argv)
@@ -236,6 +230,3 @@ def main(argv=None):
         return run(GPU_SIZES, torch.device("cuda"), torch.bfloat16, args.out)
     return run(TINY_SIZES, torch.device("cpu"), torch.float32, args.out)
 
-
-if __name__ == "__main__":
-    main()
