@@ -1,6 +1,7 @@
 """Blockwise 4-bit quantisation against bitsandbytes 0.50.2 on CPU: same bytes, same scales,
 same dequantised values; the fast dequantiser against its reference; error figures."""
 import logging
+from pathlib import Path
 import math
 
 import pytest
@@ -270,8 +271,8 @@ def test_bitsandbytes_cpu_dequant_bug_rows_shorter_than_a_block(shape):
     row (in_features) is not, bnb's dequantize_4bit scales elements with the wrong block's
     absmax; our reference, built from the definition, and our fast path agree with each other
     and reconstruct W to NF4 precision. Real models (MiniLM 384/1536, SmolLM2 576/1536) have
-    rows that are multiples of 64 and are not affected. If bitsandbytes is upgraded and this
-    fails, the bug is fixed: drop the test."""
+    rows that are multiples of 64 and are not affected. The bug is in bnb's AVX-512 kernel: on a
+    CPU without AVX-512 bnb takes another path and agrees exactly, so either holds here."""
     W = weight(shape, torch.float32)
     b_packed, b_state = bnb_quantize(W, 64, "nf4", True)
     ours = dequantize_4bit(b_packed, QuantState.from_bnb(b_state))
@@ -279,4 +280,9 @@ def test_bitsandbytes_cpu_dequant_bug_rows_shorter_than_a_block(shape):
     theirs = bnbF.dequantize_4bit(b_packed, b_state)
     blocks = W.reshape(-1, 64)
     assert ((ours - W).reshape(-1, 64).abs() <= 0.16 * blocks.abs().amax(1, keepdim=True)).all()
-    assert (theirs - ours).abs().max() > 0.1  # the bug, 0.0 once it is fixed
+    diff = (theirs - ours).abs().max().item()
+    avx512 = "avx512f" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else None
+    # exact, or off by a whole wrong scale (the bug): nothing in between
+    assert diff == 0 or diff > 0.1, diff
+    if avx512 is False:
+        assert diff == 0
