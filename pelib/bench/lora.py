@@ -22,9 +22,8 @@ WARMUP = 2  # steps of each model before timing
 
 
 def lora_vs_peft(steps: int = 60, threads: int | None = None, r: int = 8) -> dict:
-    from peft import LoraConfig, TaskType, get_peft_model
-
     import pelib
+    from pelib import peers
     from pelib.backbone import DEFAULT_TARGETS
     from pelib.train import collate, encode, length_grouped_batches
 
@@ -33,8 +32,7 @@ def lora_vs_peft(steps: int = 60, threads: int | None = None, r: int = 8) -> dic
     targets = DEFAULT_TARGETS["minilm"]
     ours, tokenizer = pelib.load_backbone("minilm", num_labels=77)
     pelib.apply_lora(ours, targets, r=r, alpha=2 * r)
-    peer = get_peft_model(pelib.load_backbone("minilm", num_labels=77)[0], LoraConfig(
-        task_type=TaskType.SEQ_CLS, r=r, lora_alpha=2 * r, target_modules=targets))
+    peer = peers.lora(pelib.load_backbone("minilm", num_labels=77)[0], targets, r, 2 * r)
     data = pelib.load_nlu("banking77", "train")
     ids, labels = encode(tokenizer, data.texts, 64), torch.tensor(data.labels)
     batches = length_grouped_batches([len(x) for x in ids], 32, random.Random(0))[:steps]
