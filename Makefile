@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test lab notebooks clean
+.PHONY: install run test test-fast lab notebooks clean
 
 install: $(STAMP)
 
@@ -30,6 +30,11 @@ run: install
 # PELIB_FAST=1 selects the tiny sizes in the notebooks; every notebook is executed by nbval.
 test: install
 	PELIB_FAST=1 $(BIN)/python -m pytest tests notebooks --nbval-lax
+
+# The unit tests without the slow ones (real weights, subprocesses, the compare runner) and
+# without the notebooks: the quick check while editing. `make test` still runs everything.
+test-fast: install
+	PELIB_FAST=1 $(BIN)/python -m pytest tests -m "not slow"
 
 lab: install
 	$(BIN)/jupyter lab notebooks

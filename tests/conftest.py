@@ -1,14 +1,126 @@
+"""Test-wide settings and the helpers several test files share (`from conftest import tiny`).
+
+pytest puts tests/ on sys.path (rootdir conftest), so a test imports these from `conftest`; no
+test file imports another. Helpers import pelib lazily: the environment below must be set first.
+"""
 import os
+
+import torch
 
 # Triton kernels run in the interpreter on a CPU; the variable is read when @triton.jit runs,
 # so it must be set before any kernel module is imported.
-try:
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-except ImportError:  # pragma: no cover
-    pass
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PELIB_FAST", "1")
+
+
+# ---- tiny models and batches -------------------------------------------------------------------
+
+def tiny(name="minilm", task="classification", num_labels=5, seed=0, sizes=None, **overrides):
+    """A toy-size `name` (random weights, seeded, no tokenizer), as pelib.tiny_backbone builds it.
+
+    `overrides` change the config; `sizes` ({name: overrides}) lets a file pin its own shapes
+    for every backbone at once (test_qlora: multiples of bitsandbytes' blocksize)."""
+    import pelib
+
+    overrides = {**(sizes or {}).get(name, {}), **overrides}
+    return pelib.tiny_backbone(name, num_labels, task=task, seed=seed, with_tokenizer=False,
+                               **overrides)[0]
+
+
+def batch(vocab=30522, B=3, T=11, seed=0):
+    """Random ids in [5, vocab) and a mask with one right-padded row (row 1 from position 7)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, 7:] = 0  # one padded row
+    return dict(input_ids=ids, attention_mask=mask)
+
+
+def randomise_B(model, seed=1):
+    """LoRA's B is zero at step 0; a random B makes the adapter change the outputs."""
+    from pelib.lora import lora_layers
+
+    g = torch.Generator().manual_seed(seed)
+    for _, m in lora_layers(model):
+        m.lora_B.weight.data = torch.randn(m.lora_B.weight.shape, generator=g) * 0.1
+
+
+def tiny_llama():
+    """A 2-layer random Llama (GQA, odd vocabulary) in eager attention, for the kernel patch tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=1003, max_position_embeddings=64)
+    model = LlamaForCausalLM._from_config(cfg, attn_implementation="eager")
+    assert model.config._attn_implementation == "eager"
+    return model
+
+
+def grad_fns(loss):
+    """The names of every autograd node behind `loss` (which kernels the backward runs through)."""
+    seen, stack, names = set(), [loss.grad_fn], set()
+    while stack:
+        f = stack.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        names.add(type(f).__name__)
+        stack.extend(g for g, _ in f.next_functions)
+    return names
+
+
+# ---- peft's parameter names --------------------------------------------------------------------
+
+HEADS = ("classifier.", "score.")  # MiniLM's and SmolLM2's classification heads
+
+
+def peft_key(name):
+    """pelib's parameter name -> peft's: the adapter name `default` after each LoRA/AdaLoRA tensor,
+    the trained head under `modules_to_save.default`, all under `base_model.model.`."""
+    for k in ("lora_A", "lora_B", "lora_E"):
+        name = name.replace(f".{k}", f".{k}.default")
+    for head in HEADS:
+        if name.startswith(head):
+            name = head + "modules_to_save.default." + name.removeprefix(head)
+    return "base_model.model." + name
+
+
+def pelib_key(peft_name):
+    """peft's parameter name -> pelib's (the inverse of peft_key)."""
+    return peft_name.replace(".default", "").replace("modules_to_save.", "").removeprefix("base_model.model.")
+
+
+def copy_into_peft(ours, theirs):
+    """Copy every trainable tensor of pelib's model (adapter + head) into peft's model."""
+    params = dict(theirs.named_parameters())
+    for n, p in ours.named_parameters():
+        if p.requires_grad:
+            params[peft_key(n)].data.copy_(p.data)
+
+
+# ---- kernel tolerances -------------------------------------------------------------------------
+
+# (atol, rtol) for forward outputs; gradients get their own, looser, entries in each test.
+TOL = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+
+def assert_close(out, ref, atol, rtol, what=""):
+    """Pass when |out - ref| <= atol + rtol * |ref| elementwise (same shape and dtype)."""
+    assert out.shape == ref.shape, (what, out.shape, ref.shape)
+    assert out.dtype == ref.dtype, (what, out.dtype, ref.dtype)
+    o, r = out.double(), ref.double()
+    err = (o - r).abs()
+    bound = atol + rtol * r.abs()
+    bad = err > bound
+    assert not bad.any(), (
+        f"{what}: {int(bad.sum())}/{err.numel()} elements off; max |err| {err.max().item():.3g}, "
+        f"max err/bound {(err / bound).max().item():.3g} (atol {atol}, rtol {rtol})"
+    )

@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
+from conftest import batch, copy_into_peft, peft_key, tiny
 
 import pelib
 from pelib.adalora import (RankAllocator, SVDLinear, apply_adalora, orthogonal_regularizer,
                            svd_layers)
 from pelib.train import TrainConfig, train
-from test_lora import batch, tiny
 
 TARGETS = ["query", "value", "dense"]
 
@@ -20,19 +20,6 @@ def peft_adalora(init_r, target_r, alpha, total_step, **kw):
     return get_peft_model(tiny(), AdaLoraConfig(
         task_type=TaskType.SEQ_CLS, init_r=init_r, target_r=target_r, lora_alpha=alpha,
         target_modules=TARGETS, total_step=total_step, **kw))
-
-
-def peft_key(name):  # pelib parameter name -> peft's
-    for k in ("lora_A", "lora_B", "lora_E"):
-        name = name.replace(f".{k}", f".{k}.default")
-    return "base_model.model." + name.replace("classifier.", "classifier.modules_to_save.default.")
-
-
-def copy_into_peft(ours, theirs):
-    own = dict(theirs.named_parameters())
-    for n, p in ours.named_parameters():
-        if p.requires_grad:
-            own[peft_key(n)].data.copy_(p.data)
 
 
 def test_layer_init_and_delta():

@@ -4,15 +4,12 @@ import json
 
 import pytest
 import torch
+from conftest import tiny
 from torch import nn
 
 import pelib
 from pelib.adapter import (Adapter, AdapterLinear, adapter_layers, adapter_parameters,
                            apply_adapters)
-
-
-def tiny(name="minilm", **kw):
-    return pelib.tiny_backbone(name, with_tokenizer=False, **kw)[0]
 
 
 def batch(model, B=3, T=11, seed=0):

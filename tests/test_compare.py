@@ -7,6 +7,7 @@ import pytest
 from pelib.compare import main, preset, summary
 
 
+@pytest.mark.slow  # the compare runner trains
 def test_smoke_subset_runs_summarises_and_skips_finished_runs(tmp_path, capsys):
     argv = ["--preset", "smoke", "--out", str(tmp_path), "--only", "LoRA r=2", "Houlsby",
             "--no-progress"]
@@ -31,6 +32,7 @@ def test_smoke_subset_runs_summarises_and_skips_finished_runs(tmp_path, capsys):
     assert json.loads(run.read_text())["args"]["epochs"] == 1.0
 
 
+@pytest.mark.slow  # the compare runner trains
 def test_runs_that_differ_only_in_lr_do_not_share_a_file(tmp_path):
     """Two runs whose default names agree (the name has no lr) get separate result files."""
     from pelib.compare import run_all

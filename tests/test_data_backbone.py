@@ -45,6 +45,7 @@ def test_bad_names_are_clear(tmp_path):
         pelib.load_backbone("minilm", task="causal_lm")
 
 
+@pytest.mark.slow  # real pretrained weights
 def test_minilm_pretrained():
     model, tok = pelib.load_backbone("minilm", num_labels=77)
     assert type(model).__name__ == "BertForSequenceClassification"
@@ -59,6 +60,7 @@ def test_minilm_pretrained():
     assert e[0] @ e[1] > e[0] @ e[2] + 0.2
 
 
+@pytest.mark.slow  # real pretrained weights
 def test_smollm2_pretrained_both_heads():
     model, tok = pelib.load_backbone("smollm2", task="causal_lm")
     assert model.config.num_hidden_layers == 30 and model.config.num_key_value_heads == 3

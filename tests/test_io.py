@@ -4,10 +4,10 @@ import os
 
 import pytest
 import torch
+from conftest import batch, randomise_B, tiny
 
 import pelib
 from pelib.io import CONFIG_NAME, WEIGHTS_NAME, atomic_write
-from test_lora import batch, randomise_B, tiny
 
 
 def trained_pelib(name="minilm", targets=("query", "value", "dense")):

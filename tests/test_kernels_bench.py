@@ -4,9 +4,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # a subprocess: bench/gpu.sh
 def test_gpu_script_cpu_path_writes_results(tmp_path):
     env = dict(os.environ, BENCH_FLAGS="", PYTHON=sys.executable)
     r = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu.sh"), str(tmp_path)], env=env,

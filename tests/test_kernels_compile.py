@@ -55,6 +55,7 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow  # a subprocess: Triton's full compiler
 def test_kernels_compile_for_sm90():
     import triton
 

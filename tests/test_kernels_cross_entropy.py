@@ -2,7 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_tol import assert_close
+from conftest import assert_close
 
 from pelib.kernels.cross_entropy_kernel import cross_entropy_ref, cross_entropy_triton
 

@@ -1,7 +1,7 @@
 """Fused LoRA linear (dense and NF4 W): manual backward vs torch autograd; what is saved."""
 import pytest
 import torch
-from kernel_tol import assert_close
+from conftest import assert_close
 
 from pelib.kernels.lora import lora_linear_fused, lora_linear_ref
 from pelib.quant import QuantState

@@ -1,20 +1,12 @@
 """patch(model): a tiny random Llama gives the same loss and gradients with pelib's kernels."""
 import torch
 import transformers.models.llama.modeling_llama as llama
-from kernel_tol import assert_close
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import assert_close
+from conftest import grad_fns as _grad_fns
+from conftest import tiny_llama as _model
 
 import pelib.kernels as K
 from pelib.patch import patch, unpatch
-
-
-def _model():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=1003, max_position_embeddings=64)
-    model = LlamaForCausalLM._from_config(cfg, attn_implementation="eager")
-    assert model.config._attn_implementation == "eager"
-    return model
 
 
 def _loss_and_grads(model, ids, labels):
@@ -22,18 +14,6 @@ def _loss_and_grads(model, ids, labels):
     out = model(input_ids=ids, labels=labels)
     out.loss.backward()
     return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, out.loss
-
-
-def _grad_fns(loss):
-    seen, stack, names = set(), [loss.grad_fn], set()
-    while stack:
-        f = stack.pop()
-        if f is None or f in seen:
-            continue
-        seen.add(f)
-        names.add(type(f).__name__)
-        stack.extend(g for g, _ in f.next_functions)
-    return names
 
 
 def test_patch_same_loss_and_grads_then_unpatch():

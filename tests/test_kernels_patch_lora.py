@@ -6,8 +6,9 @@ parameter (fp32), with dense and with 4-bit (pelib.quant.Linear4bit) base layers
 """
 import pytest
 import torch
-from kernel_tol import assert_close
-from test_kernels_patch import _grad_fns, _model
+from conftest import assert_close
+from conftest import grad_fns as _grad_fns
+from conftest import tiny_llama as _model
 
 import pelib
 from pelib.lora import LoRALinear, lora_layers

@@ -1,7 +1,7 @@
 """RMSNorm: Triton forward/backward (dx and dw) vs the torch reference and HF LlamaRMSNorm."""
 import pytest
 import torch
-from kernel_tol import TOL, assert_close
+from conftest import TOL, assert_close
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from pelib.kernels.rmsnorm import rms_norm_ref, rms_norm_triton

@@ -1,7 +1,7 @@
 """RoPE on Q and K (GQA): Triton vs transformers' apply_rotary_pos_emb, forward and backward."""
 import pytest
 import torch
-from kernel_tol import TOL, assert_close
+from conftest import TOL, assert_close
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 

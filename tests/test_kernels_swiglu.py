@@ -1,7 +1,7 @@
 """SwiGLU h = silu(g) * u: Triton forward/backward vs F.silu(g) * u under autograd."""
 import pytest
 import torch
-from kernel_tol import TOL, assert_close
+from conftest import TOL, assert_close
 
 from pelib.kernels.swiglu_kernel import swiglu_ref, swiglu_triton
 

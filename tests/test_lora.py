@@ -3,28 +3,11 @@ import math
 
 import pytest
 import torch
+from conftest import batch, copy_into_peft, pelib_key, randomise_B, tiny
 from torch import nn
 
 import pelib
 from pelib.lora import LoRALinear, lora_layers, merge, unmerge
-
-
-def tiny(num_labels=5, name="minilm"):
-    return pelib.tiny_backbone(name, num_labels, with_tokenizer=False)[0]
-
-
-def batch(vocab=30522, B=3, T=11, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, vocab, (B, T), generator=g)
-    mask = torch.ones(B, T, dtype=torch.long)
-    mask[1, 7:] = 0  # one padded row
-    return dict(input_ids=ids, attention_mask=mask)
-
-
-def randomise_B(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    for _, m in lora_layers(model):
-        m.lora_B.weight.data = torch.randn(m.lora_B.weight.shape, generator=g) * 0.1
 
 
 def test_init_scaling_and_freezing():
@@ -101,16 +84,7 @@ def test_parity_with_peft(name, targets):
     randomise_B(ours)
     theirs = get_peft_model(tiny(name=name), LoraConfig(
         task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8, target_modules=targets))
-    # copy our adapter + head into peft's model (peft's names carry the adapter name)
-    peft_params = dict(theirs.named_parameters())
-    for n, p in ours.named_parameters():
-        if p.requires_grad:
-            key = ("base_model.model." + n.replace(".lora_A.", ".lora_A.default.")
-                   .replace(".lora_B.", ".lora_B.default."))
-            if key not in peft_params:
-                key = key.replace("classifier.", "classifier.modules_to_save.default.") \
-                         .replace("score.", "score.modules_to_save.default.")
-            peft_params[key].data.copy_(p.data)
+    copy_into_peft(ours, theirs)  # our adapter + head (peft's names carry the adapter name)
     ours.eval(), theirs.eval()  # no dropout: the comparison is deterministic
     x = batch(ours.config.vocab_size)
     labels = torch.tensor([0, 3, 1])
@@ -118,8 +92,7 @@ def test_parity_with_peft(name, targets):
     assert torch.equal(out_a.logits, out_b.logits)
     out_a.loss.backward()
     out_b.loss.backward()
-    grads_b = {n.replace(".default", "").replace("modules_to_save.", "").removeprefix(
-        "base_model.model."): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    grads_b = {pelib_key(n): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
     for n, p in ours.named_parameters():
         if p.requires_grad:
             assert (p.grad - grads_b[n]).abs().max() <= 1e-6, n

@@ -9,11 +9,26 @@ import jupytext
 import nbformat
 import pytest
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("[0-9][0-9]_*.py"))
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
 
 
-def test_there_are_notebooks():
+def test_every_source_has_its_notebook_and_no_notebook_is_orphaned():
     assert len(NOTEBOOKS) >= 2
+    sources = {p.stem for p in NOTEBOOKS}
+    notebooks = {p.stem for p in (ROOT / "notebooks").glob("*.ipynb")}
+    assert not sources - notebooks, f"no .ipynb for {sorted(sources - notebooks)}: run `make notebooks`"
+    assert not notebooks - sources, f"no NN_name.py source for {sorted(notebooks - sources)}"
+    assert len(notebooks) == len(NOTEBOOKS)
+
+
+def test_readme_table_lists_every_notebook():
+    """README's course table is one contiguous block of `|` rows with a row per notebook."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| notebook |"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    rows = [line.split("|")[1].strip() for line in lines[start + 2:end]]
+    assert rows == [p.stem for p in NOTEBOOKS], "README's notebook table should list every notebook, in order, with no blank line"
 
 
 @pytest.mark.parametrize("py", NOTEBOOKS, ids=lambda p: p.stem)

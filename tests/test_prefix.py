@@ -6,14 +6,11 @@ import warnings
 
 import pytest
 import torch
+from conftest import tiny
 from torch import nn
 
 import pelib
 from pelib.prefix import PrefixEncoder, apply_prefix, fold, prefix_parameters
-
-
-def tiny(name="smollm2", task="classification", **kw):
-    return pelib.tiny_backbone(name, 5, task=task, with_tokenizer=False, **kw)[0]
 
 
 def ids_and_mask(model, B=3, T=9, pad_row=1, keep=6, seed=0):
@@ -27,7 +24,7 @@ def ids_and_mask(model, B=3, T=9, pad_row=1, keep=6, seed=0):
 
 def test_encoder_shapes_gqa_and_fold_is_exact():
     # SmolLM2's head layout: 9 query heads share 3 KV heads; the prefix has the KV heads.
-    model = apply_prefix(tiny(hidden_size=72, num_attention_heads=9, num_key_value_heads=3,
+    model = apply_prefix(tiny("smollm2", hidden_size=72, num_attention_heads=9, num_key_value_heads=3,
                               head_dim=8), prefix_length=5, hidden=20).eval()
     enc = model.prefix_encoder
     P_K, P_V = enc.layer_kv(1)
@@ -146,8 +143,8 @@ def test_parity_with_peft_prefix_tuning_on_tiny_llama():
     from peft import PrefixTuningConfig, TaskType, get_peft_model
 
     L_p, T = 4, 7
-    ours = apply_prefix(tiny(task="causal_lm"), prefix_length=L_p, projection=False).eval()
-    theirs = get_peft_model(tiny(task="causal_lm"), PrefixTuningConfig(
+    ours = apply_prefix(tiny("smollm2", task="causal_lm"), prefix_length=L_p, projection=False).eval()
+    theirs = get_peft_model(tiny("smollm2", task="causal_lm"), PrefixTuningConfig(
         task_type=TaskType.CAUSAL_LM, num_virtual_tokens=L_p)).eval()
     P = ours.prefix_encoder.prefix                                    # (n_layers, 2, n_kv, L_p, hd)
     flat = P.permute(3, 0, 1, 2, 4).reshape(L_p, -1)  # peft's layout: (L_p, n_layers*2*n_kv*hd)
@@ -171,19 +168,19 @@ def test_parity_with_peft_prefix_tuning_on_tiny_llama():
 def test_bad_inputs_name_the_fix():
     for L in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match="prefix_length must be a positive integer"):
-            apply_prefix(tiny(), prefix_length=L)
+            apply_prefix(tiny("smollm2"), prefix_length=L)
     with pytest.raises(ValueError, match="hidden must be a positive integer"):
-        apply_prefix(tiny(), prefix_length=4, hidden=0)
-    model = tiny()
+        apply_prefix(tiny("smollm2"), prefix_length=4, hidden=0)
+    model = tiny("smollm2")
     model.config._attn_implementation = "flex_attention"
     with pytest.raises(ValueError, match=r"\['eager', 'sdpa'\], not 'flex_attention'"):
         apply_prefix(model, 4)
     with pytest.raises(ValueError, match=r"model types \['bert', 'llama'\].*'Sequential'"):
         apply_prefix(nn.Sequential(nn.Linear(4, 4)), 4)
     with pytest.raises(ValueError, match="already has a prefix"):
-        apply_prefix(apply_prefix(tiny(), 2), 2)
+        apply_prefix(apply_prefix(tiny("smollm2"), 2), 2)
     with pytest.raises(ValueError, match="no prefix"):
-        fold(tiny())
+        fold(tiny("smollm2"))
 
 
 def test_cli_prefix(tmp_path):

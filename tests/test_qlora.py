@@ -1,12 +1,15 @@
 """QLoRA: 4-bit bytes in the model, training through the loop and the CLI, adapter files
 shared with peft, parity with peft + bitsandbytes on the same weights, merge strategies."""
 import copy
+import functools
 import json
 import logging
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import batch, copy_into_peft, pelib_key
+from conftest import tiny as any_tiny
 
 import pelib
 from pelib.lora import LoRALinear, lora_layers
@@ -19,7 +22,6 @@ from pelib.quant import (
     qlora_nbytes,
     quantized_nbytes,
 )
-from test_lora import batch
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU import logs a warning
 
@@ -33,8 +35,7 @@ SIZES = {"minilm": dict(hidden_size=64, intermediate_size=128, num_attention_hea
                          num_key_value_heads=2, head_dim=16)}
 
 
-def tiny(name="minilm", num_labels=5):
-    return pelib.tiny_backbone(name, num_labels, with_tokenizer=False, **SIZES[name])[0]
+tiny = functools.partial(any_tiny, sizes=SIZES)  # every tiny model in this file at SIZES
 
 
 def trained_qlora(name="minilm", seed=1, **kw):
@@ -116,15 +117,7 @@ def peft_bnb_qlora(name, tmp_path, ours):
         attn_implementation="eager")
     theirs = get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8,
                                              target_modules=TARGETS[name]))
-    params = dict(theirs.named_parameters())
-    for n, p in ours.named_parameters():
-        if p.requires_grad:
-            key = ("base_model.model." + n.replace(".lora_A.", ".lora_A.default.")
-                   .replace(".lora_B.", ".lora_B.default."))
-            if key not in params:
-                key = key.replace("classifier.", "classifier.modules_to_save.default.") \
-                         .replace("score.", "score.modules_to_save.default.")
-            params[key].data.copy_(p.data)
+    copy_into_peft(ours, theirs)
     return theirs
 
 
@@ -154,8 +147,7 @@ def test_parity_with_peft_bitsandbytes(name, tmp_path):
     assert torch.equal(out_a.logits, out_b.logits)
     out_a.loss.backward()
     out_b.loss.backward()
-    grads = {n.replace(".default", "").replace("modules_to_save.", "").removeprefix("base_model.model."): p.grad
-             for n, p in theirs.named_parameters() if p.requires_grad}
+    grads = {pelib_key(n): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
     for n, p in ours.named_parameters():
         if p.requires_grad:
             assert torch.equal(p.grad, grads[n]), n

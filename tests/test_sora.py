@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import batch, tiny
 from torch import nn
 
 import pelib
@@ -14,7 +15,6 @@ from pelib.sora import (SoRA, SoRALinear, SparsitySchedule, apply_sora, export_l
                         live_ranks, official_threshold, prune, soft_threshold,
                         sora_layers)
 from pelib.train import TrainConfig, make_optimizer, train
-from test_lora import batch, tiny
 
 TARGETS = ["query", "value", "dense"]
 

@@ -100,6 +100,7 @@ def test_cli_bad_inputs(tmp_path):
         main(["finetune", "--tiny", "--out", str(ro / "sub")])
 
 
+@pytest.mark.slow  # real MiniLM weights, pelib and peft
 def test_bench_lora_prints_both_and_ratio(capsys):
     main(["bench", "lora", "--steps", "4", "--r", "2"])
     out = capsys.readouterr().out
