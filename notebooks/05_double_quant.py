@@ -29,7 +29,6 @@
 
 # %%
 import logging
-import math
 import os
 import time
 

@@ -314,7 +314,7 @@ assert (y_gated - y_pruned).abs().max() < 1e-4
 # with a `rank_pattern`. We copy our trained weights in and compare.
 
 # %%
-from pelib.sora import SoRALinear, apply_sora, export_lora, live_ranks, official_threshold, prune
+from pelib.sora import apply_sora, export_lora, live_ranks, official_threshold, prune
 from pelib.sora import soft_threshold as pelib_soft_threshold
 
 assert torch.equal(pelib_soft_threshold(v, lam), soft_threshold(v, lam))

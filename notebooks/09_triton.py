@@ -426,11 +426,11 @@ assert all(t.numel() != W_dq.numel() for t in saved)
 
 # %%
 import pelib.kernels as K
-from pelib.kernels.rmsnorm import rms_norm_triton
-from pelib.kernels.swiglu_kernel import swiglu_triton
-from pelib.kernels.rope import apply_rope_triton
 from pelib.kernels.cross_entropy_kernel import cross_entropy_triton
 from pelib.kernels.lora import lora_linear_fused
+from pelib.kernels.rmsnorm import rms_norm_triton
+from pelib.kernels.rope import apply_rope_triton
+from pelib.kernels.swiglu_kernel import swiglu_triton
 from pelib.quant import QuantState, dequantize_4bit
 
 state = QuantState.from_bnb(qs)        # bitsandbytes' scales in pelib's one QuantState (shared tensors)

@@ -28,14 +28,14 @@ _os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 __version__ = "0.1.0"
 
 
-from .inject import count_parameters, trainable_parameters  # noqa: E402
-from .lora import LoRALinear, apply_lora  # noqa: E402
+from . import metrics, quant, train  # noqa: E402  (pelib.train.train, pelib.quant.quantize_4bit)
+from .adalora import RankAllocator, apply_adalora  # noqa: E402
+from .adapter import apply_adapters  # noqa: E402
 from .backbone import load_backbone, tiny_backbone  # noqa: E402
 from .data import load_nlu  # noqa: E402
-from .adapter import apply_adapters  # noqa: E402
-from .prefix import apply_prefix  # noqa: E402
-from .adalora import RankAllocator, apply_adalora  # noqa: E402
-from .sora import SoRA, apply_sora  # noqa: E402
-from .quant import apply_qlora, merge_qlora  # noqa: E402
+from .inject import count_parameters, trainable_parameters  # noqa: E402
+from .lora import LoRALinear, apply_lora  # noqa: E402
 from .methods import METHODS, load_adapter, save_adapter  # noqa: E402
-from . import metrics, quant, train  # noqa: E402  (pelib.train.train, pelib.quant.quantize_4bit)
+from .prefix import apply_prefix  # noqa: E402
+from .quant import apply_qlora, merge_qlora  # noqa: E402
+from .sora import SoRA, apply_sora  # noqa: E402

@@ -30,7 +30,6 @@ for the same gradients (tests/test_adalora.py).
 """
 from __future__ import annotations
 
-import math
 from typing import Iterable
 
 import torch

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -251,7 +250,7 @@ def figures(records, out: Path, tag: str = "") -> list[Path]:
             smooth = [statistics.fmean(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
             ax.plot(smooth, label=f"{label}{' (peft)' if impl == 'peft' else ''}",
                     linestyle="-" if impl == "pelib" else "--")
-        ax.set(xlabel="optimizer step", ylabel=f"loss (moving average)", title=f"{model} / {data}")
+        ax.set(xlabel="optimizer step", ylabel="loss (moving average)", title=f"{model} / {data}")
         ax.legend(fontsize=6)
     save(fig, "losses.png")
     return paths

@@ -26,8 +26,17 @@ from .inject import trainable_parameters
 from .lora import apply_lora, lora_from_config
 from .prefix import apply_prefix
 from .quant import apply_qlora, qlora_from_config
-from .sora import (SoRA, SparsitySchedule, apply_sora, check_gate_shapes, export_lora, live_ranks,
-                   prune, sora_from_config, sora_layers)
+from .sora import (
+    SoRA,
+    SparsitySchedule,
+    apply_sora,
+    check_gate_shapes,
+    export_lora,
+    live_ranks,
+    prune,
+    sora_from_config,
+    sora_layers,
+)
 
 
 @dataclass(frozen=True)

@@ -40,8 +40,8 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from .io import save_adapter
 from .inject import adapter_record, check_alpha, get_submodule_parent, inject_linears
+from .io import save_adapter
 from .lora import LoRALinear, check_rank
 
 GATE_INITS = ("ones", "normal")

@@ -7,8 +7,7 @@ import torch
 from conftest import batch, copy_into_peft, peft_key, tiny
 
 import pelib
-from pelib.adalora import (RankAllocator, SVDLinear, apply_adalora, orthogonal_regularizer,
-                           svd_layers)
+from pelib.adalora import RankAllocator, SVDLinear, apply_adalora, orthogonal_regularizer, svd_layers
 from pelib.train import TrainConfig, train
 
 TARGETS = ["query", "value", "dense"]

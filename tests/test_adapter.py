@@ -8,8 +8,7 @@ from conftest import tiny
 from torch import nn
 
 import pelib
-from pelib.adapter import (Adapter, AdapterLinear, adapter_layers, adapter_parameters,
-                           apply_adapters)
+from pelib.adapter import Adapter, AdapterLinear, adapter_layers, adapter_parameters, apply_adapters
 
 
 def batch(model, B=3, T=11, seed=0):

@@ -1,6 +1,5 @@
 """The comparison runner (`python -m pelib compare`): runs, skips finished runs, summarises."""
 import json
-import os
 
 import pytest
 

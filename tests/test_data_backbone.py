@@ -1,7 +1,6 @@
 """The shipped data and the packaged pretrained backbones, loaded offline."""
 import hashlib
 import re
-from pathlib import Path
 
 import pytest
 import torch

@@ -10,7 +10,7 @@ from conftest import tiny
 from torch import nn
 
 import pelib
-from pelib.prefix import PrefixEncoder, apply_prefix, fold, prefix_parameters
+from pelib.prefix import apply_prefix, fold, prefix_parameters
 
 
 def ids_and_mask(model, B=3, T=9, pad_row=1, keep=6, seed=0):

@@ -1,8 +1,8 @@
 """Blockwise 4-bit quantisation against bitsandbytes 0.50.2 on CPU: same bytes, same scales,
 same dequantised values; the fast dequantiser against its reference; error figures."""
 import logging
-from pathlib import Path
 import math
+from pathlib import Path
 
 import pytest
 import torch

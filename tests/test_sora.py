@@ -11,9 +11,18 @@ from torch import nn
 import pelib
 from pelib.__main__ import main
 from pelib.io import CONFIG_NAME, WEIGHTS_NAME
-from pelib.sora import (SoRA, SoRALinear, SparsitySchedule, apply_sora, export_lora,
-                        live_ranks, official_threshold, prune, soft_threshold,
-                        sora_layers)
+from pelib.sora import (
+    SoRA,
+    SoRALinear,
+    SparsitySchedule,
+    apply_sora,
+    export_lora,
+    live_ranks,
+    official_threshold,
+    prune,
+    soft_threshold,
+    sora_layers,
+)
 from pelib.train import TrainConfig, make_optimizer, train
 
 TARGETS = ["query", "value", "dense"]

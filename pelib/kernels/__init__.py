@@ -27,9 +27,9 @@ if not _torch.cuda.is_available():
     _os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from ._dispatch import backend, get_backend, set_backend, use_triton  # noqa: E402
-from .nf4 import dequantize_4bit_triton  # noqa: E402
-from .rmsnorm import RMSNormFunction, rms_norm, rms_norm_ref  # noqa: E402
-from .swiglu_kernel import SwiGLUFunction, swiglu, swiglu_ref  # noqa: E402
-from .rope import RoPEFunction, apply_rope, apply_rope_ref  # noqa: E402
 from .cross_entropy_kernel import CrossEntropyFunction, cross_entropy, cross_entropy_ref  # noqa: E402
 from .lora import LoRALinearFunction, lora_linear, lora_linear_ref  # noqa: E402
+from .nf4 import dequantize_4bit_triton  # noqa: E402
+from .rmsnorm import RMSNormFunction, rms_norm, rms_norm_ref  # noqa: E402
+from .rope import RoPEFunction, apply_rope, apply_rope_ref  # noqa: E402
+from .swiglu_kernel import SwiGLUFunction, swiglu, swiglu_ref  # noqa: E402

@@ -20,7 +20,14 @@ from .blockwise import (
     quantize_blockwise,
     unpack_4bit,
 )
-from .codes import NF4_OFFSET, create_dynamic_map, create_fp4_map, create_int4_map, create_normal_map, get_code
+from .codes import (
+    NF4_OFFSET,
+    create_dynamic_map,
+    create_fp4_map,
+    create_int4_map,
+    create_normal_map,
+    get_code,
+)
 from .ledger import (
     LLAMA_7B,
     SMOLLM2_135M,

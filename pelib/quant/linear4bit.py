@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from .blockwise import DQ_BLOCKSIZE, QuantState, dequantize_4bit, dynamic_code, quantize_4bit
 from .codes import get_code
 
-
 _local = threading.local()
 
 
