@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test test-fast lab notebooks clean
+.PHONY: install run test lint test-fast lab notebooks clean
 
 install: $(STAMP)
 
@@ -28,8 +28,12 @@ run: install
 	$(BIN)/python -m pelib compare --preset workshop
 
 # PELIB_FAST=1 selects the tiny sizes in the notebooks; every notebook is executed by nbval.
-test: install
+test: install lint
 	PELIB_FAST=1 $(BIN)/python -m pytest tests notebooks --nbval-lax
+
+# ruff (pinned in the dev extra; rules and line length in pyproject.toml).
+lint: install
+	$(BIN)/ruff check .
 
 # The unit tests without the slow ones (real weights, subprocesses, the compare runner) and
 # without the notebooks: the quick check while editing. `make test` still runs everything.

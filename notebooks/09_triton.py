@@ -410,7 +410,12 @@ y_ref = xl @ W_dq.t() + s * (xl @ A.t()) @ Bm.t()
 grads_ref = torch.autograd.grad(y_ref, (xl, A, Bm), dy)
 assert torch.allclose(y_nb, y_ref, atol=1e-4, rtol=1e-4)
 assert all(torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip(grads_nb, grads_ref))
-nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts) / 1e3
+
+
+def nbytes(ts):  # kB held by a list of tensors
+    return sum(t.numel() * t.element_size() for t in ts) / 1e3
+
+
 print(f"saved for backward: x, A, B {nbytes(saved[:3]):.0f} kB + the NF4 weight {nbytes(saved[3:]):.0f} kB; "
       f"a dense fp32 W would be {W_dq.numel() * 4 / 1e3:.0f} kB, bf16 {W_dq.numel() * 2 / 1e3:.0f} kB")
 assert all(t.numel() != W_dq.numel() for t in saved)

@@ -99,10 +99,11 @@ def preset(name: str) -> list[tuple[str, list[str]]]:
             if "qlora" in argv:
                 continue  # QLoRA trains the same LoRA parameters as LoRA r=8
             lr = METHODS[argv[argv.index("--method") + 1]].lr
-            runs.append((label, ["--model", "minilm", "--data", "banking77", "--seed", "0"] + argv + WORKSHOP))
+            base = ["--model", "minilm", "--data", "banking77", "--seed", "0"]
+            runs.append((label, base + argv + WORKSHOP))
             for f in (1 / 3, 3):
-                runs.append((f"{label} lr={lr * f:.2g}", ["--model", "minilm", "--data", "banking77",
-                             "--seed", "0"] + argv + WORKSHOP + ["--lr", f"{lr * f:.2g}"]))
+                runs.append((f"{label} lr={lr * f:.2g}",
+                             base + argv + WORKSHOP + ["--lr", f"{lr * f:.2g}"]))
     elif name == "full":  # the study at full size: 3 epochs, all data, 3 seeds
         common = ["--epochs", "3"]
         add("minilm", "banking77", PELIB_METHODS + PEFT_METHODS, [0, 1, 2], common)
@@ -235,7 +236,7 @@ def figures(records, out: Path, tag: str = "") -> list[Path]:
 
     fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
     for ax, ((model, data), rows) in zip(axes[0], groups.items()):
-        names = [f"{l}{' (peft)' if i == 'peft' else ''}" for l, i in rows]
+        names = [f"{label}{' (peft)' if impl == 'peft' else ''}" for label, impl in rows]
         mb = [statistics.fmean(r["peak_memory_mb"] for r in rs) for rs in rows.values()]
         ax.barh(names, mb)
         ax.set(xlabel=f"peak memory, MB ({records[0]['memory_kind']})", title=f"{model} / {data}")
@@ -271,7 +272,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"pelib: {e}") from None
     runs = preset(args.preset)
     if args.only:
-        runs = [(l, a) for l, a in runs if any(w.lower() in l.lower() for w in args.only)]
+        runs = [(label, a) for label, a in runs
+                if any(w.lower() in label.lower() for w in args.only)]
         if not runs:
             raise SystemExit(f"pelib: --only {args.only} matches no run of preset {args.preset}")
     records = run_all(runs, out, progress=not args.no_progress)

@@ -238,7 +238,7 @@ def train(model: nn.Module, tokenizer, train_data, eval_data, cfg: TrainConfig,
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                         loss = model(**batch, labels=labels[index].to(device)).loss
                     for h in hooks:
-                        loss = getattr(h, "loss", lambda m, l: l)(model, loss)
+                        loss = getattr(h, "loss", lambda m, x: x)(model, loss)
                     (loss / len(group)).backward()
                     loss_sum += loss.item() / len(group)
                 if not math.isfinite(loss_sum):

@@ -45,7 +45,8 @@ def test_lora_dense_vs_autograd(dtype, bias):
     ours = _run(lora_linear_fused, *args)
     # peer: fp32 autograd on the same (rounded) inputs, compared in the input dtype
     x, W, A, B, b, dy = args
-    ref = _run(lora_linear_ref, x.float(), W.float(), A.float(), B.float(), None if b is None else b.float(), dy.float())
+    ref = _run(lora_linear_ref, x.float(), W.float(), A.float(), B.float(),
+               None if b is None else b.float(), dy.float())
     for name, o, r in zip(("y", "dx", "dA", "dB"), ours, ref):
         _check(o, r.to(dtype), dtype, name)
 

@@ -12,8 +12,9 @@ GRAD_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bflo
 @pytest.mark.parametrize("shape", [(37, 577), (3, 11, 129)])
 def test_swiglu_vs_torch(shape, dtype):
     gen = torch.Generator().manual_seed(0)
-    g, u, dh = (3 * torch.randn(shape, generator=gen)).to(dtype), torch.randn(shape, generator=gen).to(dtype), \
-        torch.randn(shape, generator=gen).to(dtype)
+    g = (3 * torch.randn(shape, generator=gen)).to(dtype)
+    u = torch.randn(shape, generator=gen).to(dtype)
+    dh = torch.randn(shape, generator=gen).to(dtype)
     gr, ur = g.clone().requires_grad_(), u.clone().requires_grad_()
     # the peer: upcast to fp32 for the reference gradients, then round once (a torch
     # half-precision autograd rounds every intermediate and is itself the less exact one)

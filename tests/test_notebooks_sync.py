@@ -28,7 +28,8 @@ def test_readme_table_lists_every_notebook():
     start = next(i for i, line in enumerate(lines) if line.startswith("| notebook |"))
     end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
     rows = [line.split("|")[1].strip() for line in lines[start + 2:end]]
-    assert rows == [p.stem for p in NOTEBOOKS], "README's notebook table should list every notebook, in order, with no blank line"
+    assert rows == [p.stem for p in NOTEBOOKS], \
+        "README's notebook table should list every notebook, in order, with no blank line"
 
 
 @pytest.mark.parametrize("py", NOTEBOOKS, ids=lambda p: p.stem)
@@ -37,7 +38,8 @@ def test_pair_in_sync(py):
     assert ipynb.exists(), f"{ipynb.name} is missing: run `make notebooks`"
     source, paired = jupytext.read(py), nbformat.read(ipynb, as_version=4)
     assert [(c.cell_type, c.source) for c in source.cells] == \
-        [(c.cell_type, c.source) for c in paired.cells], f"{py.name} and {ipynb.name} drifted: run `make notebooks`"
+        [(c.cell_type, c.source) for c in paired.cells], \
+        f"{py.name} and {ipynb.name} drifted: run `make notebooks`"
     assert source.metadata["kernelspec"]["name"] == "python3"  # needed to execute in a fresh venv
 
 
@@ -45,4 +47,5 @@ def test_pair_in_sync(py):
 def test_notebook_ends_by_checking_pelib(py):
     code = [c.source for c in jupytext.read(py).cells if c.cell_type == "code"]
     last = "\n".join(code[-2:])
-    assert "pelib" in last and "assert" in last, f"{py.name} should end by asserting pelib equals what it built"
+    assert "pelib" in last and "assert" in last, \
+        f"{py.name} should end by asserting pelib equals what it built"

@@ -99,7 +99,9 @@ def test_bert_attention_equals_manual_softmax_over_prefix_and_keys():
     mask[1, ..., 4:] = torch.finfo(torch.float32).min  # row 1: last two keys are padding
     with torch.no_grad():
         got = attn(x, attention_mask=mask)[0]                          # (B, T, d)
-        split = lambda t: t.view(B, T, H, hd).transpose(1, 2)          # (B, H, T, hd)
+        def split(t):
+            return t.view(B, T, H, hd).transpose(1, 2)                 # (B, H, T, hd)
+
         q, k, v = split(attn.query(x)), split(attn.key(x)), split(attn.value(x))
         P_K, P_V = model.prefix_encoder.prefix[1]                      # (H, L_p, hd)
         k = torch.cat([P_K.expand(B, -1, -1, -1), k], 2)               # (B, H, L_p + T, hd)

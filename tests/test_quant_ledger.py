@@ -45,7 +45,8 @@ def test_arithmetic_matches_real_bytes(blocksize, double_quant):
 def test_llama_shapes():
     shapes = llama_linear_shapes(**SMOLLM2_135M)
     assert len(shapes) == 30 * 7
-    assert shapes[:7] == [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+    assert shapes[:7] == [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576),
+                          (576, 1536)]
 
 
 def test_model_totals():

@@ -82,7 +82,9 @@ def _dequantize_triton(packed, state, dtype):
 def cases(sz, device, dtype):
     """name -> (impls {label: closure}, bytes, flops, check (ours, peer) closures)."""
     dev, gen = device, torch.Generator(device=device).manual_seed(0)
-    rnd = lambda *s: torch.randn(*s, device=dev, dtype=dtype, generator=gen)
+    def rnd(*s):
+        return torch.randn(*s, device=dev, dtype=dtype, generator=gen)
+
     N, h, m, r, V, B = sz["N"], sz["h"], sz["m"], sz["r"], sz["V"], dtype.itemsize
     out = {}
 
@@ -123,8 +125,9 @@ def cases(sz, device, dtype):
     logits = rnd(N, V).requires_grad_()
     labels = torch.randint(0, V, (N,), device=dev, generator=gen)
     one = torch.ones((), device=dev)
-    out["cross_entropy_fwd_bwd"] = ({"ours": _grad_fn(lambda: cross_entropy_triton(logits, labels), (logits,), one),
-                                     "torch": _grad_fn(lambda: cross_entropy_ref(logits, labels), (logits,), one)},
+    out["cross_entropy_fwd_bwd"] = (
+        {"ours": _grad_fn(lambda: cross_entropy_triton(logits, labels), (logits,), one),
+         "torch": _grad_fn(lambda: cross_entropy_ref(logits, labels), (logits,), one)},
                                     3 * N * V * B, 6 * N * V)
 
     # LoRA MLP forward + backward: gate/up (m, h), down (h, m), rank r, W in NF4 or dense.
@@ -163,7 +166,9 @@ def run(sizes, device, dtype, out_dir, peaks=None):
         outs, peak = {}, {}
         for k, f in impls.items():                          # first calls: outputs and peak memory
             outs[k], peak[k] = peak_added_mb(f, device)
-        first = lambda o: (o if torch.is_tensor(o) else o[0]).float()
+        def first(o):
+            return (o if torch.is_tensor(o) else o[0]).float()
+
         ours_key = next(k for k in impls if k.startswith("ours"))
         peer_key = next(k for k in impls if k.startswith("torch"))
         a, b = first(outs[ours_key]), first(outs[peer_key])
@@ -194,9 +199,11 @@ def _write(result, out_dir):
         json.dump(result, f, indent=1)
     peaks, copy_bw = result["peaks"], result["measured_copy_Bps"]
     with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(f"# pelib bench kernels on {result['device']} ({result['dtype']})\n\nsizes {result['sizes']}\n\n")
+        f.write(f"# pelib bench kernels on {result['device']} ({result['dtype']})\n\n"
+                f"sizes {result['sizes']}\n\n")
         f.write(f"versions {result['versions']}\n\n")
-        f.write(f"limits at {peaks['bandwidth'] / 1e9:.0f} GB/s and {peaks['bf16_flops'] / 1e12:.1f} TFLOP/s; "
+        f.write(f"limits at {peaks['bandwidth'] / 1e9:.0f} GB/s and "
+                f"{peaks['bf16_flops'] / 1e12:.1f} TFLOP/s; "
                 f"measured copy here {copy_bw / 1e9:.0f} GB/s\n\n")
         f.write("\n".join(_fmt(r) for r in result["rows"]) + "\n")
 
@@ -213,8 +220,8 @@ def _versions():
 
 
 def _fmt(row):
-    times = "  ".join(f"{k[:-3]} {'interp' if v is None else f'{v:.3f}'} ms" for k, v in row.items() if k.endswith("_ms")
-                      and k != "limit_ms")
+    times = "  ".join(f"{k[:-3]} {'interp' if v is None else f'{v:.3f}'} ms"
+                      for k, v in row.items() if k.endswith("_ms") and k != "limit_ms")
     speedup = f" | speed-up {row['speedup']:.2f}x (goal 1.5x)" if row.get("speedup") else ""
     return (f"{row['case']:<24} {times}  | limit {row['limit_ms']:.3f} ms | "
             f"max|ours-torch|/max|torch| {row['rel_diff']:.2g}{speedup}")

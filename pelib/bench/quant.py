@@ -6,7 +6,8 @@
 Both libraries dequantise the same bytes and scales (bitsandbytes' NF4 of an N(0, 1) weight,
 blocksize 64, double quantisation)
 in the same process, alternating runs (pelib.measure.time_ms) so that both see the same machine
-load; we print the medians, the peak memory each call adds, their ratio, pelib writing into a preallocated `out`, and two floors:
+load; we print the medians, the peak memory each call adds, their ratio, pelib writing into a
+preallocated `out`, and two floors:
   - traffic: bytes that must move (n/2 packed bytes in, n * itemsize out, scales) divided
     by the bandwidth of a large tensor copy measured here;
   - a fresh output: allocating and first touching an n-element buffer. The OS maps and
@@ -54,11 +55,13 @@ def bench_dequant(n: int = 4096, repeats: int = 9, dtype: torch.dtype = torch.fl
     # Floors. Copy bandwidth on touched fp32 buffers of the output's size: read + write.
     numel, itemsize = n * n, torch.empty((), dtype=dtype).element_size()
     bandwidth = copy_bandwidth("cpu", max(numel * itemsize // 4, 1))  # bytes/s
-    traffic = numel // 2 + numel * itemsize + sum(t.numel() * t.element_size() for t in state.tensors().values())
+    scales = sum(t.numel() * t.element_size() for t in state.tensors().values())
+    traffic = numel // 2 + numel * itemsize + scales
     ms_floor = 1e3 * traffic / bandwidth
     ms_fresh = time_ms({"fresh": lambda: torch.empty(numel, dtype=dtype).fill_(0)}, repeats)["fresh"]
 
-    res = dict(n=n, dtype=str(dtype), threads=torch.get_num_threads(), **{f"{k}_ms": v for k, v in ms.items()},
+    res = dict(n=n, dtype=str(dtype), threads=torch.get_num_threads(),
+               **{f"{k}_ms": v for k, v in ms.items()},
                ratio=ms["pelib"] / ms["bnb"],
                traffic_MB=traffic / 1e6, copy_GBps=bandwidth / 1e9, floor_ms=ms_floor,
                fresh_output_ms=ms_fresh,
@@ -68,8 +71,10 @@ def bench_dequant(n: int = 4096, repeats: int = 9, dtype: torch.dtype = torch.fl
     print(f"  bitsandbytes   {ms['bnb']:8.2f} ms  (peak added {peak['bnb']:.0f} MB)")
     print(f"  ratio          {res['ratio']:8.2f}     (pelib / bitsandbytes)")
     print(f"  pelib, out=    {ms['pelib_out']:8.2f} ms  (into a preallocated output)")
-    print(f"  traffic floor  {ms_floor:8.2f} ms  ({traffic / 1e6:.1f} MB at {bandwidth / 1e9:.1f} GB/s copy bandwidth)")
-    print(f"  fresh output   {ms_fresh:8.2f} ms  (allocate + first touch of a new output: in both first rows)")
+    print(f"  traffic floor  {ms_floor:8.2f} ms  ({traffic / 1e6:.1f} MB at "
+          f"{bandwidth / 1e9:.1f} GB/s copy bandwidth)")
+    print(f"  fresh output   {ms_fresh:8.2f} ms  (allocate + first touch of a new output: "
+          "in both first rows)")
     return res
 
 
@@ -103,7 +108,8 @@ def bench_linear(n: int = 4096, tokens: int = 256, repeats: int = 9, seed: int =
     print(f"  pelib Linear4bit  {ms['pelib']:8.2f} ms")
     print(f"  bnb Linear4bit    {ms['bnb']:8.2f} ms")
     print(f"  ratio             {res['ratio']:8.2f}     (pelib / bitsandbytes)")
-    print(f"  fp32 nn.Linear    {ms['fp32 nn.Linear']:8.2f} ms  (the same two matmuls, no dequantisation: the floor)")
+    print(f"  fp32 nn.Linear    {ms['fp32 nn.Linear']:8.2f} ms  "
+          "(the same two matmuls, no dequantisation: the floor)")
     return res
 
 

@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         threads=torch.get_num_threads(), load_avg=round(os.getloadavg()[0], 2),
         state_MB={k: round(v / 1e6, 1) for k, v in qlora_nbytes(model).items()},
         saved_activations_MB=round(sum(saved.values()) / 1e6, 1),  # of the last step
-        rss_model_MB=round(rss_model / 1e6), rss_before_MB=round(rss_before / 1e6), peak_rss_MB=round(mem.peak / 1e6),
+        rss_model_MB=round(rss_model / 1e6), rss_before_MB=round(rss_before / 1e6),
+        peak_rss_MB=round(mem.peak / 1e6),
         s_per_step=round(ms / 1e3, 3), limit_s_per_step=round(limit_ms / 1e3, 3),
         gflop_per_step=round(flops / 1e9, 1))))

@@ -52,7 +52,8 @@ def _ce_fwd_kernel(
     lse = m + tl.log(tl.where(rmask, s, 1.0))
     y = tl.load(y_ptr + rows, mask=rmask, other=ignore_index)
     valid = rmask & (y != ignore_index)
-    x_y = tl.load(x_ptr + rows.to(tl.int64) * sx + tl.where(valid, y, 0), mask=valid, other=0.0).to(tl.float32)
+    x_y = tl.load(x_ptr + rows.to(tl.int64) * sx + tl.where(valid, y, 0), mask=valid,
+                  other=0.0).to(tl.float32)
     tl.store(loss_ptr + rows, tl.where(valid, lse - x_y, 0.0), mask=rmask)
     tl.store(lse_ptr + rows, lse, mask=rmask)
 
@@ -118,7 +119,8 @@ class CrossEntropyFunction(torch.autograd.Function):
         scale = (dloss.float() / divisor).reshape(1)                          # device scalar, no sync
         BLOCK_N, BLOCK_V = _blocks(N, V, ctx.block_v)
         _ce_bwd_kernel[(triton.cdiv(N, BLOCK_N),)](logits, labels, lse, scale, dx, N, V, logits.stride(0),
-                                                   dx.stride(0), ctx.ignore_index, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V)
+                                                   dx.stride(0), ctx.ignore_index, BLOCK_N=BLOCK_N,
+                                                   BLOCK_V=BLOCK_V)
         return dx, None, None, None, None, None
 
 
@@ -132,7 +134,8 @@ def _divisor(labels, ignore_index, reduction, num_items):
 
 def cross_entropy_ref(logits, labels, ignore_index=-100, reduction="mean", num_items=None):
     """F.cross_entropy in fp32 (as HF's loss upcasts), with the same reductions as ours."""
-    loss = torch.nn.functional.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
+    loss = torch.nn.functional.cross_entropy(logits.float(), labels, ignore_index=ignore_index,
+                                             reduction="sum")
     return loss / _divisor(labels, ignore_index, reduction, num_items)
 
 
@@ -142,7 +145,8 @@ def cross_entropy_triton(logits, labels, ignore_index=-100, reduction="mean", nu
     return CrossEntropyFunction.apply(logits, labels, ignore_index, divisor, inplace_backward, block_v)
 
 
-def cross_entropy(logits, labels, ignore_index=-100, reduction="mean", num_items=None, inplace_backward=False):
+def cross_entropy(logits, labels, ignore_index=-100, reduction="mean", num_items=None,
+                  inplace_backward=False):
     """Mean (or sum) cross-entropy of logits (N, V) against labels (N,), skipping ignore_index.
 
     num_items: divide the summed loss by this count instead of the number of valid labels (HF's

@@ -106,7 +106,8 @@ def lora_linear_ref(x, W, A, B, scaling, bias=None):
         W = dequantize_4bit_ref(W[0], W[1], x.dtype)
     W = W.detach().to(x.dtype)
     y = torch.nn.functional.linear(x, W, None if bias is None else bias.detach().to(x.dtype))
-    return y + scaling * torch.nn.functional.linear(torch.nn.functional.linear(x, A.to(x.dtype)), B.to(x.dtype))
+    xa = torch.nn.functional.linear(x, A.to(x.dtype))  # (..., r)
+    return y + scaling * torch.nn.functional.linear(xa, B.to(x.dtype))
 
 
 def lora_linear_fused(x, W, A, B, scaling, bias=None):

@@ -47,7 +47,8 @@ def _rmsnorm_fwd_kernel(
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / H + eps)                 # (BLOCK_R,)
         xhat = round_to(x * rstd[:, None], x_ptr.dtype.element_ty)
         y = round_to(xhat * w[None, :], y_ptr.dtype.element_ty)
-        tl.store(y_ptr + rows[:, None].to(tl.int64) * sy + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
+        tl.store(y_ptr + rows[:, None].to(tl.int64) * sy + cols[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=m)
         tl.store(rstd_ptr + rows, rstd, mask=rows < n_rows)
 
 

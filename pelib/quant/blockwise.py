@@ -200,7 +200,8 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int,
     return q[:n].to(torch.uint8), absmax
 
 
-def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
+def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                         blocksize: int) -> torch.Tensor:
     """code[q] * absmax per block: (n,) float32."""
     n = q.numel()
     values = F.pad(code[q.reshape(-1).long()], (0, -n % blocksize))  # (n_blocks * B,)
@@ -270,7 +271,8 @@ def _check_state(packed: torch.Tensor, state: QuantState) -> None:
         )
 
 
-def dequantize_4bit_ref(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_4bit_ref(packed: torch.Tensor, state: QuantState,
+                        dtype: torch.dtype | None = None) -> torch.Tensor:
     """The plain reference: unpack nibbles, look up the code, scale by the block absmax."""
     _check_state(packed, state)
     q = unpack_4bit(packed, state.numel)  # (n,) uint8
