@@ -117,7 +117,7 @@ def apply_adapters(model: nn.Module, kind: str = "houlsby", bottleneck: int = 64
 
     # No `pelib_adapter` record: peft has no bottleneck adapters, so there is no file format
     # for pelib.io to follow (save the trainable state dict with torch.save instead).
-    return inject(model, TARGETS[mtype][kind], wrap, modules_to_save)
+    return inject(model, TARGETS[mtype][kind], wrap, modules_to_save, what="adapters")
 
 
 def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLinear]]:

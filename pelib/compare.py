@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from .files import atomic_write, writable_dir
-from .finetune import options, parse, run_name
+from .finetune import options, parse, run_name, same_run
 from .methods import METHODS
 
 # (label, finetune arguments). One learning rate per method: pelib.methods.METHODS[m].lr.
@@ -115,11 +115,19 @@ def preset(name: str) -> list[tuple[str, list[str]]]:
     return runs
 
 
-def _same_run(a: dict, b: dict) -> bool:
-    """Do two finetune argument sets give the same numbers? (progress bars and checkpointing
-    do not change them)."""
-    skip = {"no_progress", "resume", "checkpoint_every", "command"}
-    return {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
+def _read_args(path: Path) -> dict | None:
+    """The options a result file was made with; None for a broken file (the run is redone)."""
+    try:
+        return json.loads(path.read_text())["args"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _read_record(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise SystemExit(f"pelib: {path} is not valid JSON ({e}); delete it and run again") from None
 
 
 def run_all(runs, out: Path, progress: bool = True) -> list[dict]:
@@ -138,15 +146,15 @@ def run_all(runs, out: Path, progress: bool = True) -> list[dict]:
         args = parse(argv)
         bar.set_postfix_str(name)
         path = out / f"{name}.json"
-        if not (path.exists() and _same_run(json.loads(path.read_text())["args"], options(args))):
-            cmd = [sys.executable, "-m", "pelib", "finetune", *argv, "--resume"]
+        if not (path.exists() and same_run(_read_args(path), options(args))):
+            cmd = [sys.executable, "-m", "pelib", "finetune", *argv, "--resume", "--overwrite"]
             if not progress:
                 cmd.append("--no-progress")
             done = subprocess.run(cmd, stdout=subprocess.DEVNULL)
             if done.returncode != 0:
                 raise SystemExit(f"pelib: run {name} failed (exit {done.returncode}); run it alone to "
                                  f"see why: python -m pelib finetune {' '.join(argv)}")
-        records.append(dict(json.loads(path.read_text()), label=label))
+        records.append(dict(_read_record(path), label=label))
     return records
 
 

@@ -49,6 +49,8 @@ def add_arguments(f: argparse.ArgumentParser) -> None:
     f.add_argument("--tiny", action="store_true", help="a toy-size random model (for tests)")
     f.add_argument("--out", default="results")
     f.add_argument("--name", default=None, help="run name (file stem under --out)")
+    f.add_argument("--overwrite", action="store_true",
+                   help="replace results of a run with other options under the same name")
     f.add_argument("--no-progress", action="store_true")
     f.add_argument("--resume", action="store_true",
                    help="checkpoint to OUT/NAME.ckpt while training and continue from it if it "
@@ -74,6 +76,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def options(args) -> dict:
     """The options of a run as a plain dict (what its record stores and compare compares)."""
     return {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
+
+
+# Options that do not change a run's numbers: where it writes, whether it shows progress.
+NOT_NUMBERS = {"no_progress", "resume", "checkpoint_every", "command", "out", "name", "overwrite"}
+
+
+def same_run(a: dict | None, b: dict) -> bool:
+    """Do two option sets give the same numbers? (None: unknown, so no)"""
+    return a is not None and ({k: v for k, v in a.items() if k not in NOT_NUMBERS}
+            == {k: v for k, v in b.items() if k not in NOT_NUMBERS})
 
 
 def run_name(args) -> str:
@@ -162,13 +174,23 @@ def finetune(args) -> dict:
     check(args)
     out = writable_dir(args.out)
     name = run_name(args)
+    previous = out / f"{name}.json"
+    if previous.exists() and not args.overwrite:  # never replace another run's results
+        try:
+            theirs = json.loads(previous.read_text())["args"]
+        except (ValueError, KeyError, TypeError):
+            theirs = None
+        if not same_run(theirs, options(args)):
+            raise ValueError(f"{previous} holds a run with other options; pass --name to keep "
+                             "both, or --overwrite to replace it")
     ckpt = out / f"{name}.ckpt" if args.resume else None
     method = METHODS[args.method]
     cfg = TrainConfig(epochs=args.epochs, lr=method.lr if args.lr is None else args.lr,
                       batch_size=args.batch_size, grad_accum=args.grad_accum,
                       max_length=args.max_length, bf16=args.bf16, seed=args.seed,
                       progress=not args.no_progress, checkpoint=ckpt and str(ckpt),
-                      checkpoint_every=args.checkpoint_every)
+                      checkpoint_every=args.checkpoint_every,
+                      run={k: v for k, v in options(args).items() if k not in NOT_NUMBERS})
     model, tokenizer, data, hooks = build(args, cfg)
     evaluation = load_nlu(args.data, args.eval_split, limit=args.eval_limit, seed=args.seed)
     dev = load_nlu(args.data, "dev", limit=args.eval_limit, seed=args.seed)

@@ -212,7 +212,7 @@ def apply_prefix(model: nn.Module, prefix_length: int = 16, hidden: int | None =
         slots.append((attn, PrefixSlot(encoder, len(slots))))
         return attn  # the module stays; it only gets a slot
 
-    inject(model, ATTENTION[mtype], wrap, modules_to_save)
+    inject(model, ATTENTION[mtype], wrap, modules_to_save, what="a prefix")
     if len(slots) != n_layers:
         raise ValueError(f"found {len(slots)} attention modules but the config says "
                          f"{n_layers} layers")

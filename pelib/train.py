@@ -42,6 +42,9 @@ class TrainConfig:
     progress: bool = True
     checkpoint: str | None = None  # a file: saved during training, resumed from if it exists
     checkpoint_every: int = 50  # optimizer steps between checkpoints (and at every epoch end)
+    # What else decides the run's numbers (the method's options, data subset...): a checkpoint
+    # is resumed only under equal values. `pelib finetune` puts all its options here.
+    run: dict = field(default_factory=dict)
 
     def __post_init__(self):
         for k in ("batch_size", "grad_accum", "max_length", "eval_batch_size"):
@@ -49,8 +52,10 @@ class TrainConfig:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
-        if not self.epochs > 0 or not self.lr > 0:
-            raise ValueError(f"epochs and lr must be > 0, got {self.epochs}, {self.lr}")
+        for k in ("epochs", "lr"):
+            v = getattr(self, k)
+            if not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"{k} must be a finite number > 0, got {v}")
 
 
 @dataclass
@@ -146,7 +151,7 @@ def total_steps(n_examples: int, cfg: TrainConfig) -> int:
 
 # What decides the numbers of a run: a checkpoint is only resumed under the same values.
 _RUN_KEYS = ("epochs", "lr", "batch_size", "grad_accum", "max_length", "warmup_ratio",
-             "weight_decay", "bf16", "seed")
+             "weight_decay", "bf16", "seed", "run")
 
 
 def save_checkpoint(path, model, optimizer, scheduler, hooks, loop: dict, cfg: TrainConfig) -> None:
@@ -163,7 +168,14 @@ def save_checkpoint(path, model, optimizer, scheduler, hooks, loop: dict, cfg: T
 
 
 def load_checkpoint(path, model, optimizer, scheduler, hooks, cfg: TrainConfig) -> dict:
-    state = torch.load(path, weights_only=False)
+    try:  # weights_only: a checkpoint holds tensors and plain values; nothing in it may run code
+        state = torch.load(path, weights_only=True)
+    except Exception as e:  # truncated, corrupt, or a pickle that asks for code: never trusted
+        raise ValueError(f"checkpoint {path} cannot be read as a pelib checkpoint "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); delete it to "
+                         "start afresh") from None
+    if not isinstance(state, dict) or not {"run", "trainable", "loop"} <= state.keys():
+        raise ValueError(f"checkpoint {path} is not a pelib checkpoint; delete it to start afresh")
     run = {k: getattr(cfg, k) for k in _RUN_KEYS}
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     shapes = {n: tuple(t.shape) for n, t in state["trainable"].items()}
@@ -182,6 +194,21 @@ def load_checkpoint(path, model, optimizer, scheduler, hooks, cfg: TrainConfig) 
     return state["loop"]
 
 
+def check_inputs(model: nn.Module, tokenizer, cfg: TrainConfig) -> None:
+    """Settings that would train something else than asked, refused before the first step."""
+    if any(getattr(m, "merged", False) for m in model.modules()):
+        raise ValueError("the adapter is merged into the base weights, so it would get no "
+                         "gradient; call pelib.lora.unmerge(model) before training")
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit is not None and cfg.max_length > limit:
+        raise ValueError(f"max_length {cfg.max_length} exceeds the model's {limit} position "
+                         f"embeddings; use max_length <= {limit}")
+    specials = tokenizer.num_special_tokens_to_add()  # [CLS] and [SEP] for BERT
+    if cfg.max_length <= specials:  # the tokenizer would then not truncate at all
+        raise ValueError(f"max_length {cfg.max_length} leaves no room for text besides the "
+                         f"tokenizer's {specials} special tokens; use max_length >= {specials + 1}")
+
+
 def train(model: nn.Module, tokenizer, train_data, eval_data, cfg: TrainConfig,
           hooks=(), dev_data=None) -> TrainResult:
     """Fine-tune the trainable parameters of `model` on train_data; evaluate on eval_data.
@@ -190,6 +217,7 @@ def train(model: nn.Module, tokenizer, train_data, eval_data, cfg: TrainConfig,
     each epoch end; started again on the same model (rebuilt the same way), it resumes from
     that file and ends with the same numbers as an uninterrupted run.
     """
+    check_inputs(model, tokenizer, cfg)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     device = next(model.parameters()).device

@@ -90,7 +90,11 @@ def test_a_new_method_is_one_table_entry(tmp_path, monkeypatch):
 @pytest.mark.parametrize("argv,message", [
     (["--method", "lora", "--init-r", "4"], "--init-r is an option of --method adalora"),
     (["--method", "sora", "--impl", "peft"], "--impl peft is only for --method lora, qlora"),
-    (["--method", "lora", "--lr", "0"], "lr must be > 0"),
+    (["--method", "lora", "--lr", "0"], "lr must be a finite number > 0"),
+    (["--method", "lora", "--lr", "inf"], "lr must be a finite number > 0"),
+    (["--method", "lora", "--epochs", "inf"], "epochs must be a finite number > 0"),
+    (["--method", "lora", "--max-length", "1"], "no room for text"),
+    (["--method", "lora", "--max-length", "1000"], "exceeds the model's 128 position"),
     (["--method", "lora", "--name", "../x"], "plain file stem"),
     (["--method", "lora", "--dropout", "1.5"], "dropout must be in"),
     (["--method", "lora", "--alpha", "nan"], "alpha must be a finite number"),
@@ -156,3 +160,72 @@ def test_broken_files_give_clear_errors(tmp_path):
     (tmp_path / "ad" / CONFIG_NAME).write_text(json.dumps(dict(config, peft_type="ADALORA")))
     with pytest.raises(ValueError, match="to_lora"):
         pelib.load_adapter(tiny(), tmp_path / "ad")
+
+
+def test_finetune_never_replaces_another_runs_results(tmp_path):
+    common = ["finetune", "--tiny", "--train-limit", "16", "--eval-limit", "8", "--epochs", "1",
+              "--r", "2", "--out", str(tmp_path), "--no-progress", "--name", "run"]
+    main(common)
+    first = (tmp_path / "run.json").read_text()
+    with pytest.raises(SystemExit, match="holds a run with other options.*--overwrite"):
+        main(common + ["--lr", "0.01"])
+    assert (tmp_path / "run.json").read_text() == first
+    main(common + ["--lr", "0.01", "--overwrite"])
+    assert json.loads((tmp_path / "run.json").read_text())["args"]["lr"] == 0.01
+    main(common + ["--lr", "0.01"])  # the same options again: rerunning is fine
+
+
+class _Planted:
+    """A pickle that runs code when loaded (what a planted checkpoint would carry)."""
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
+
+
+def test_checkpoints_are_read_without_running_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["finetune", "--tiny", "--train-limit", "16", "--eval-limit", "8", "--epochs", "1",
+            "--out", str(tmp_path), "--no-progress", "--name", "run", "--resume"]
+    torch.save({"run": _Planted()}, tmp_path / "run.ckpt")
+    with pytest.raises(SystemExit, match="cannot be read as a pelib checkpoint.*delete it"):
+        main(argv)
+    assert not (tmp_path / "PWNED").exists()
+    (tmp_path / "run.ckpt").write_bytes(b"\x80\x02truncated")
+    with pytest.raises(SystemExit, match="cannot be read as a pelib checkpoint"):
+        main(argv)
+
+
+def test_resume_refuses_a_checkpoint_of_other_options(tmp_path):
+    """alpha, train-limit, dropout... are not TrainConfig fields, but they decide the numbers."""
+    from pelib.finetune import NOT_NUMBERS, build, options, parse
+    from pelib.train import TrainConfig, train
+
+    class Stop:
+        def step(self, model, step):
+            if step == 2:  # after the checkpoint of step 1
+                raise KeyboardInterrupt
+
+    def cfg(args, ckpt):
+        return TrainConfig(epochs=1, batch_size=8, progress=False, checkpoint=ckpt,
+                           checkpoint_every=1,
+                           run={k: v for k, v in options(args).items() if k not in NOT_NUMBERS})
+
+    ckpt = str(tmp_path / "c.ckpt")
+    args = parse(["--tiny", "--train-limit", "32", "--r", "2"])
+    model, tok, data, hooks = build(args, cfg(args, ckpt))
+    with pytest.raises(KeyboardInterrupt):
+        train(model, tok, data, data, cfg(args, ckpt), hooks=[Stop()])
+    assert (tmp_path / "c.ckpt").exists()
+    other = parse(["--tiny", "--train-limit", "32", "--r", "2", "--alpha", "64"])
+    model, tok, data, hooks = build(other, cfg(other, ckpt))
+    with pytest.raises(ValueError, match="another run"):
+        train(model, tok, data, data, cfg(other, ckpt))
+
+
+def test_training_a_merged_adapter_is_refused():
+    from pelib.train import TrainConfig, train
+
+    model, tok = pelib.tiny_backbone("minilm", 77)
+    pelib.lora.merge(pelib.apply_lora(model, ["query"], r=2))
+    data = pelib.load_nlu("banking77", "train", limit=8)
+    with pytest.raises(ValueError, match="merged.*unmerge"):
+        train(model, tok, data, data, TrainConfig(epochs=1, progress=False))
