@@ -166,6 +166,10 @@ class RankAllocator:
     def set_total_step(self, total_step: int) -> None:
         if not isinstance(total_step, int) or total_step <= 0:
             raise ValueError(f"total_step must be a positive integer, got {total_step!r}")
+        if total_step - self.tfinal < 2:  # the final allocation needs scores from a step before
+            raise ValueError(f"tfinal={self.tfinal} leaves no step to score importance before the "
+                             f"final allocation in a run of total_step={total_step}: lower tfinal "
+                             "or train for more steps")
         if self.tinit >= total_step - self.tfinal:
             raise ValueError(f"tinit={self.tinit} + tfinal={self.tfinal} leave no steps to prune "
                              f"in a run of total_step={total_step}: lower tinit/tfinal or train "

@@ -9,6 +9,8 @@ table (pelib.methods); this module only turns options into a run.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import re
 from dataclasses import asdict
@@ -23,6 +25,9 @@ IMPLS = ("pelib", "peft")
 
 def add_arguments(f: argparse.ArgumentParser) -> None:
     """The finetune options: common ones, then one group per method (from the table)."""
+    # argparse reads "-1e-3" as an option name (its negative-number rule knows no exponent), so
+    # `--lr -1e-3` said "expected one argument"; read it as a number and let the checks answer.
+    f._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
     f.add_argument("--model", default="minilm", choices=["minilm", "smollm2"])
     f.add_argument("--data", default="banking77", choices=["banking77", "clinc150"])
     f.add_argument("--method", default="lora", choices=list(METHODS),
@@ -109,6 +114,10 @@ def check(args) -> None:
             raise ValueError(f"{flag} is an option of --method {owner}, not {args.method}")
     if args.r <= 0:
         raise ValueError(f"--r must be a positive integer, got {args.r}")
+    for flag in ("train_limit", "eval_limit"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be a positive number of rows, got {v}")
     if args.name is not None and (not args.name or re.search(r"[/\\]|^\.\.?$", args.name)):
         raise ValueError(f"--name {args.name!r} must be a plain file stem (no path separators); "
                          "use --out to choose the folder")
@@ -165,15 +174,32 @@ def build(args, cfg):
     return model, tokenizer, data, hooks
 
 
+@contextlib.contextmanager
+def _only_process(out: Path, name: str):
+    """One process per run name and folder: a second would share (and fight over) its files."""
+    with open(out / f".{name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another process is running {name} in {out}/ right now; wait for it "
+                             "to finish, or pass another --name") from None
+        yield
+
+
 def finetune(args) -> dict:
     """One run: build, train, evaluate, write the record and the loss curve; return the record.
     Bad options raise ValueError with a message that names the fix."""
-    from .data import load_nlu
-    from .train import TrainConfig, train
-
     check(args)
     out = writable_dir(args.out)
     name = run_name(args)
+    with _only_process(out, name):
+        return _finetune(args, out, name)
+
+
+def _finetune(args, out: Path, name: str) -> dict:
+    from .data import load_nlu
+    from .train import TrainConfig, train
+
     previous = out / f"{name}.json"
     if previous.exists() and not args.overwrite:  # never replace another run's results
         try:

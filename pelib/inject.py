@@ -29,7 +29,15 @@ def find_targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[
     """Full names of the modules that `target_modules` selects, in model order."""
     names = [n for n, _ in model.named_modules() if n]
     if isinstance(target_modules, str):
-        found = [n for n in names if re.fullmatch(target_modules, n)]
+        try:
+            found = [n for n in names if re.fullmatch(target_modules, n)]
+        except re.error as e:
+            raise ValueError(f"target {target_modules!r} is not a valid regular expression ({e}); "
+                             "pass a list of module names, e.g. ['query']") from None
+        if not found and any(_matches(n, target_modules) for n in names):
+            raise ValueError(f"a single string is a regular expression that must match the full "
+                             f"module name (peft's rule), and {target_modules!r} matches none; "
+                             f"for the name-suffix rule pass a list: [{target_modules!r}]")
         wanted = [target_modules]
     else:
         wanted = list(target_modules)

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ._dispatch import interpreting, use_triton
+from ._triton_utils import round_to
 
 
 @triton.jit
@@ -77,6 +78,9 @@ def _ce_bwd_kernel(
         x = tl.load(xb + cols[None, :], mask=msk, other=0.0).to(tl.float32)
         p = tl.exp(x - lse[:, None])                                        # softmax chunk
         d = g[:, None] * (p - tl.where(cols[None, :] == y[:, None], 1.0, 0.0))
+        # round to nearest even, as the RMSNorm and SwiGLU kernels do (the interpreter's
+        # .to(bf16) truncates, which biases every gradient towards zero)
+        d = round_to(d, dx_ptr.dtype.element_ty)
         tl.store(db + cols[None, :], d.to(dx_ptr.dtype.element_ty), mask=msk)
 
 
@@ -141,6 +145,13 @@ def cross_entropy_ref(logits, labels, ignore_index=-100, reduction="mean", num_i
 
 def cross_entropy_triton(logits, labels, ignore_index=-100, reduction="mean", num_items=None,
                          inplace_backward=False, block_v=None):
+    V = logits.shape[-1]
+    # The kernel would read past the row for such a label and return a finite loss, where torch
+    # raises: check on the host (one reduction over N labels).
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+    if bool(bad.any()):
+        raise ValueError(f"labels must be in [0, {V}) or ignore_index={ignore_index}; got "
+                         f"{labels[bad][:5].tolist()}")
     divisor = _divisor(labels, ignore_index, reduction, num_items)
     return CrossEntropyFunction.apply(logits, labels, ignore_index, divisor, inplace_backward, block_v)
 

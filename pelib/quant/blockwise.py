@@ -232,8 +232,7 @@ def quantize_4bit(
     dq_rounding ("bnb" or "nearest") picks how the absmax constants find their 8-bit code
     (module docstring); the 4-bit weights always take the nearest code.
     """
-    if blocksize not in SUPPORTED_BLOCKSIZES:
-        raise ValueError(f"blocksize {blocksize} is not supported; use one of {SUPPORTED_BLOCKSIZES}")
+    _check_blocksize(blocksize)
     if W.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"quantize_4bit supports float32, float16 and bfloat16 weights, got {W.dtype}")
     if W.numel() == 0:
@@ -261,9 +260,17 @@ def quantize_4bit(
     return packed, state
 
 
-def _check_state(packed: torch.Tensor, state: QuantState) -> None:
-    if state.blocksize not in SUPPORTED_BLOCKSIZES:
-        raise ValueError(f"blocksize {state.blocksize} is not supported; use one of {SUPPORTED_BLOCKSIZES}")
+def _check_blocksize(blocksize) -> None:
+    # an int: 64.0 == 64 would pass `in` and fail later, deep in a reshape
+    if type(blocksize) is not int or blocksize not in SUPPORTED_BLOCKSIZES:
+        raise ValueError(f"blocksize {blocksize!r} is not supported; use one of the integers "
+                         f"{SUPPORTED_BLOCKSIZES}")
+
+
+def _check_state(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> None:
+    _check_blocksize(state.blocksize)
+    if dtype is not None and dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dequantize to float32, float16 or bfloat16, not {dtype}")
     if packed.dtype != torch.uint8 or packed.numel() != -(-state.numel // 2):
         raise ValueError(
             f"packed must hold ceil({state.numel}/2) = {-(-state.numel // 2)} uint8 bytes, "
@@ -274,7 +281,7 @@ def _check_state(packed: torch.Tensor, state: QuantState) -> None:
 def dequantize_4bit_ref(packed: torch.Tensor, state: QuantState,
                         dtype: torch.dtype | None = None) -> torch.Tensor:
     """The plain reference: unpack nibbles, look up the code, scale by the block absmax."""
-    _check_state(packed, state)
+    _check_state(packed, state, dtype)
     q = unpack_4bit(packed, state.numel)  # (n,) uint8
     W = dequantize_blockwise(q, state.block_absmax(), state.code, state.blocksize)  # (n,) fp32
     return W.view(state.shape).to(dtype or state.dtype)
@@ -326,7 +333,7 @@ def dequantize_4bit(
     On a GPU (or on the CPU when the kernels backend is "triton": Triton's interpreter) the
     same operations run as one Triton kernel, `pelib.kernels.nf4` (chunk_bytes is not used).
     """
-    _check_state(packed, state)
+    _check_state(packed, state, dtype)
     n, B = state.numel, state.blocksize
     dtype, device = dtype or state.dtype, packed.device
     if out is not None and (out.shape != state.shape or out.dtype != dtype or not out.is_contiguous()):
