@@ -207,3 +207,48 @@ def test_property_lora_merge_unmerge_round_trip(r, alpha, rslora, seed):
         assert torch.allclose(layer.base_layer.weight, W0, atol=1e-6)
         assert torch.allclose(layer(x), y, atol=1e-5, rtol=1e-5)
 
+
+
+def test_compare_redoes_a_broken_result_and_names_an_unreadable_one(tmp_path):
+    from pelib.compare import _read_args, _read_record
+
+    (tmp_path / "r.json").write_text('{"args": {"lr": 0.1}, "metr')  # cut off mid-write
+    assert _read_args(tmp_path / "r.json") is None  # so run_all runs it again
+    with pytest.raises(SystemExit, match=r"r\.json is not valid JSON.*delete it"):
+        _read_record(tmp_path / "r.json")
+
+
+def test_ctrl_c_during_compare_says_how_to_continue(monkeypatch):
+    import pelib.compare
+    from pelib.__main__ import main
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pelib.compare, "main", interrupted)
+    with pytest.raises(SystemExit, match="stopped; run the same command again"):
+        main(["compare", "--preset", "smoke"])
+
+
+def test_an_integer_adapter_tensor_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from pelib.io import WEIGHTS_NAME
+
+    model = pelib.apply_lora(pelib.tiny_backbone("minilm", 5, with_tokenizer=False)[0],
+                             ["query"], r=2)
+    pelib.save_adapter(model, tmp_path)
+    sd = load_file(tmp_path / WEIGHTS_NAME)
+    key = next(k for k in sd if "lora_B" in k)
+    sd[key] = sd[key].to(torch.int32)
+    save_file(sd, tmp_path / WEIGHTS_NAME)
+    with pytest.raises(ValueError, match="non-float tensors"):
+        pelib.load_adapter(pelib.tiny_backbone("minilm", 5, with_tokenizer=False)[0], tmp_path)
+
+
+def test_where_results_go_does_not_make_a_run_different():
+    from pelib.finetune import options, parse, same_run
+
+    a = options(parse(["--tiny", "--out", "results"]))
+    b = options(parse(["--tiny", "--out", "/abs/path/results", "--no-progress"]))
+    assert same_run(a, b) and not same_run(a, options(parse(["--tiny", "--lr", "0.1"])))
