@@ -29,6 +29,7 @@ from .methods import METHODS
 
 # (label, finetune arguments). One learning rate per method: pelib.methods.METHODS[m].lr.
 PELIB_METHODS = [
+    ("head only (floor)", ["--method", "head"]),  # the frozen backbone: every row is read against it
     ("full fine-tuning", ["--method", "full"]),
     ("LoRA r=2", ["--method", "lora", "--r", "2"]),
     ("LoRA r=8", ["--method", "lora", "--r", "8"]),
@@ -47,6 +48,7 @@ PEFT_METHODS = [
     ("AdaLoRA r 12->8", ["--method", "adalora", "--impl", "peft"]),
 ]
 LLM_METHODS = [
+    ("head only (floor)", ["--method", "head"]),
     ("LoRA r=8", ["--method", "lora", "--r", "8"]),
     ("QLoRA r=8 (NF4+DQ)", ["--method", "qlora", "--r", "8"]),
     ("SoRA r=8", ["--method", "sora", "--r", "8"]),
@@ -231,6 +233,10 @@ def figures(records, out: Path, tag: str = "") -> list[Path]:
     for ax, ((model, data), rows) in zip(axes[0], groups.items()):
         for (label, impl), rs in rows.items():
             f1 = statistics.fmean(r["metrics"]["f1"] for r in rs)
+            if rs[0]["args"]["method"] == "head":  # the floor: a line every method is read against
+                ax.axhline(f1, color="grey", linestyle="--", linewidth=1)
+                ax.annotate(f"floor: {label}", (0, f1), xycoords=("axes fraction", "data"),
+                            fontsize=7, color="grey", xytext=(3, 3), textcoords="offset points")
             ax.scatter(rs[0]["trainable_params"], f1, marker="o" if impl == "pelib" else "x")
             ax.annotate(f"{label}{' (peft)' if impl == 'peft' else ''}",
                         (rs[0]["trainable_params"], f1), fontsize=7, xytext=(3, 3),

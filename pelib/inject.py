@@ -75,7 +75,7 @@ def inject(model: nn.Module, target_modules, wrap: Callable[[str, nn.Module], nn
     if have is not None:  # a second method would freeze the first one's parameters
         raise ValueError(f"this model already has {have}; load a fresh backbone first "
                          "(pelib injects one method per model)")
-    targets = find_targets(model, target_modules)
+    targets = find_targets(model, target_modules) if target_modules != [] else []
     wrapped = [(name, wrap(name, model.get_submodule(name))) for name in targets]  # all checks first
     for p in model.parameters():
         p.requires_grad_(False)
@@ -87,6 +87,12 @@ def inject(model: nn.Module, target_modules, wrap: Callable[[str, nn.Module], nn
             p.requires_grad_(True)
     model.pelib_method = what
     return model
+
+
+def train_heads_only(model: nn.Module, modules_to_save: Iterable[str] | None = None) -> nn.Module:
+    """The floor under every method: freeze the whole backbone, train only the classification
+    head (or `modules_to_save`). A fine-tune that does not beat this has a bug to explain."""
+    return inject(model, [], lambda name, m: m, modules_to_save, what="a head-only setup")
 
 
 def check_dropout(dropout: float) -> None:

@@ -22,7 +22,7 @@ from torch import nn
 from . import io, peers
 from .adalora import RankAllocator, apply_adalora
 from .adapter import apply_adapters
-from .inject import trainable_parameters
+from .inject import train_heads_only, trainable_parameters
 from .lora import apply_lora, lora_from_config
 from .prefix import apply_prefix
 from .quant import apply_qlora, qlora_from_config
@@ -67,6 +67,10 @@ def _alpha(args, r: int) -> float:
 # -- builders ------------------------------------------------------------------------------
 def _full(model, args, run):
     return model, []  # every parameter trains
+
+
+def _head(model, args, run):
+    return train_heads_only(model), []  # the frozen backbone: the floor every table carries
 
 
 def _lora(model, args, run):
@@ -236,6 +240,9 @@ def _r(args) -> str:
 # prefix: 1e-2 (common without the MLP) collapsed to chance through the MLP on Banking77;
 # 3e-3 beat 1e-3 on the dev split.
 METHODS: dict[str, Method] = {
+    # lr not tuned yet: a linear head on frozen features takes a larger step than an adapter
+    "head": Method(1e-2, lambda a: "", {"pelib": _head},
+                   help="the floor: the backbone frozen, only the classification head trains"),
     "full": Method(1e-4, lambda a: "", {"pelib": _full}, help="every weight trains"),
     "lora": Method(2e-3, _r, {"pelib": _lora, "peft": _lora_peft}, peft_type="LORA",
                    from_config=lora_from_config, help="LoRA (Hu et al. 2021)"),

@@ -46,8 +46,8 @@ def test_runs_that_differ_only_in_lr_do_not_share_a_file(tmp_path):
 def test_presets_cover_every_method_and_the_peer():
     runs = preset("workshop")
     methods = {(a[a.index("--method") + 1], "--impl" in a) for _, a in runs}
-    assert {m for m, peer in methods if not peer} == {"full", "lora", "qlora", "adalora", "sora",
-                                                      "adapter", "prefix"}
+    assert {m for m, peer in methods if not peer} == {"head", "full", "lora", "qlora", "adalora",
+                                                      "sora", "adapter", "prefix"}
     assert {m for m, peer in methods if peer} == {"lora", "qlora", "adalora"}
     seeds = preset("seeds")  # its seed-0 runs are the workshop's (same arguments: reused)
     assert all(a in [b for _, b in runs] for _, a in seeds if a[a.index("--seed") + 1] == "0")

@@ -229,3 +229,17 @@ def test_training_a_merged_adapter_is_refused():
     data = pelib.load_nlu("banking77", "train", limit=8)
     with pytest.raises(ValueError, match="merged.*unmerge"):
         train(model, tok, data, data, TrainConfig(epochs=1, progress=False))
+
+
+def test_head_only_floor_trains_the_head_alone(tmp_path):
+    """`--method head` (the floor row): every backbone weight frozen, the head learns."""
+    main(["finetune", "--tiny", "--method", "head", "--train-limit", "32", "--eval-limit", "8",
+          "--epochs", "2", "--out", str(tmp_path), "--no-progress", "--name", "floor"])
+    rec = json.loads((tmp_path / "floor.json").read_text())
+    assert rec["trainable_params"] == 32 * 77 + 77  # the classifier of the 32-wide tiny model
+    assert rec["config"]["lr"] == methods.METHODS["head"].lr
+    model = pelib.inject.train_heads_only(tiny())
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == \
+        ["classifier.weight", "classifier.bias"]
+    with pytest.raises(ValueError, match="already has a head-only setup"):
+        pelib.apply_lora(model, ["query"], r=2)
