@@ -16,6 +16,7 @@ import re
 from dataclasses import asdict
 from pathlib import Path
 
+from . import distributed
 from .backbone import DEFAULT_TARGETS
 from .files import atomic_write, writable_dir
 from .methods import METHODS, Run
@@ -190,8 +191,10 @@ def finetune(args) -> dict:
     """One run: build, train, evaluate, write the record and the loss curve; return the record.
     Bad options raise ValueError with a message that names the fix."""
     check(args)
-    out = writable_dir(args.out)
     name = run_name(args)
+    if distributed.rank() != 0:  # under torchrun: rank 0 alone checks, locks and writes
+        return _finetune(args, Path(args.out), name)
+    out = writable_dir(args.out)
     with _only_process(out, name):
         return _finetune(args, out, name)
 
@@ -201,7 +204,8 @@ def _finetune(args, out: Path, name: str) -> dict:
     from .train import TrainConfig, train
 
     previous = out / f"{name}.json"
-    if previous.exists() and not args.overwrite:  # never replace another run's results
+    # never replace another run's results
+    if distributed.rank() == 0 and previous.exists() and not args.overwrite:
         try:
             theirs = json.loads(previous.read_text())["args"]
         except (ValueError, KeyError, TypeError):
@@ -224,6 +228,8 @@ def _finetune(args, out: Path, name: str) -> dict:
     record = dict(name=name, **asdict(result), seconds_per_epoch=result.train_seconds / args.epochs,
                   args=options(args), eval_split=args.eval_split, train_rows=len(data.texts),
                   eval_rows=len(evaluation.texts))
+    if distributed.rank() != 0:
+        return record  # the same weights and metrics as rank 0's, which writes them
     report = method.report(model, hooks, args, result.steps) if method.report else None
     if report:
         record[args.method] = report

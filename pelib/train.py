@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .distributed import ProcessGroup, process_group
 from .files import atomic_write
 from .inject import count_parameters
 from .measure import PeakMemory
@@ -72,6 +73,7 @@ class TrainResult:
     memory_kind: str = ""
     steps: int = 0
     resumed_at_step: int | None = None  # set when the run continued from a checkpoint
+    world_size: int = 1  # processes that trained together (pelib.distributed)
     config: dict = field(default_factory=dict)
 
 
@@ -105,11 +107,15 @@ def collate(ids: list[list[int]], index: list[int], pad_id: int) -> dict[str, to
 
 @torch.no_grad()
 def predict(model: nn.Module, ids: list[list[int]], pad_id: int, batch_size: int = 128,
-            bf16: bool = False) -> torch.Tensor:
+            bf16: bool = False, group: ProcessGroup | None = None) -> torch.Tensor:
+    """Predicted labels of every row; with several processes each predicts its share (rows
+    r, r + W, ...) and the shares are gathered, so the split is covered once."""
+    group = group or ProcessGroup()
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # little padding
+    mine = range(group.rank, len(ids), group.world)
+    order = sorted(mine, key=lambda i: len(ids[i]))  # little padding
     preds = torch.empty(len(ids), dtype=torch.long)
     for k in range(0, len(order), batch_size):
         index = order[k:k + batch_size]
@@ -117,13 +123,16 @@ def predict(model: nn.Module, ids: list[list[int]], pad_id: int, batch_size: int
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             preds[index] = model(**batch).logits.argmax(-1).cpu()
     model.train(was_training)
+    for r, (index, p) in enumerate(group.gather((list(mine), preds[list(mine)]))):
+        preds[index] = p
     return preds
 
 
-def evaluate(model, tokenizer, data, max_length=64, batch_size=128, bf16=False) -> dict:
+def evaluate(model, tokenizer, data, max_length=64, batch_size=128, bf16=False,
+             group: ProcessGroup | None = None) -> dict:
     ids = encode(tokenizer, data.texts, max_length)
     return classification_metrics(data.labels, predict(model, ids, tokenizer.pad_token_id,
-                                                       batch_size, bf16))
+                                                       batch_size, bf16, group))
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, hooks) -> torch.optim.AdamW:
@@ -218,9 +227,11 @@ def train(model: nn.Module, tokenizer, train_data, eval_data, cfg: TrainConfig,
     that file and ends with the same numbers as an uninterrupted run.
     """
     check_inputs(model, tokenizer, cfg)
+    group = process_group()  # one process, or rank r of W under torchrun (pelib.distributed)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    device = next(model.parameters()).device
+    device = group.accelerator.device if group.world > 1 else next(model.parameters()).device
+    model.to(device)
     ids = encode(tokenizer, train_data.texts, cfg.max_length)
     labels = torch.tensor(train_data.labels)
     dev_ids = encode(tokenizer, dev_data.texts, cfg.max_length) if dev_data else None
@@ -241,13 +252,16 @@ def train(model: nn.Module, tokenizer, train_data, eval_data, cfg: TrainConfig,
     for h in hooks:  # after a resume: optimizer.load_state_dict made new param-group dicts
         getattr(h, "begin", lambda m, o, t: None)(model, optimizer, total)
     model.train()
-    bar = tqdm(total=total, initial=loop["step"], desc="train", disable=not cfg.progress,
-               dynamic_ncols=True)
+    runner = group.wrap(model)  # DDP averages the gradients when W > 1; hooks see `model`
+    bar = tqdm(total=total, initial=loop["step"], desc="train",
+               disable=not cfg.progress or not group.main, dynamic_ncols=True)
     start = time.perf_counter() - loop["seconds"]
 
     def checkpoint():
         loop["seconds"] = time.perf_counter() - start
-        save_checkpoint(cfg.checkpoint, model, optimizer, scheduler, hooks, loop, cfg)
+        if group.main:  # identical on every process: one writes
+            save_checkpoint(cfg.checkpoint, model, optimizer, scheduler, hooks, loop, cfg)
+        group.barrier()
 
     with PeakMemory(device) as mem:
         while loop["step"] < total:
@@ -259,16 +273,23 @@ def train(model: nn.Module, tokenizer, train_data, eval_data, cfg: TrainConfig,
             rng.setstate(loop["rng"])
             batches = length_grouped_batches([len(x) for x in ids], cfg.batch_size, rng)
             while loop["k"] < len(batches) and loop["step"] < total:
-                group = batches[loop["k"]:loop["k"] + cfg.grad_accum]
+                micro = batches[loop["k"]:loop["k"] + cfg.grad_accum]  # accumulated batches
                 loss_sum = 0.0
-                for index in group:
-                    batch = {n: t.to(device) for n, t in collate(ids, index, tokenizer.pad_token_id).items()}
+                for index in micro:
+                    # this process's rows; the scale makes DDP's average the global mean
+                    shard = group.shard(index) or index[:1]
+                    weight = len(group.shard(index)) * group.world / len(index)
+                    batch = {n: t.to(device) for n, t in
+                             collate(ids, shard, tokenizer.pad_token_id).items()}
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                        loss = model(**batch, labels=labels[index].to(device)).loss
+                        loss = runner(**batch, labels=labels[shard].to(device)).loss
+                    if weight != 1:
+                        loss = loss * weight
                     for h in hooks:
                         loss = getattr(h, "loss", lambda m, x: x)(model, loss)
-                    (loss / len(group)).backward()
-                    loss_sum += loss.item() / len(group)
+                    (loss / len(micro)).backward()
+                    loss_sum += loss.item() / len(micro)
+                loss_sum = group.mean(loss_sum)
                 if not math.isfinite(loss_sum):
                     raise FloatingPointError(f"loss became {loss_sum} at step {loop['step']}; lower "
                                              f"the learning rate (now {cfg.lr})")
@@ -289,7 +310,8 @@ def train(model: nn.Module, tokenizer, train_data, eval_data, cfg: TrainConfig,
             entry = dict(epoch=loop["epoch"], loss=sum(losses) / max(1, len(losses)))
             if dev_ids is not None:
                 t0 = time.perf_counter()
-                preds = predict(model, dev_ids, tokenizer.pad_token_id, cfg.eval_batch_size, cfg.bf16)
+                preds = predict(model, dev_ids, tokenizer.pad_token_id, cfg.eval_batch_size,
+                                cfg.bf16, group)
                 entry.update({f"dev_{k}": v for k, v in
                               classification_metrics(dev_data.labels, preds).items()})
                 loop["eval_seconds"] += time.perf_counter() - t0
@@ -304,6 +326,7 @@ def train(model: nn.Module, tokenizer, train_data, eval_data, cfg: TrainConfig,
     result.steps = loop["step"]
     result.resumed_at_step = loop["resumed_at"]
     result.peak_memory_mb, result.memory_kind = mem.mb, mem.kind
+    result.world_size = group.world
     result.metrics = evaluate(model, tokenizer, eval_data, cfg.max_length, cfg.eval_batch_size,
-                              cfg.bf16)
+                              cfg.bf16, group)
     return result
