@@ -473,6 +473,7 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
+# %%
 B, T, D = 2, 19, 64
 ang = torch.arange(T)[:, None] * 10000.0 ** (-torch.arange(0, D, 2) / D)            # (T, D/2)
 cos = torch.cat([ang.cos()] * 2, -1).expand(B, T, D).contiguous().to(DEVICE)      # (B, T, D)
@@ -764,6 +765,7 @@ class LoRAQ(torch.autograd.Function):
         return (dx, dxa.t() @ x, dB) + (None,) * 8
 
 
+# %%
 r, s = 8, 2.0
 xl = torch.randn(13, cols, device=DEVICE, requires_grad=True)
 A = (0.01 * torch.randn(r, cols, device=DEVICE)).requires_grad_()
@@ -907,7 +909,7 @@ for i, b in enumerate(BENCH):
 ax1.set(xlabel="arithmetic intensity (FLOP / byte)", ylabel="TFLOP/s", title="roofline, H200")
 ax1.legend(fontsize=6.5, loc="lower right")
 y = np.arange(len(BENCH))
-ax2.barh(y - 0.27, [b["limit"] for b in BENCH], 0.27, color="0.7", label="limit (spec)")
+ax2.barh(y - (0 if INTERP else 0.27), [b["limit"] for b in BENCH], 0.27, color="0.7", label="limit (spec)")
 if not INTERP:
     ax2.barh(y, [b["us"] for b in BENCH], 0.27, label="ours (do_bench)")
     ax2.barh(y + 0.27, [b["us_torch"] for b in BENCH], 0.27, label="torch")
