@@ -83,6 +83,10 @@ def limit_us(nbytes, flops=0):
 # the interpreter runs each program instance in numpy (about 3 ms each), so its times measure
 # Python, not the kernel: it is a correctness tool. Every call is recorded in `BENCH` for the
 # roofline figure of section 10.
+#
+# On a GPU these cells run unchanged: the same code launches compiled kernels (no interpreter
+# switch, no upcasts; `bench/gpu.sh` times pelib's kernels the same way on the device machine).
+# Section 2 quantises with bitsandbytes, which a GPU machine without it gets as a wheel.
 
 # %%
 BENCH = []                                       # one dict per timed kernel, for the figure
@@ -951,8 +955,8 @@ print(inspect.getsource(K.nf4._nf4_dequant_kernel.fn))
 #   `tl.join(even, odd)` stacks them into (BLOCK, 2) and `tl.reshape(..., (2 * BLOCK,))` reads
 #   that row-major, `even0, odd0, even1, odd1, ...`: the output order, stored as one contiguous
 #   block. The block's scale is computed once per byte, for both nibbles.
-# * **what a library needs and a lesson does not**: `int64` offsets (a 4096 x 14336 weight is
-#   58.7M elements, but a fused QKV or an embedding can pass $2^{31}$), the plain-absmax path
+# * **what a library needs and a lesson does not**: `int64` offsets (int32 offsets wrap for a
+#   tensor past $2^{31}$ elements, and a library cannot rule one out), the plain-absmax path
 #   (`DOUBLE` is a `tl.constexpr`, so each variant compiles without the other's branch), any
 #   blocksize, and bf16 written through fp32 in the interpreter (whose bf16 cast truncates).
 #
