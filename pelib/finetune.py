@@ -36,7 +36,8 @@ def add_arguments(f: argparse.ArgumentParser) -> None:
     f.add_argument("--impl", default="pelib", choices=IMPLS,
                    help="build the model with pelib or with the peer library peft (methods: "
                         + ", ".join(k for k, m in METHODS.items() if "peft" in m.build) + ")")
-    f.add_argument("--r", type=int, default=8)
+    # --lora-r: under torchrun, whose own parser reads "--r" as a prefix of its --rdzv-* options
+    f.add_argument("--r", "--lora-r", type=int, default=8, help="the LoRA rank")
     f.add_argument("--alpha", type=float, default=None, help="default: 2*r")
     f.add_argument("--rslora", action="store_true")
     f.add_argument("--dropout", type=float, default=0.0)
