@@ -49,7 +49,14 @@ def add_arguments(f: argparse.ArgumentParser) -> None:
     f.add_argument("--grad-accum", type=int, default=1)
     f.add_argument("--max-length", type=int, default=64)
     f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--bf16", action="store_true", help="bf16 autocast (a real speed-up on AMX CPUs)")
+    f.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: a CUDA GPU when there is one, else the CPU")
+    f.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast on the CPU (a real speed-up on CPUs with AVX-512 BF16); "
+                        "on a GPU it is the default")
+    f.add_argument("--fp32", action="store_true", help="no bf16 autocast, also on a GPU")
+    f.add_argument("--no-kernels", action="store_true",
+                   help="on a GPU, do not swap pelib's Triton kernels into SmolLM2 (pelib.patch)")
     f.add_argument("--train-limit", type=int, default=None, help="train on a seeded subset")
     f.add_argument("--eval-limit", type=int, default=None)
     f.add_argument("--eval-split", default="test", choices=["dev", "test"])
@@ -91,7 +98,11 @@ NOT_NUMBERS = {"no_progress", "resume", "checkpoint_every", "command", "out", "n
 
 def same_run(a: dict | None, b: dict) -> bool:
     """Do two option sets give the same numbers? (None: unknown, so no)"""
-    return a is not None and ({k: v for k, v in a.items() if k not in NOT_NUMBERS}
+    if a is None:
+        return False
+    defaults = options(parse([]))  # an option added since a record was written: its default
+    a, b = {**defaults, **a}, {**defaults, **b}
+    return ({k: v for k, v in a.items() if k not in NOT_NUMBERS}
             == {k: v for k, v in b.items() if k not in NOT_NUMBERS})
 
 
@@ -155,6 +166,25 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def device_of(args) -> str:
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA GPU; use --device auto or cpu")
+    return "cuda" if args.device == "cuda" or (args.device == "auto" and
+                                               torch.cuda.is_available()) else "cpu"
+
+
+def uses_bf16(args) -> bool:
+    """bf16 autocast: asked for with --bf16, or on a GPU unless --fp32."""
+    return not args.fp32 and (args.bf16 or device_of(args) == "cuda")
+
+
+def uses_kernels(args) -> bool:
+    """pelib's Triton kernels (pelib.patch) on a GPU for the Llama backbone, unless --no-kernels."""
+    return device_of(args) == "cuda" and args.model == "smollm2" and not args.no_kernels
+
+
 def build(args, cfg):
     """The model with the method injected, its tokenizer, the train split and the hooks."""
     import torch
@@ -170,9 +200,15 @@ def build(args, cfg):
     else:
         torch.manual_seed(args.seed)  # the new classification head
         model, tokenizer = load_backbone(args.model, num_labels=n_labels)
+    device = device_of(args)
     run = Run(targets=args.targets or DEFAULT_TARGETS[args.model],
-              total_steps=total_steps(len(data.texts), cfg))
+              total_steps=total_steps(len(data.texts), cfg), device=device)
     model, hooks = METHODS[args.method].build[args.impl](model, args, run)
+    model.to(device)
+    if uses_kernels(args):
+        from .patch import patch
+
+        patch(model)  # RMSNorm, RoPE, SwiGLU and the LoRA linears on Triton kernels
     return model, tokenizer, data, hooks
 
 
@@ -218,7 +254,7 @@ def _finetune(args, out: Path, name: str) -> dict:
     method = METHODS[args.method]
     cfg = TrainConfig(epochs=args.epochs, lr=method.lr if args.lr is None else args.lr,
                       batch_size=args.batch_size, grad_accum=args.grad_accum,
-                      max_length=args.max_length, bf16=args.bf16, seed=args.seed,
+                      max_length=args.max_length, bf16=uses_bf16(args), seed=args.seed,
                       progress=not args.no_progress, checkpoint=ckpt and str(ckpt),
                       checkpoint_every=args.checkpoint_every,
                       run={k: v for k, v in options(args).items() if k not in NOT_NUMBERS})
@@ -228,7 +264,8 @@ def _finetune(args, out: Path, name: str) -> dict:
     result = train(model, tokenizer, data, evaluation, cfg, hooks=hooks, dev_data=dev)
     record = dict(name=name, **asdict(result), seconds_per_epoch=result.train_seconds / args.epochs,
                   args=options(args), eval_split=args.eval_split, train_rows=len(data.texts),
-                  eval_rows=len(evaluation.texts))
+                  eval_rows=len(evaluation.texts), device=device_of(args), bf16=uses_bf16(args),
+                  kernels=uses_kernels(args))
     if distributed.rank() != 0:
         return record  # the same weights and metrics as rank 0's, which writes them
     report = method.report(model, hooks, args, result.steps) if method.report else None

@@ -45,6 +45,7 @@ class Run:
 
     targets: list[str]
     total_steps: int
+    device: str = "cpu"  # where the model trains ("cuda" when one is there, see finetune)
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def _qlora(model, args, run):  # NF4 + double quantisation base, fp32 LoRA (peli
 
 def _qlora_peft(model, args, run):
     return peers.qlora(model, run.targets, args.r, _alpha(args, args.r), args.dropout,
-                       args.rslora), []
+                       args.rslora, device=run.device), []
 
 
 def adalora_schedule(args, total: int) -> tuple[int, int]:

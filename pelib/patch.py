@@ -122,7 +122,8 @@ def _llama():
 
 
 def patch(model):
-    """Use pelib's kernels in a transformers Llama model (in place); returns the model."""
+    """Use pelib's kernels in a transformers Llama model (in place); returns the model.
+    A causal LM's loss goes to the chunked cross-entropy kernel; a classifier keeps its loss."""
     llama = _llama()
     from .lora import LoRALinear
 
@@ -147,7 +148,8 @@ def patch(model):
         llama.apply_rotary_pos_emb = apply_rope
     _rope_state["count"] += 1
     model._pelib_old_loss = model.__dict__.get("_loss_function")
-    model.loss_function = causal_lm_loss
+    if hasattr(model, "lm_head"):  # the kernel computes a next-token loss
+        model.loss_function = causal_lm_loss
     model._pelib_patched = True
     return model
 
@@ -166,7 +168,8 @@ def unpatch(model):
     if _rope_state["count"] == 0:
         llama.apply_rotary_pos_emb = _rope_state["original"]
     if model._pelib_old_loss is None:
-        del model._loss_function
+        if "_loss_function" in model.__dict__:  # a classifier's loss was never swapped
+            del model._loss_function
     else:
         model._loss_function = model._pelib_old_loss
     del model._pelib_old_loss, model._pelib_patched, model._pelib_swapped

@@ -31,9 +31,9 @@ def lora(model: nn.Module, targets, r: int, alpha: float, dropout: float = 0.0,
         target_modules=targets, use_rslora=use_rslora))
 
 
-def quantized_4bit(model: nn.Module) -> nn.Module:
+def quantized_4bit(model: nn.Module, device: str = "cpu") -> nn.Module:
     """The same weights reloaded through transformers' bitsandbytes NF4 + double quantisation
-    (fp32 compute; the classification head kept dense, as pelib keeps it)."""
+    (fp32 compute; the classification head kept dense, as pelib keeps it), on `device`."""
     from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
 
     heads = [n for n in CLASSIFIER_HEADS if hasattr(model, n)]
@@ -43,14 +43,14 @@ def quantized_4bit(model: nn.Module) -> nn.Module:
     with tempfile.TemporaryDirectory() as tmp:  # same base weights and head as pelib's run
         model.save_pretrained(tmp)
         return AutoModelForSequenceClassification.from_pretrained(
-            tmp, quantization_config=config, dtype=torch.float32, device_map="cpu",
+            tmp, quantization_config=config, dtype=torch.float32, device_map={"": device},
             attn_implementation=model.config._attn_implementation)
 
 
 def qlora(model: nn.Module, targets, r: int, alpha: float, dropout: float = 0.0,
-          use_rslora: bool = False) -> nn.Module:
+          use_rslora: bool = False, device: str = "cpu") -> nn.Module:
     """The peer's QLoRA: bitsandbytes NF4 + DQ base (quantized_4bit), peft's LoRA on top."""
-    return lora(quantized_4bit(model), targets, r, alpha, dropout, use_rslora)
+    return lora(quantized_4bit(model, device), targets, r, alpha, dropout, use_rslora)
 
 
 class PeftAdaLoRA:

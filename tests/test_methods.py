@@ -244,3 +244,37 @@ def test_head_only_floor_trains_the_head_alone(tmp_path):
         ["classifier.weight", "classifier.bias"]
     with pytest.raises(ValueError, match="already has a head-only setup"):
         pelib.apply_lora(model, ["query"], r=2)
+
+
+def test_device_precision_and_kernels_are_chosen_and_recorded(tmp_path):
+    """On this CPU: fp32 unless --bf16, no kernels; a record says what ran. (The GPU choices,
+    bf16 and pelib.patch for SmolLM2, are the same functions with CUDA present.)"""
+    from pelib.finetune import parse, same_run, uses_bf16, uses_kernels
+
+    main(["finetune", "--tiny", "--train-limit", "16", "--eval-limit", "8", "--epochs", "1",
+          "--out", str(tmp_path), "--no-progress", "--name", "cpu", "--bf16"])
+    rec = json.loads((tmp_path / "cpu.json").read_text())
+    assert (rec["device"], rec["bf16"], rec["kernels"]) == ("cpu", True, False)
+    assert not uses_bf16(parse(["--bf16", "--fp32"])) and not uses_kernels(parse(["--model", "smollm2"]))
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA GPU"):
+            main(["finetune", "--tiny", "--device", "cuda", "--out", str(tmp_path)])
+    old = {k: v for k, v in rec["args"].items() if k not in ("device", "fp32", "no_kernels")}
+    assert same_run(old, rec["args"])  # a record from before these options: still the same run
+
+
+def test_patch_on_a_llama_classifier_keeps_its_loss_and_its_outputs():
+    from pelib.patch import patch, unpatch
+
+    model = pelib.tiny_backbone("smollm2", 5, with_tokenizer=False)[0].eval()
+    pelib.apply_lora(model, ["q_proj", "v_proj"], r=2)
+    x = batch(model.config.vocab_size)
+    labels = torch.tensor([0, 3, 4])
+    with torch.no_grad():
+        ref = model(**x, labels=labels)
+        patch(model)
+        got = model(**x, labels=labels)
+        unpatch(model)
+        back = model(**x, labels=labels)
+    assert torch.allclose(got.logits, ref.logits, atol=1e-5) and torch.equal(back.logits, ref.logits)
+    assert torch.allclose(got.loss, ref.loss, atol=1e-5)  # sequence classification loss, not causal
