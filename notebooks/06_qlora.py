@@ -177,6 +177,8 @@ print(f"{len(names)} SmolLM2 matrices, {sum(smol.get_submodule(n).weight.numel()
       f"distinct values per block of 32: {distinct:.1f} (Q4_1 origin)")
 for k in CODES:
     print(f"  {k:5s} SQNR {sqnr[k]:5.2f} dB on SmolLM2, {sqnr_gauss[k]:5.2f} dB on N(0,1)")
+
+# %%
 fig, ax = plt.subplots(figsize=(6, 3))
 x_pos = torch.arange(len(CODES))
 ax.bar(x_pos - 0.2, list(sqnr.values()), 0.4, label="SmolLM2 linear weights")
@@ -234,6 +236,11 @@ class Linear4bit(nn.Module):
                                  (self.out_features, self.in_features))
 
 
+# %% [markdown]
+# How much does each version keep for the backward? `saved_tensors_hooks` sees every tensor
+# autograd saves; we add up their bytes, for one SmolLM2 `gate_proj` and a batch of 8 x 64 tokens.
+
+# %%
 def saved_bytes(fn, x):
     """Bytes of the tensors autograd keeps for the backward of fn(x)."""
     sizes = []
@@ -396,6 +403,7 @@ def test_logits(model):  # (N_TEST, 77): the merges below compare logits, not on
     return torch.cat(out)
 
 
+# %%
 labels = torch.tensor(test_data.labels)
 torch.manual_seed(0)
 backbone, _ = pelib.load_backbone(NAME, num_labels=77)
@@ -468,6 +476,7 @@ def merge(model, strategy):
     return model
 
 
+# %%
 ref = test_logits(qmodel)
 p_ref = ref.double().log_softmax(-1)
 rows, merged_logits = {}, {}
