@@ -376,13 +376,13 @@ plt.show()
 # `pelib.train.train` (the loop notebook 01 builds) on Banking77, with QLoRA and, beside it, LoRA
 # on the unquantised model. QLoRA needs no hook: the loop trains whatever requires a gradient.
 # FAST mode: MiniLM, three steps (toy numbers: it barely learns). The full run: SmolLM2-135M as
-# a sequence classifier, one pass over 512 examples (about 2 minutes for each model on two idle
+# a sequence classifier, one pass over 256 examples (about a minute for each model on two idle
 # cores).
 
 # %%
 NAME = "minilm" if FAST else "smollm2"
 TARGETS = pelib.backbone.DEFAULT_TARGETS[NAME]
-N_TRAIN, N_TEST, BS = (96, 64, 32) if FAST else (512, 256, 16)
+N_TRAIN, N_TEST, BS = (96, 64, 32) if FAST else (256, 128, 16)
 train_data = pelib.load_nlu("banking77", "train", limit=N_TRAIN)
 test_data = pelib.load_nlu("banking77", "test", limit=N_TEST)
 tokenizer = pelib.backbone.load_tokenizer(NAME)
