@@ -302,13 +302,13 @@ if FAST:
 else:
     torch.manual_seed(0)
     backbone, tokenizer = pelib.load_backbone("minilm", num_labels=77)
-    N_TRAIN, BS, EPOCHS, R_INIT, R_TARGET, TINIT, TFINAL, DT = 3000, 32, 2, 12, 8, 20, 50, 5
+    N_TRAIN, BS, EPOCHS, R_INIT, R_TARGET, TINIT, TFINAL, DT = 1500, 32, 2, 12, 8, 10, 25, 5
 for m in backbone.modules():  # no dropout: the pelib check at the end replays the same run
     if isinstance(m, nn.Dropout):
         m.p = 0.0
 base_copy = copy.deepcopy(backbone)
 train = pelib.load_nlu("banking77", "train", limit=N_TRAIN)
-test = pelib.load_nlu("banking77", "test", limit=128 if FAST else 1000)
+test = pelib.load_nlu("banking77", "test", limit=128 if FAST else 500)
 targets = ["query", "key", "value", "dense"]
 model = inject(backbone, targets, r=R_INIT, alpha=2 * R_INIT)
 init_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -199,8 +199,8 @@ model.classifier.requires_grad_(True)
 sora = {n: model.get_submodule(n) for n in names}
 print(len(sora), "gated modules,", 8 * len(sora), "ranks in all")
 
-train = pelib.load_nlu("banking77", "train", limit=192 if FAST else 4000)
-test = pelib.load_nlu("banking77", "test", limit=128 if FAST else 3080)
+train = pelib.load_nlu("banking77", "train", limit=192 if FAST else 2000)
+test = pelib.load_nlu("banking77", "test", limit=128 if FAST else 1000)
 EPOCHS, BS = (2, 16) if FAST else (3, 32)
 LR, GATE_LR = 2e-3, (8e-2 if FAST else 1e-2)  # FAST: few steps, so a faster gate
 XIS = [0.2, 0.6, 1.0] if FAST else [0.05, 0.25, 0.45]  # xi per stage (as the CLI default)
