@@ -195,6 +195,11 @@ print(f"naive {median_ms(lambda: dequantize_naive(packed, absmax, n)):.1f} ms, "
 # The scales cost $32/B = 0.5$ bits per parameter at $B = 64$: an eighth of the 4 bits. QLoRA
 # quantises them too, with an 8-bit code, in blocks of $B_2 = 256$ scales.
 #
+# Which 8-bit code? The QLoRA paper says *8-bit floats* for the constants; its code
+# (bitsandbytes' `quantize_4bit(compress_statistics=True)`) uses the 8-bit **dynamic map**,
+# and so do we, since the bytes are the point here. Both are floats in spirit (a sign, an
+# exponent, a fraction); the dynamic map spends its bits differently:
+#
 # The 8-bit code is the **dynamic map** (Dettmers 2016,
 # [arXiv:1511.04561](https://arxiv.org/abs/1511.04561)). After the sign bit, a run of $e$ zero
 # bits sets a decimal exponent $10^{-e}$, a 1 bit ends the run, and the remaining $6 - e$ bits
@@ -245,11 +250,8 @@ ax.legend()
 plt.show()
 
 # %% [markdown]
-# bitsandbytes agrees on the offset and on `absmax2`. For `qabsmax` its CPU kernel (0.50.2)
-# does not search for the nearest code: it rounds the value into one of 65536 bins of
-# $[-1, 1]$, $\mathrm{bin} = \lfloor \tfrac{v+1}{2} \cdot 65535 + \tfrac12 \rfloor$, and reads a
-# table holding the code nearest each bin's centre. A value within a bin ($3\cdot10^{-5}$) of
-# a midpoint can land one level off. The table is three lines, and with it the bytes agree.
+# bitsandbytes agrees on the offset and on `absmax2`, and on all but a few `qabsmax` bytes:
+# its CPU kernel rounds the scales slightly differently from the nearest level (appendix A).
 
 # %%
 _, b_state_dq = bnbF.quantize_4bit(W, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True)
@@ -257,21 +259,6 @@ assert torch.equal(offset, b_state_dq.offset) and torch.equal(absmax2, b_state_d
 n_diff = int((qabsmax != b_state_dq.absmax.long()).sum())
 print(f"qabsmax, nearest level: {n_diff} of {qabsmax.numel()} differ from bitsandbytes' CPU kernel")
 assert n_diff <= 0.01 * qabsmax.numel()
-
-centres = -1.0 + 2.0 * torch.arange(65536, dtype=torch.float32) / 65535  # (65536,) bin centres
-table = torch.bucketize(centres, (code2[:-1] + code2[1:]) / 2)  # nearest code of each centre
-x = F.pad(absmax - offset, (0, -absmax.numel() % 256)).view(-1, 256)  # (n_blocks2, 256)
-v = (x * (1.0 / x.abs().amax(1, keepdim=True))).clamp(-1, 1)
-qabsmax_bnb = table[(((v + 1) * 0.5) * 65535 + 0.5).long()].view(-1)[: absmax.numel()]
-assert torch.equal(qabsmax_bnb, b_state_dq.absmax.long())
-print("qabsmax through the 65536-bin table: identical to bitsandbytes'")
-
-# %% [markdown]
-# Which should a library store? The nearest level is what the equations say; the table is
-# what the peer's bytes are. `pelib.quant.quantize_4bit(..., dq_rounding="bnb")` (the
-# default) reproduces the table, so a model quantised by pelib and by bitsandbytes is the
-# same model, byte for byte; `dq_rounding="nearest"` keeps the exact rule. The extra error of
-# the table is at most one bin width on a constant, invisible in the weights' error.
 
 # %% [markdown]
 # ## 4. The ledger, from the bytes
@@ -385,9 +372,6 @@ p_packed, p_state = quantize_4bit(W, BLOCKSIZE, "nf4", double_quant=True, dq_rou
 assert torch.equal(p_packed, packed) and torch.equal(p_packed, b_packed.reshape(-1))
 assert torch.equal(p_state.offset, offset) and torch.equal(p_state.absmax2, absmax2)
 assert torch.equal(p_state.qabsmax.long(), qabsmax) and torch.equal(p_state.code2, code2)
-_, p_state_bnb = quantize_4bit(W, BLOCKSIZE, "nf4", double_quant=True)  # dq_rounding="bnb"
-assert torch.equal(p_state_bnb.qabsmax.long(), qabsmax_bnb)
-assert torch.equal(p_state_bnb.qabsmax, b_state_dq.absmax)
 assert torch.equal(create_dynamic_map(), code2)
 assert torch.equal(dequantize_4bit(p_packed, p_state).reshape(-1), W_dq)
 assert bits_per_param(p_packed, p_state) == ledger_dq
@@ -398,4 +382,84 @@ for name, cfg in [("SmolLM2-135M", SMOLLM2_135M), ("Llama-7B", LLAMA_7B)]:
     t = totals[name]
     assert (led["params"], led["bf16_bytes"], led["nf4_bytes"], led["nf4_dq_bytes"]) == (
         t["params"], t["bf16"], t["nf4"], t["nf4_dq"])
-print("pelib == this notebook == bitsandbytes (bytes, scales, offset, absmax2, qabsmax); ledger equal")
+print("pelib == this notebook == bitsandbytes (bytes, scales, offset, absmax2); ledger equal")
+
+
+# %% [markdown]
+# ## Appendix A. bitsandbytes' CPU rounding of the scales
+#
+# For `qabsmax` bitsandbytes' CPU kernel (0.50.2)
+# does not search for the nearest code: it rounds the value into one of 65536 bins of
+# $[-1, 1]$, $\mathrm{bin} = \lfloor \tfrac{v+1}{2} \cdot 65535 + \tfrac12 \rfloor$, and reads a
+# table holding the code nearest each bin's centre. A value within a bin ($3\cdot10^{-5}$) of
+# a midpoint can land one level off. The table is three lines, and with it the bytes agree.
+
+# %%
+centres = -1.0 + 2.0 * torch.arange(65536, dtype=torch.float32) / 65535  # (65536,) bin centres
+table = torch.bucketize(centres, (code2[:-1] + code2[1:]) / 2)  # nearest code of each centre
+x = F.pad(absmax - offset, (0, -absmax.numel() % 256)).view(-1, 256)  # (n_blocks2, 256)
+v = (x * (1.0 / x.abs().amax(1, keepdim=True))).clamp(-1, 1)
+qabsmax_bnb = table[(((v + 1) * 0.5) * 65535 + 0.5).long()].view(-1)[: absmax.numel()]
+assert torch.equal(qabsmax_bnb, b_state_dq.absmax.long())
+print("qabsmax through the 65536-bin table: identical to bitsandbytes'")
+_, p_state_bnb = quantize_4bit(W, BLOCKSIZE, "nf4", double_quant=True)  # pelib: dq_rounding="bnb"
+assert torch.equal(p_state_bnb.qabsmax.long(), qabsmax_bnb)
+assert torch.equal(p_state_bnb.qabsmax, b_state_dq.absmax)
+print("pelib's default dq_rounding='bnb': the same bytes as bitsandbytes'")
+
+
+# %% [markdown]
+# Which should a library store? The nearest level is what the equations say; the table is
+# what the peer's bytes are. `pelib.quant.quantize_4bit(..., dq_rounding="bnb")` (the
+# default) reproduces the table, so a model quantised by pelib and by bitsandbytes is the
+# same model, byte for byte; `dq_rounding="nearest"` keeps the exact rule. The extra error of
+# the table is at most one bin width on a constant, invisible in the weights' error.
+
+# %% [markdown]
+# ## Exercises
+#
+# Each checker compares your answer with an independent reference (pelib's ledger,
+# bitsandbytes) and prints what it verified. Solutions: `notebooks/solutions/nb05.py`.
+#
+# **1 (easy).** The bits a weight costs, for blocksize $B$ and a large tensor (ignore the
+# one offset): $4 + 32/B$ without double quantisation, $4 + 8/B + 32/(256\,B)$ with it. Write
+# `bits_per_weight(B, double_quant)`.
+
+# %%
+from checks import attempt  # noqa: E402
+from checks.nb05 import exercise_1, exercise_2, exercise_3  # noqa: E402
+
+
+def bits_per_weight(B: int, double_quant: bool) -> float:
+    raise NotImplementedError
+
+
+attempt(exercise_1, bits_per_weight)
+
+# %% [markdown]
+# **2 (medium).** Decode double-quantised scales: given `qabsmax` (n_blocks,) uint8 indices into
+# `code2`, `absmax2` (ceil(n_blocks/256),) and `offset`, return
+# $\mathrm{absmax}_b = \mathrm{code2}[\mathrm{qabsmax}_b]\cdot\mathrm{absmax2}_{\lfloor b/256\rfloor} + c$.
+
+# %%
+def decode_scales(qabsmax, absmax2, offset, code2):  # -> (n_blocks,) fp32
+    raise NotImplementedError
+
+
+attempt(exercise_2, decode_scales)
+
+# %% [markdown]
+# **3 (harder).** The ledger of a 70B model. Llama-2-70B has 80 decoder blocks, hidden size
+# $h = 8192$, MLP size $i = 28672$, 64 query heads of $d = 128$ and **8** key/value heads
+# (grouped-query attention). Each of its $80 \cdot 7$ linear weights is quantised on its own
+# (blocksize 64, scales in blocks of 256, one fp32 offset per tensor). Write
+# `ledger_70b()` returning a dict with `params` (linear weights only), `nf4_bytes` (fp32 absmax)
+# and `nf4_dq_bytes` (double quantised): count the bytes stored, tensor by tensor. How many GB
+# does double quantisation save on this model?
+
+# %%
+def ledger_70b() -> dict:
+    raise NotImplementedError
+
+
+attempt(exercise_3, ledger_70b)

@@ -31,14 +31,15 @@
 # 3. the memory ledger: 4.127-bit weights, fp32 LoRA, Adam;
 # 4. a short training run, QLoRA beside LoRA;
 # 5. merging: $\tilde W + sBA$ has no exact 4-bit form. Three ways out, measured;
-# 6. a check that `pelib.quant.apply_qlora` is what we built here.
+# 6. a check that `pelib.quant.apply_qlora` is what we built here;
+#
+# and an appendix on how bitsandbytes' CPU kernel rounds the scales.
 
 # %%
 import copy
 import logging
 import math
 import os
-import time
 
 import matplotlib.pyplot as plt
 import torch
@@ -63,8 +64,8 @@ BLOCKSIZE, BLOCKSIZE2 = 64, 256
 #
 # The NF4 code (normal quantiles, notebook 04), the 8-bit dynamic code for the scales
 # (notebook 05), blockwise quantisation to the nearest level, packing two indices a byte.
-# For the scales we round as bitsandbytes' CPU kernel does (notebook 05, end): into one of
-# 65536 bins of $[-1, 1]$, then a table. That makes every byte equal to the peer's.
+# For the scales we round as bitsandbytes' CPU kernel does (`bin_table`, explained in the
+# appendix), so that every byte equals the peer's.
 
 # %%
 v_pos = norm.ppf(torch.linspace(0.9677083, 0.5, 9)[:-1].numpy())
@@ -80,6 +81,11 @@ centres = -1.0 + 2.0 * torch.arange(65536, dtype=torch.float32) / 65535
 bin_table = torch.bucketize(centres, (code2[:-1] + code2[1:]) / 2)  # (65536,) nearest code of each bin
 
 
+# %% [markdown]
+# Quantise: scale each block by its absmax, snap to the nearest NF4 level, pack two indices a
+# byte; then the scales themselves, centred, in blocks of 256 with the 8-bit code.
+
+# %%
 def blocks_of(x, B):
     """(any shape) -> (n_blocks, B) fp32, zero padded."""
     x = x.reshape(-1).float()
@@ -104,6 +110,10 @@ def quantize_nf4(W):
     return packed, qabsmax.to(torch.uint8), absmax2, offset
 
 
+# %% [markdown]
+# Dequantise: decode the scales, look each byte up in a 256-entry table of value pairs, scale.
+
+# %%
 lut = code[torch.stack([torch.arange(256) >> 4, torch.arange(256) & 0xF], dim=1)]  # (256, 2)
 
 
@@ -167,6 +177,8 @@ print(f"{len(names)} SmolLM2 matrices, {sum(smol.get_submodule(n).weight.numel()
       f"distinct values per block of 32: {distinct:.1f} (Q4_1 origin)")
 for k in CODES:
     print(f"  {k:5s} SQNR {sqnr[k]:5.2f} dB on SmolLM2, {sqnr_gauss[k]:5.2f} dB on N(0,1)")
+
+# %%
 fig, ax = plt.subplots(figsize=(6, 3))
 x_pos = torch.arange(len(CODES))
 ax.bar(x_pos - 0.2, list(sqnr.values()), 0.4, label="SmolLM2 linear weights")
@@ -224,6 +236,11 @@ class Linear4bit(nn.Module):
                                  (self.out_features, self.in_features))
 
 
+# %% [markdown]
+# How much does each version keep for the backward? `saved_tensors_hooks` sees every tensor
+# autograd saves; we add up their bytes, for one SmolLM2 `gate_proj` and a batch of 8 x 64 tokens.
+
+# %%
 def saved_bytes(fn, x):
     """Bytes of the tensors autograd keeps for the backward of fn(x)."""
     sizes = []
@@ -238,7 +255,9 @@ q4 = Linear4bit(lin).requires_grad_(False)
 x = torch.randn(8, 64, 576, requires_grad=True)
 naive = saved_bytes(lambda x: F.linear(x, q4.dequantized_weight(), q4.bias), x)
 ours = saved_bytes(q4, x)
-print(f"saved for backward: naive {naive / 1e6:.2f} MB (W~ + x), Linear4bit {ours / 1e6:.2f} MB (bytes + scales)")
+print(f"saved for backward: naive {naive / 1e6:.2f} MB, Linear4bit {ours / 1e6:.2f} MB (bytes + scales); "
+      f"x alone would be {x.numel() * 4 / 1e6:.2f} MB")
+assert naive == q4.out_features * q4.in_features * 4  # exactly W~ in fp32: x is not kept
 
 y = q4(x)
 g = torch.randn_like(y)
@@ -248,12 +267,18 @@ x_ref = x.detach().requires_grad_()
 assert torch.equal(grad_x, grad_ref) and ours < naive / 4
 
 # %% [markdown]
-# (The naive version also keeps $x$, which `F.linear` saves in case the weight wants a gradient.)
+# The naive version keeps exactly $\tilde W$ and not $x$: autograd saves only what the inputs
+# that want a gradient need, and with a frozen weight that is $\tilde W$ (for
+# $\partial L/\partial x$). $x$ would be saved only if the weight required a gradient.
 #
 # ### The QLoRA layer
 #
-# LoRA as in notebook 03, on top of the 4-bit base. $A$ and $B$ stay in fp32: they are a tiny
-# fraction of the model, and Adam's updates to them are small, so 16 bits would round them away.
+# LoRA as in notebook 03, on top of the 4-bit base. Here $A$ and $B$ train in **fp32**. The
+# paper keeps them in BF16 and computes in BF16 (its eq. 5: $X^{\mathrm{BF16}}$,
+# $L_1^{\mathrm{BF16}}$, $L_2^{\mathrm{BF16}}$), dequantising the NF4 weight to BF16. fp32 costs 2
+# more bytes per adapter weight (a small fraction of the model) and keeps Adam's small updates
+# from being rounded away; on this CPU bf16 buys no speed for these tiny matmuls. The LoRA part
+# of the $(X A^\top) B^\top$ path below (and of the ledger in section 3) is fp32.
 
 # %%
 class QLoRA(nn.Module):
@@ -337,70 +362,67 @@ plt.show()
 # parameters and does not shrink, and activations (not in the ledger) dominate at any useful batch
 # size. QLoRA matters at 7B and beyond, where the linear weights are almost everything.
 #
+# **Paged optimizers**, QLoRA's third idea, are not in this ledger because they change *where*
+# memory lives, not how much. On a GPU, a long sequence with gradient checkpointing makes
+# activation memory spike; if Adam's moments sit on the GPU, a spike runs out of memory.
+# bitsandbytes' `PagedAdamW` (and `PagedAdamW8bit`) allocate the moments in CUDA unified memory:
+# when the GPU is full the driver evicts their pages to CPU RAM, and pages them back when the
+# optimizer step touches them. Nothing is copied while memory suffices. On a CPU there is no
+# second memory to page to, so this notebook cannot show it; the paper uses it to fit a 65B
+# fine-tune on one 48 GB GPU.
+#
 # ## 4. A short training run
 #
-# The same plain loop as notebook 03, on Banking77. FAST mode: MiniLM, three steps (it barely
-# learns: read the full run's numbers). The full run: SmolLM2-135M as a sequence classifier, one
-# pass over 512 examples (about 2 minutes for each model on two idle cores). LoRA on the
-# unquantised model trains beside it for comparison.
+# `pelib.train.train` (the loop notebook 01 builds) on Banking77, with QLoRA and, beside it, LoRA
+# on the unquantised model. QLoRA needs no hook: the loop trains whatever requires a gradient.
+# FAST mode: MiniLM, three steps (toy numbers: it barely learns). The full run: SmolLM2-135M as
+# a sequence classifier, one pass over 256 examples (about a minute for each model on two idle
+# cores).
 
 # %%
 NAME = "minilm" if FAST else "smollm2"
 TARGETS = pelib.backbone.DEFAULT_TARGETS[NAME]
-N_TRAIN, N_TEST, BS = (96, 64, 32) if FAST else (512, 256, 16)
+N_TRAIN, N_TEST, BS = (96, 64, 32) if FAST else (256, 128, 16)
 train_data = pelib.load_nlu("banking77", "train", limit=N_TRAIN)
 test_data = pelib.load_nlu("banking77", "test", limit=N_TEST)
 tokenizer = pelib.backbone.load_tokenizer(NAME)
 
 
-def batches(data, bs, shuffle, seed=0):
-    order = torch.randperm(len(data.texts), generator=torch.Generator().manual_seed(seed)) \
-        if shuffle else torch.arange(len(data.texts))
-    for k in range(0, len(order), bs):
-        idx = order[k:k + bs].tolist()
-        enc = tokenizer([data.texts[i] for i in idx], padding=True, truncation=True, max_length=64,
-                        return_tensors="pt")
-        yield enc, torch.tensor([data.labels[i] for i in idx])
-
-
-def fit(model, lr=2e-3):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    losses, t0 = [], time.perf_counter()
-    for enc, y in batches(train_data, BS, shuffle=True):
-        loss = F.cross_entropy(model(**enc).logits, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses, time.perf_counter() - t0
+CFG = pelib.train.TrainConfig(epochs=1, lr=2e-3, batch_size=BS, max_length=64, warmup_ratio=0.0,
+                              eval_batch_size=64, progress=False)
 
 
 @torch.no_grad()
-def test_logits(model):
+def test_logits(model):  # (N_TEST, 77): the merges below compare logits, not only the argmax
     model.eval()
-    return torch.cat([model(**enc).logits for enc, _ in batches(test_data, 64, False)])
+    out = []
+    for k in range(0, len(test_data.texts), 64):
+        enc = tokenizer(test_data.texts[k:k + 64], padding=True, truncation=True, max_length=64,
+                        return_tensors="pt")
+        out.append(model(**enc).logits)
+    return torch.cat(out)
 
 
+# %%
 labels = torch.tensor(test_data.labels)
 torch.manual_seed(0)
 backbone, _ = pelib.load_backbone(NAME, num_labels=77)
 base_state = copy.deepcopy(backbone.state_dict())  # the same start for every model below
 qmodel = inject_qlora(backbone, TARGETS)
-q_losses, q_time = fit(qmodel)
+q_run = pelib.train.train(qmodel, tokenizer, train_data, test_data, CFG)
 
 lmodel, _ = pelib.load_backbone(NAME, num_labels=77)
 lmodel.load_state_dict(base_state)
 torch.manual_seed(0)
 pelib.apply_lora(lmodel, TARGETS, r=8, alpha=16)  # notebook 03's LoRA, on the fp32 weights
-l_losses, l_time = fit(lmodel)
-q_acc = (test_logits(qmodel).argmax(-1) == labels).float().mean().item()
-l_acc = (test_logits(lmodel).argmax(-1) == labels).float().mean().item()
-print(f"{NAME}: QLoRA accuracy {q_acc:.3f} ({q_time / len(q_losses):.2f} s/step) | "
-      f"LoRA {l_acc:.3f} ({l_time / len(l_losses):.2f} s/step)")
+l_run = pelib.train.train(lmodel, tokenizer, train_data, test_data, CFG)
+if FAST:
+    print("TOY NUMBERS (PELIB_FAST=1: MiniLM, 3 steps): the accuracies below are near chance")
+print(f"{NAME}: QLoRA accuracy {q_run.metrics['accuracy']:.3f} ({q_run.seconds_per_step:.2f} s/step) | "
+      f"LoRA {l_run.metrics['accuracy']:.3f} ({l_run.seconds_per_step:.2f} s/step), {q_run.steps} steps")
 fig, ax = plt.subplots(figsize=(6, 3))
-ax.plot(q_losses, label="QLoRA (NF4 + DQ base)")
-ax.plot(l_losses, label="LoRA (fp32 base)")
+ax.plot(q_run.losses, label="QLoRA (NF4 + DQ base)")
+ax.plot(l_run.losses, label="LoRA (fp32 base)")
 ax.set(xlabel="step", ylabel="cross-entropy", title=f"{NAME}, r = 8")
 ax.legend()
 plt.show()
@@ -454,6 +476,7 @@ def merge(model, strategy):
     return model
 
 
+# %%
 ref = test_logits(qmodel)
 p_ref = ref.double().log_softmax(-1)
 rows, merged_logits = {}, {}
@@ -495,18 +518,19 @@ with torch.no_grad():
         kept += ((requant.dequantized_weight() - W_t) * dW).sum().item()  # projection on s*BA
         upd += dW.square().sum().item()
         n_q += n
-print(f"requantising: {100 * changed / n_q:.2f}% of the 4-bit codes change; the weight change "
-      f"carries {100 * kept / upd:.0f}% of s*BA (its projection on it), plus rounding noise")
+print(f"requantising ({NAME}, {q_run.steps} steps): {100 * changed / n_q:.2f}% of the 4-bit codes change; "
+      f"the weight change carries {100 * kept / upd:.0f}% of s*BA (its projection on it), plus rounding "
+      f"noise; the merged model's top class agrees with the adapter's on {100 * rows['nf4']['agree']:.0f}% "
+      f"of the test set (fp32 merge: {100 * rows['fp32']['agree']:.0f}%, bf16: {100 * rows['bf16']['agree']:.0f}%)")
 
 # %% [markdown]
-# So requantising (a) keeps 4 bits but erases most of a short fine-tune. In the full run
-# (SmolLM2, 32 steps) 0.08% of the codes moved, the weights kept 4% of $sBA$, and the merged
-# model's top class agreed with the adapter's on 6% of the test set: the head, trained together
-# with the adapter, now sees other features. peft's merge into a bitsandbytes layer is exactly
-# this strategy (`tests/test_qlora.py` checks the two agree bit for bit). (b) is exact in fp32 and
-# nearly so in bf16 (the same top class everywhere in both runs), at 8 or 4 times the memory;
-# (c) costs two small matmuls per layer. To serve a QLoRA fine-tune: keep the adapter, or merge
-# into a 16-bit copy of the base.
+# So requantising (a) keeps 4 bits but erases most of a short fine-tune (the line above: few
+# codes move and the weights keep a small part of $sBA$). The head, trained together with the
+# adapter, then sees other features, and the top-class agreement with (c) drops. peft's merge
+# into a bitsandbytes layer is exactly this strategy (`tests/test_qlora.py` checks the two agree
+# bit for bit). (b) is exact in fp32 and nearly so in bf16, at 8 or 4 times the memory; (c) costs
+# two small matmuls per layer. To serve a QLoRA fine-tune: keep the adapter, or merge into a
+# 16-bit copy of the base.
 #
 # ## 6. Check against pelib
 #
@@ -543,3 +567,73 @@ stored = sum(sum(getattr(m.base, k).numel() * getattr(m.base, k).element_size()
 assert nbytes["packed"] + nbytes["scales"] == stored
 print(f"pelib's QLoRA == this notebook's: bytes, logits and merges; {8 * stored / n_q:.3f} bits/weight "
       f"in the 4-bit layers")
+
+
+# %% [markdown]
+# ## Appendix. How bitsandbytes' CPU kernel rounds the scales
+#
+# Section 1 rounded the centred scales through `bin_table` rather than to the nearest level of
+# the 8-bit code. bitsandbytes' CPU kernel (0.50.2) does not search for the nearest code: it
+# rounds a value $v \in [-1, 1]$ into one of 65536 bins, $\lfloor \tfrac{v+1}{2}\cdot 65535 +
+# \tfrac12 \rfloor$, and reads the code nearest that bin's centre. A value within a bin
+# ($3\cdot10^{-5}$) of a midpoint between two codes lands one level off. Nearest-level rounding
+# (what the equations say, pelib's `dq_rounding="nearest"`) differs from the peer on a few bytes:
+
+# %%
+from pelib.quant import quantize_4bit  # noqa: E402
+
+W_a = torch.randn(2048, 1024) * 0.02  # 32768 blocks of 64: 128 blocks of scales
+_, absmax_a = scaled_blocks(W_a, BLOCKSIZE)
+v_a, _ = scaled_blocks(absmax_a - absmax_a.mean(), BLOCKSIZE2)  # (128, 256) in [-1, 1]
+q_nearest = torch.bucketize(v_a.view(-1), (code2[:-1] + code2[1:]) / 2)  # nearest of the 256 codes
+q_table = bin_table[(((v_a + 1) * 0.5) * 65535 + 0.5).long()].view(-1)
+_, b_state_a = bnbF.quantize_4bit(W_a, blocksize=64, quant_type="nf4", compress_statistics=True)
+print(f"{int((q_nearest != q_table).sum())} of {q_table.numel()} scale bytes differ between nearest "
+      "level and the bin table")
+assert torch.equal(q_table.to(torch.uint8), b_state_a.absmax)  # the table is the peer's rule
+_, p_state_a = quantize_4bit(W_a, 64, "nf4", double_quant=True, dq_rounding="nearest")
+assert torch.equal(p_state_a.qabsmax.long(), q_nearest)  # pelib offers both
+print("bitsandbytes' bytes == the bin table; pelib's dq_rounding='nearest' == nearest level")
+
+# %% [markdown]
+# ## Exercises
+#
+# Solutions: `notebooks/solutions/nb06.py`.
+#
+# **1 (medium).** Write the frozen 4-bit linear as an `autograd.Function`,
+# $y = x\,\tilde W^\top$ with $\tilde W = $ `pelib.quant.dequantize_4bit(packed, state)`, whose
+# backward returns $\partial L/\partial x = \partial L/\partial y\;\tilde W$ and which saves for
+# the backward **nothing but `packed`** (the `QuantState` can ride on `ctx` as an attribute). The
+# checker compares your gradient with a dense `F.linear` and counts the bytes autograd saves with
+# `torch.autograd.graph.saved_tensors_hooks`: at most the packed bytes.
+
+# %%
+from checks import attempt  # noqa: E402
+from checks.nb06 import exercise_1, exercise_2  # noqa: E402
+
+
+class MyLinear4bit(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, packed, state):  # x (..., in), packed (ceil(out*in/2),) uint8 -> (..., out)
+        raise NotImplementedError
+
+    @staticmethod
+    def backward(ctx, grad_y):  # (..., out) -> grads for (x, packed, state)
+        raise NotImplementedError
+
+
+attempt(exercise_1, MyLinear4bit.apply)
+
+# %% [markdown]
+# **2 (medium).** The training ledger before activations, in bytes, for LoRA rank $r$ on a list
+# of linear shapes `[(out, in), ...]`: the frozen weights in NF4 + DQ (blocksize 64, each tensor
+# on its own: packed bytes, one uint8 per block, one fp32 per 256 blocks, one fp32 offset), and
+# the fp32 LoRA weights $A$ $(r, \mathrm{in})$ and $B$ $(\mathrm{out}, r)$ with their gradients
+# and AdamW's two moments. Return `dict(frozen=..., lora=...)`.
+
+# %%
+def qlora_training_bytes(shapes, r):
+    raise NotImplementedError
+
+
+attempt(exercise_2, qlora_training_bytes)

@@ -39,7 +39,6 @@ import os
 
 import matplotlib.pyplot as plt
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 FAST = os.environ.get("PELIB_FAST") == "1"  # CI: tiny sizes
@@ -48,9 +47,15 @@ torch.manual_seed(0)
 # %% [markdown]
 # ## 1. Why orthogonal P and Q
 # If the columns of P and the rows of Q are orthonormal, $P\Lambda Q$ **is** an SVD: the
-# singular values of ΔW are the $|\lambda_i|$, and dropping triplet i changes ΔW by exactly
-# $|\lambda_i|$ in Frobenius norm, whatever the other triplets are. With arbitrary P and Q the
-# triplets overlap: $|\lambda_i|$ says little about how much triplet i matters.
+# singular values of ΔW are the $|\lambda_i|$, and dropping triplet i removes exactly
+# $\lambda_i^2$ of $\|\Delta W\|_F^2$, whatever the other triplets are. With overlapping
+# directions that fails even when every column and row has unit norm:
+#
+# $$ \|\Delta W\|_F^2 - \|\Delta W_{-i}\|_F^2 = \lambda_i^2 + 2\lambda_i \sum_{j \ne i}
+#    \lambda_j\,(p_i^\top p_j)(q_i^\top q_j), $$
+#
+# so $|\lambda_i|$ no longer says how much triplet i matters, and the singular values of ΔW
+# are not the $|\lambda_i|$.
 #
 # AdaLoRA therefore adds a regulariser to the loss (peft: weight 0.5, averaged over all matrices):
 #
@@ -61,9 +66,11 @@ d_out, d_in, r = 48, 40, 6
 lam = torch.linspace(2.0, 0.2, r)  # (r,)
 
 
-def removal_effect(P, lam, Q):
-    """||ΔW - ΔW without triplet i||_F for every i."""
-    return torch.stack([torch.linalg.norm(P[:, i:i + 1] * lam[i] @ Q[i:i + 1]) for i in range(len(lam))])
+def energy_removed(P, lam, Q):
+    """||ΔW||_F^2 - ||ΔW without triplet i||_F^2 for every i: (r,)."""
+    full = torch.linalg.norm(P @ torch.diag(lam) @ Q) ** 2
+    keep = [torch.arange(len(lam)) != i for i in range(len(lam))]
+    return torch.stack([full - torch.linalg.norm(P[:, k] @ torch.diag(lam[k]) @ Q[k]) ** 2 for k in keep])
 
 
 def R(P, Q):
@@ -71,12 +78,20 @@ def R(P, Q):
     return torch.linalg.norm(P.T @ P - I) + torch.linalg.norm(Q @ Q.T - I)
 
 
-P_rand, Q_rand = torch.randn(d_out, r) * 0.3, torch.randn(r, d_in) * 0.3  # (48, 6), (6, 40)
-# orthonormalise with QR: P^T P = I, Q Q^T = I
-P_orth, Q_orth = torch.linalg.qr(P_rand)[0], torch.linalg.qr(Q_rand.T)[0].T
+def unit(M, dim):
+    return M / torch.linalg.norm(M, dim=dim, keepdim=True)
 
+
+# Overlapping directions of unit norm: a shared component in every column of P and row of Q.
+P_over = unit(torch.randn(d_out, r) + torch.randn(d_out, 1), dim=0)  # (48, 6), ||p_i|| = 1
+Q_over = unit(torch.randn(r, d_in) + torch.randn(1, d_in), dim=1)    # (6, 40), ||q_i|| = 1
+P_orth, Q_orth = torch.linalg.qr(P_over)[0], torch.linalg.qr(Q_over.T)[0].T  # P^T P = I, Q Q^T = I
+
+# %% [markdown]
 # Or let gradient descent on R alone find orthonormal factors, as training does:
-P_gd, Q_gd = P_rand.clone().requires_grad_(), Q_rand.clone().requires_grad_()
+
+# %%
+P_gd, Q_gd = P_over.clone().requires_grad_(), Q_over.clone().requires_grad_()
 opt = torch.optim.Adam([P_gd, Q_gd], lr=1e-2)
 reg_curve = []
 for _ in range(300):
@@ -88,20 +103,22 @@ for _ in range(300):
 P_gd, Q_gd = P_gd.detach(), Q_gd.detach()
 
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
-for (P, Q), label in [((P_rand, Q_rand), "random P, Q"), ((P_orth, Q_orth), "orthonormal (QR)"),
+for (P, Q), label in [((P_over, Q_over), "overlapping, unit norm"), ((P_orth, Q_orth), "orthonormal (QR)"),
                       ((P_gd, Q_gd), "after minimising R")]:
-    axes[0].plot(lam, removal_effect(P, lam, Q), "o-", label=label)
+    axes[0].plot(lam**2, energy_removed(P, lam, Q), "o-", label=label)
     sv = torch.linalg.svdvals(P @ torch.diag(lam) @ Q)[:r]
-    print(f"{label:<20} R = {R(P, Q):.3f}   singular values of ΔW: {[round(v, 2) for v in sv.tolist()]}")
-axes[0].plot(lam, lam, "k--", lw=1, label="|λ_i| (ideal)")
-axes[0].set(xlabel="|λ_i|", ylabel="||ΔW − ΔW_{-i}||_F", title="what removing triplet i changes")
+    print(f"{label:<24} R = {R(P, Q):.3f}   singular values of ΔW: {[round(v, 2) for v in sv.tolist()]}")
+print(f"{'':<24} |λ|:                      {[round(v, 2) for v in lam.tolist()]}")
+axes[0].plot(lam**2, lam**2, "k--", lw=1, label="λ_i² (ideal)")
+axes[0].set(xlabel="λ_i²", ylabel="||ΔW||² − ||ΔW_{-i}||²", title="what removing triplet i takes away")
 axes[0].legend(fontsize=8)
 axes[1].semilogy(reg_curve)
 axes[1].set(xlabel="Adam step", ylabel="R(P, Q)", title="the regulariser alone drives P, Q orthonormal")
 plt.tight_layout()
 plt.show()
-assert torch.allclose(removal_effect(P_orth, lam, Q_orth), lam, atol=1e-5)
+assert torch.allclose(energy_removed(P_orth, lam, Q_orth), lam**2, atol=1e-4)
 assert torch.allclose(torch.linalg.svdvals(P_orth @ torch.diag(lam) @ Q_orth)[:r], lam, atol=1e-5)
+assert not torch.allclose(energy_removed(P_over, lam, Q_over), lam**2, atol=0.1)  # overlap: not λ²
 
 # %% [markdown]
 # ## 2. The layer
@@ -177,29 +194,41 @@ assert torch.equal(layer(x), layer.base_layer(x))  # λ = 0 at the start
 #   & t_{init} < t \le T - t_{final} \\ b^{(T)} & \text{after} \end{cases} $$
 
 # %%
-class Allocator:
-    def __init__(self, model, target_r, tinit, tfinal, deltaT, total_step, beta1=0.85, beta2=0.85):
-        self.mods = svd_modules(model)
-        self.init_bgt = sum(m.r for m in self.mods.values())
-        self.target_bgt = target_r * len(self.mods)
-        self.tinit, self.tfinal, self.deltaT, self.T = tinit, tfinal, deltaT, total_step
-        self.beta1, self.beta2 = beta1, beta2
-        self.Ibar, self.Ubar, self.pattern, self.budgets = {}, {}, None, []
+def budget(t, init_bgt, target_bgt, tinit, tfinal, T):
+    """Triplets kept after step t (1-based) of T: full, cubic decrease, then the target."""
+    if t <= tinit:
+        return init_bgt
+    if t > T - tfinal:
+        return target_bgt
+    c = 1 - (t - tinit) / (T - tfinal - tinit)
+    return int((init_bgt - target_bgt) * c**3 + target_bgt)
 
-    def budget(self, t):
-        if t <= self.tinit:
-            return self.init_bgt, False
-        if t > self.T - self.tfinal:
-            return self.target_bgt, False
-        c = 1 - (t - self.tinit) / (self.T - self.tfinal - self.tinit)
-        return int((self.init_bgt - self.target_bgt) * c**3 + self.target_bgt), t % self.deltaT == 0
+
+sched = dict(init_bgt=37 * 12, target_bgt=37 * 8, tinit=85, tfinal=254, T=846)  # MiniLM, r 12 -> 8
+steps = range(1, sched["T"] + 1)
+fig, ax = plt.subplots(figsize=(6, 3))
+ax.plot(steps, [budget(t, **sched) for t in steps])
+ax.axvspan(0, sched["tinit"], alpha=0.15, label="t_init: full rank")
+ax.axvspan(sched["T"] - sched["tfinal"], sched["T"], alpha=0.15, color="C2", label="t_final: fixed pattern")
+ax.set(xlabel="step", ylabel="triplets kept", title="cubic budget, MiniLM 37 matrices, r 12 -> 8")
+ax.legend()
+plt.show()
+
+# %% [markdown]
+# The scores, as exponential moving averages kept per parameter tensor, then summed per triplet:
+
+# %%
+class Importance:
+    def __init__(self, model, beta1=0.85, beta2=0.85):
+        self.mods, self.beta1, self.beta2 = svd_modules(model), beta1, beta2
+        self.Ibar, self.Ubar = {}, {}
 
     @torch.no_grad()
-    def update_scores(self):
+    def update_scores(self):  # after optimizer.step(), while the gradients are still there
         for name, m in self.mods.items():
             for k in ("lora_A", "lora_E", "lora_B"):
                 p, key = getattr(m, k), (name, k)
-                I = (p * p.grad).abs()
+                I = (p * p.grad).abs()  # sensitivity |w ∇w|, shape of p
                 Ibar = self.beta1 * self.Ibar.get(key, torch.zeros_like(p)) + (1 - self.beta1) * I
                 self.Ubar[key] = self.beta2 * self.Ubar.get(key, torch.zeros_like(p)) \
                     + (1 - self.beta2) * (I - Ibar).abs()
@@ -210,11 +239,32 @@ class Allocator:
         return {n: s[n, "lora_E"].view(-1) + (s[n, "lora_A"].mean(1) + s[n, "lora_B"].mean(0))
                 for n in self.mods}
 
+
+# %% [markdown]
+# The allocator is a `pelib.train` hook (notebook 01): `loss` adds the regulariser, `begin`
+# learns the run's length T, `step` (after `optimizer.step()`, before `zero_grad()`) scores
+# and, every ΔT steps, keeps the top `budget(t)` triplets over all matrices.
+
+# %%
+class Allocator(Importance):
+    def __init__(self, model, target_r, tinit, tfinal, deltaT, w=0.5):
+        super().__init__(model)
+        self.init_bgt = sum(m.r for m in self.mods.values())
+        self.target_bgt = target_r * len(self.mods)
+        self.tinit, self.tfinal, self.deltaT, self.w = tinit, tfinal, deltaT, w
+        self.pattern, self.budgets = None, []
+
+    def loss(self, model, loss):
+        return loss + self.w * orth_reg(model)
+
+    def begin(self, model, optimizer, total_steps):
+        self.T = total_steps
+
     @torch.no_grad()
-    def mask(self, budget):
+    def mask(self, b):
         S = self.triplet_scores()
-        threshold = torch.kthvalue(torch.cat(list(S.values())), self.init_bgt - budget).values
-        self.pattern = {n: S[n] > threshold for n in self.mods}  # keep the top `budget`
+        threshold = torch.kthvalue(torch.cat(list(S.values())), self.init_bgt - b).values
+        self.pattern = {n: S[n] > threshold for n in self.mods}  # keep the top b
         self.apply()
 
     @torch.no_grad()
@@ -222,12 +272,12 @@ class Allocator:
         for n, m in self.mods.items():
             m.lora_E.masked_fill_(~self.pattern[n].unsqueeze(-1), 0.0)
 
-    def step(self, t):  # after optimizer.step(), before zero_grad()
-        b, mask_now = self.budget(t)
+    def step(self, model, t):
+        b = budget(t, self.init_bgt, self.target_bgt, self.tinit, self.tfinal, self.T)
         end = self.T - self.tfinal
         if t < end:
             self.update_scores()
-            if mask_now:
+            if t > self.tinit and t % self.deltaT == 0:
                 self.mask(b)
         elif t == end:  # the final allocation, then fixed
             self.mask(b)
@@ -236,27 +286,11 @@ class Allocator:
             self.apply()
         self.budgets.append(b)
 
-
-class _Demo:  # the schedule alone, for a plot
-    def __init__(self):
-        self.init_bgt, self.target_bgt, self.tinit, self.tfinal, self.deltaT, self.T = 37 * 12, 37 * 8, 85, 254, 10, 846
-
-
-demo = _Demo()
-steps = range(1, demo.T + 1)
-fig, ax = plt.subplots(figsize=(6, 3))
-ax.plot(steps, [Allocator.budget(demo, t)[0] for t in steps])
-ax.axvspan(0, demo.tinit, alpha=0.15, label="t_init: full rank")
-ax.axvspan(demo.T - demo.tfinal, demo.T, alpha=0.15, color="C2", label="t_final: fixed pattern")
-ax.set(xlabel="step", ylabel="triplets kept", title="cubic budget, MiniLM 37 matrices, r 12 -> 8")
-ax.legend()
-plt.show()
-
 # %% [markdown]
 # ## 5. Training with AdaLoRA
 # MiniLM on Banking77 (a tiny random BERT under `PELIB_FAST=1`). Every `nn.Linear` of the
-# encoder gets an SVD adapter; the plain loop below calls the allocator after each optimizer
-# step. Forgetting that call is the classic way to train plain LoRA by accident with peft
+# encoder gets an SVD adapter; `pelib.train.train` calls the allocator's hooks at each step.
+# Forgetting the allocator's step is the classic way to train plain LoRA by accident with peft
 # (peft issues #1801, #1327); here the budget curve shows it ran.
 
 # %%
@@ -268,58 +302,29 @@ if FAST:
 else:
     torch.manual_seed(0)
     backbone, tokenizer = pelib.load_backbone("minilm", num_labels=77)
-    N_TRAIN, BS, EPOCHS, R_INIT, R_TARGET, TINIT, TFINAL, DT = 3000, 32, 2, 12, 8, 20, 50, 5
+    N_TRAIN, BS, EPOCHS, R_INIT, R_TARGET, TINIT, TFINAL, DT = 1500, 32, 2, 12, 8, 10, 25, 5
 for m in backbone.modules():  # no dropout: the pelib check at the end replays the same run
     if isinstance(m, nn.Dropout):
         m.p = 0.0
 base_copy = copy.deepcopy(backbone)
 train = pelib.load_nlu("banking77", "train", limit=N_TRAIN)
-test = pelib.load_nlu("banking77", "test", limit=128 if FAST else 1000)
+test = pelib.load_nlu("banking77", "test", limit=128 if FAST else 500)
 targets = ["query", "key", "value", "dense"]
 model = inject(backbone, targets, r=R_INIT, alpha=2 * R_INIT)
 init_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+CFG = pelib.train.TrainConfig(epochs=EPOCHS, lr=5e-3 if FAST else 2e-3, batch_size=BS,
+                              max_length=64, progress=False)
+T = pelib.train.total_steps(N_TRAIN, CFG)
 
-
-def batches(data, bs, seed):
-    order = torch.randperm(len(data.texts), generator=torch.Generator().manual_seed(seed)).tolist()
-    for k in range(0, len(order), bs):
-        idx = order[k:k + bs]
-        enc = tokenizer([data.texts[i] for i in idx], padding=True, truncation=True,
-                        max_length=64, return_tensors="pt")
-        yield enc, torch.tensor([data.labels[i] for i in idx])
-
-
-T = EPOCHS * -(-N_TRAIN // BS)
-
-
-def fit(model, reg, alloc_step, lr=5e-3 if FAST else 2e-3, w=0.5):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses, t = [], 0
-    for epoch in range(EPOCHS):
-        for enc, y in batches(train, BS, seed=epoch):
-            loss = F.cross_entropy(model(**enc).logits, y)  # (B, 77) vs (B,)
-            (loss + w * reg(model)).backward()
-            opt.step()
-            t += 1
-            alloc_step(t)
-            opt.zero_grad()
-            losses.append(loss.item())
-    return losses
-
-
-alloc = Allocator(model, R_TARGET, TINIT, TFINAL, DT, total_step=T)
-losses = fit(model, orth_reg, alloc.step)
-
-
-@torch.no_grad()
-def accuracy(model):
-    enc = tokenizer(test.texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
-    return (model(**enc).logits.argmax(-1) == torch.tensor(test.labels)).float().mean().item()
-
-
+# %%
+alloc = Allocator(model, R_TARGET, TINIT, TFINAL, DT)
+run = pelib.train.train(model, tokenizer, train, test, CFG, hooks=[alloc])
+losses = run.losses  # cross-entropy + 0.5 R, per step
 final_ranks = {n: int(v.sum()) for n, v in alloc.pattern.items()}
+if FAST:
+    print("TOY NUMBERS (PELIB_FAST=1: a tiny random BERT): the accuracy is near chance")
 print(f"{T} steps; budget {alloc.budgets[0]} -> {alloc.budgets[-1]} triplets; "
-      f"test accuracy ({len(test.texts)} rows) {accuracy(model):.3f}")
+      f"test accuracy ({len(test.texts)} rows) {run.metrics['accuracy']:.3f}")
 
 # %% [markdown]
 # ## 6. Where did the rank go?
@@ -339,7 +344,7 @@ fig, axes = plt.subplots(1, 3, figsize=(14, 3.4))
 axes[0].plot(range(1, T + 1), alloc.budgets)
 axes[0].set(xlabel="step", ylabel="triplets kept", title="budget during training")
 axes[1].plot(losses)
-axes[1].set(xlabel="step", ylabel="cross-entropy", title="training loss")
+axes[1].set(xlabel="step", ylabel="cross-entropy + 0.5 R", title="training loss")
 im = axes[2].imshow(grid, cmap="viridis", vmin=0, vmax=R_INIT)
 axes[2].set(xticks=range(len(kinds)), xticklabels=[k.replace("attention.", "att.") for k in kinds],
             ylabel="layer", title=f"final rank per matrix (init {R_INIT}, mean {R_TARGET})")
@@ -364,19 +369,63 @@ assert sum(final_ranks.values()) == alloc.target_bgt  # the budget is met exactl
 # `RankAllocator` step by step, bitwise.)
 
 # %%
-from pelib.adalora import RankAllocator, apply_adalora, orthogonal_regularizer, svd_layers
+from pelib.adalora import RankAllocator, apply_adalora, svd_layers
 
 ours = apply_adalora(base_copy, targets, init_r=R_INIT, alpha=2 * R_INIT)
 with torch.no_grad():
     for n, p in ours.named_parameters():
         if p.requires_grad:
             p.copy_(init_state[n])
-hook = RankAllocator(ours, target_r=R_TARGET, tinit=TINIT, tfinal=TFINAL, deltaT=DT, total_step=T)
-pelib_losses = fit(ours, orthogonal_regularizer, lambda t: hook.step(ours, t))
+hook = RankAllocator(ours, target_r=R_TARGET, tinit=TINIT, tfinal=TFINAL, deltaT=DT)
+pelib_run = pelib.train.train(ours, tokenizer, train, test, CFG, hooks=[hook])
+assert [hook.budget_schedule(t)[0] for t in range(1, T + 1)] == \
+    [budget(t, alloc.init_bgt, alloc.target_bgt, TINIT, TFINAL, T) for t in range(1, T + 1)]
 assert [h["budget"] for h in hook.history] == alloc.budgets
 assert hook.ranks() == final_ranks
 assert all(torch.equal(torch.tensor(hook.rank_pattern[n]), alloc.pattern[n]) for n in final_ranks)
 for n, m in svd_layers(ours):
     assert torch.allclose(m.lora_E, alloc.mods[n].lora_E, atol=1e-5)
-assert max(abs(a - b) for a, b in zip(losses, pelib_losses)) < 1e-4
+assert max(abs(a - b) for a, b in zip(losses, pelib_run.losses)) < 1e-4
 print("pelib's AdaLoRA allocates exactly as the notebook's")
+
+# %% [markdown]
+# ## Exercises
+#
+# Solutions: `notebooks/solutions/nb07.py`.
+#
+# **1 (easy).** The budget at step t, $b^{(t)}$ of section 4, for any schedule: write
+# `my_budget(t, init_bgt, target_bgt, tinit, tfinal, T)` without looking at `budget` above.
+# The checker compares it with `pelib.adalora.RankAllocator.budget_schedule` at every step.
+
+# %%
+from checks import attempt  # noqa: E402
+from checks.nb07 import exercise_1, exercise_2  # noqa: E402
+
+
+def my_budget(t, init_bgt, target_bgt, tinit, tfinal, T):
+    raise NotImplementedError
+
+
+attempt(exercise_1, my_budget)
+
+# %% [markdown]
+# **2 (medium).** Importance by hand. The checker builds a toy with two SVD matrices and runs
+# a few optimizer steps; after each it calls your `update(state, params)` with
+# `params = {name: (p, p.grad)}` for every `lora_A`, `lora_E`, `lora_B`, and a dict `state`
+# you keep (empty at first). After the last step it calls `scores(state, modules)`, with
+# `modules` the two layer names, which must return `{module: (r,) tensor}`: the triplet scores
+# $S_i = s(\lambda_i) + \mathrm{mean}_j\, s(P_{ji}) + \mathrm{mean}_j\, s(Q_{ij})$, with
+# $s = \bar I\,\bar U$, $\beta_1 = \beta_2 = 0.85$ (eq. 9-11 above; note $\bar U$ uses the
+# *new* $\bar I$). Names are `f"{module}.lora_A"` and so on. Checked against
+# `pelib.adalora.RankAllocator`.
+
+# %%
+def update(state, params):
+    raise NotImplementedError
+
+
+def scores(state, modules):
+    raise NotImplementedError
+
+
+attempt(exercise_2, (update, scores))

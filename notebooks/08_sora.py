@@ -137,6 +137,15 @@ assert torch.equal(soft_threshold(v, lam), F.softshrink(v, lam))  # torch's own 
 # by the lr. pelib follows the paper (`lr_scaled=True`, reading the gate group's current lr, which
 # includes warmup and decay); `lr_scaled=False` gives the official form.
 #
+# **Names.** Our symbols against the official code's (TsinghuaC3I/SoRA):
+#
+# | here | official code | meaning |
+# |---|---|---|
+# | $\xi$ | `sparse_lambda` (command-line option) | weight of the $\ell_1$ penalty on $g$ |
+# | $\lambda$ in $\mathcal{T}_\lambda$ | `sparse_lambda` itself (default optimizer); `lr * sparse_lambda` (the `_multiply_lr` variant) | the threshold applied after each step; here $\eta_t\,\xi$ |
+# | $\alpha / r$ | none: scaling 1 | the factor on $B\,\mathrm{diag}(g)\,A$; with scaling 1 the gate carries the scale |
+# | $g$, `gate` | `gate` of shape (1, r) | the gate vector |
+#
 # ## 3. Why a prox: exact zeros
 # A toy lasso, $\min_g \tfrac12\lVert Xg - y\rVert^2 + \xi \lVert g\rVert_1$ with a sparse truth.
 # Gradient descent on the subgradient ($\nabla + \xi\,\mathrm{sign}(g)$) never lands on 0; the
@@ -160,16 +169,19 @@ assert (g_prox[4:] == 0).all() and (g_prox[:4] != 0).all()
 
 # %% [markdown]
 # ## 4. Training on Banking77 with a sparsity schedule
-# MiniLM, every `query, key, value, dense` linear gets a gated adapter of r = 8. Three things
-# differ from the LoRA loop of notebook 03:
-# * the gates are their own AdamW parameter group, with their own learning rate and no weight
-#   decay (the $\ell_1$ prox is their only penalty);
-# * after each `optimizer.step()`, every gate goes through $\mathcal{T}_{\eta\xi}$ (once per
-#   optimizer step: with gradient accumulation, not once per micro-batch);
+# MiniLM, every `query, key, value, dense` linear gets a gated adapter of r = 8, trained by
+# `pelib.train.train` (notebook 01's loop). SoRA enters as one hook, built here:
+# * `param_groups`: the gates are their own AdamW group, with their own learning rate and no
+#   weight decay (the $\ell_1$ prox is their only penalty); $A$, $B$ and the head stay in the
+#   main group, with weight decay 0.01;
+# * `step`: after each `optimizer.step()`, every gate goes through $\mathcal{T}_{\eta\xi}$ (once
+#   per optimizer step: with gradient accumulation, not once per micro-batch);
 # * $\xi$ is raised in stages (the paper's *sparsifying scheduler*), here linearly over 3 stages.
 #
-# Note that nothing stops $B$ from growing while $g$ shrinks (only the product matters): the
-# $\ell_1$ pressure removes ranks the loss does not defend, it does not shrink the update itself.
+# Can $B$ grow to undo what the prox takes from $g$ (only the product $B\,\mathrm{diag}(g)$
+# matters)? Not freely: $B$ is under weight decay, and the gates, started at 1, are pulled
+# towards 0 at every step. The run prints $\|\Delta W\|_F$ with the trained gates against the
+# same $A$, $B$ with every gate at 1: the prox shrinks the update, not only its rank.
 
 # %%
 import pelib
@@ -187,46 +199,48 @@ model.classifier.requires_grad_(True)
 sora = {n: model.get_submodule(n) for n in names}
 print(len(sora), "gated modules,", 8 * len(sora), "ranks in all")
 
-train = pelib.load_nlu("banking77", "train", limit=192 if FAST else 4000)
-test = pelib.load_nlu("banking77", "test", limit=128 if FAST else 3080)
+train = pelib.load_nlu("banking77", "train", limit=192 if FAST else 2000)
+test = pelib.load_nlu("banking77", "test", limit=128 if FAST else 1000)
 EPOCHS, BS = (2, 16) if FAST else (3, 32)
 LR, GATE_LR = 2e-3, (8e-2 if FAST else 1e-2)  # FAST: few steps, so a faster gate
 XIS = [0.2, 0.6, 1.0] if FAST else [0.05, 0.25, 0.45]  # xi per stage (as the CLI default)
 
 
-def batches(data, bs, shuffle, seed=0):
-    order = torch.randperm(len(data.texts), generator=torch.Generator().manual_seed(seed)) \
-        if shuffle else torch.arange(len(data.texts))
-    for k in range(0, len(order), bs):
-        idx = order[k:k + bs].tolist()
-        enc = tokenizer([data.texts[i] for i in idx], padding=True, truncation=True,
-                        max_length=64, return_tensors="pt")
-        yield enc, torch.tensor([data.labels[i] for i in idx])
+# %%
+class Prox:
+    """The SoRA hook: the gates' own AdamW group, and T_{eta * xi} after every optimizer step."""
+
+    def __init__(self, gates, gate_lr, xis):
+        self.gates, self.gate_lr, self.xis = gates, gate_lr, xis
+        self.gate_trace, self.live_trace = [], []
+
+    def param_groups(self, model):
+        return [dict(params=self.gates, lr=self.gate_lr, weight_decay=0.0)]
+
+    def begin(self, model, optimizer, total_steps):
+        self.group = optimizer.param_groups[1]  # [main group, our group]
+        self.total = total_steps
+
+    @torch.no_grad()
+    def step(self, model, step):  # step = 1, 2, ... after optimizer.step()
+        xi = self.xis[min((step - 1) * len(self.xis) // self.total, len(self.xis) - 1)]  # stage
+        for g in self.gates:
+            g.copy_(soft_threshold(g, self.group["lr"] * xi))  # eta_t * xi: the current lr
+        self.gate_trace.append(torch.stack([g.detach().clone() for g in self.gates]))  # (modules, r)
+        self.live_trace.append(sum(int((g != 0).sum()) for g in self.gates))
 
 
 gates = [m.g for m in sora.values()]
-rest = [p for p in model.parameters() if p.requires_grad and all(p is not g for g in gates)]
-opt = torch.optim.AdamW([{"params": rest, "lr": LR},
-                         {"params": gates, "lr": GATE_LR, "weight_decay": 0.0}])
-steps_per_epoch = math.ceil(len(train.texts) / BS)
-total = EPOCHS * steps_per_epoch
-gate_trace, live_trace, step = [], [], 0
-model.train()
-for epoch in range(EPOCHS):
-    for enc, y in batches(train, BS, shuffle=True, seed=epoch):
-        loss = F.cross_entropy(model(**enc).logits, y)
-        loss.backward()
-        opt.step()
-        xi = XIS[min(step * len(XIS) // total, len(XIS) - 1)]  # stage of this step
-        with torch.no_grad():  # the prox: T_{eta * xi} on every gate
-            for g in gates:
-                g.copy_(soft_threshold(g, opt.param_groups[1]["lr"] * xi))
-        opt.zero_grad()
-        step += 1
-        gate_trace.append(torch.stack([g.detach().clone() for g in gates]))  # (modules, r)
-        live_trace.append(sum(int((g != 0).sum()) for g in gates))
-gate_trace = torch.stack(gate_trace)                              # (steps, modules, r)
-print(f"{step} steps; live ranks {live_trace[-1]} of {8 * len(gates)}")
+prox = Prox(gates, GATE_LR, XIS)
+CFG = pelib.train.TrainConfig(epochs=EPOCHS, lr=LR, batch_size=BS, max_length=64, weight_decay=0.01,
+                              progress=False)
+run = pelib.train.train(model, tokenizer, train, test, CFG, hooks=[prox])
+gate_trace, live_trace, total = torch.stack(prox.gate_trace), prox.live_trace, prox.total  # (steps, modules, r)
+with torch.no_grad():
+    dW = sum(torch.linalg.norm(m.B @ (m.g[:, None] * m.A)).item() * m.scaling for m in sora.values())
+    dW_ungated = sum(torch.linalg.norm(m.B @ m.A).item() * m.scaling for m in sora.values())
+print(f"{run.steps} steps; live ranks {live_trace[-1]} of {8 * len(gates)}; sum of ||ΔW||_F over modules: "
+      f"{dW:.3f} with the gates, {dW_ungated:.3f} with every gate at 1")
 
 # %%
 fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.2))
@@ -249,16 +263,11 @@ ax.set_xticks(range(len(live)), [n.replace("bert.encoder.layer.", "L").replace("
 ax.set(ylabel="live ranks", title="rank left per module after training (started at 8)")
 plt.show()
 
+
 # %%
-@torch.no_grad()
-def accuracy(m):
-    m.eval()
-    hits = sum((m(**enc).logits.argmax(-1) == y).sum().item() for enc, y in batches(test, 128, False))
-    m.train()
-    return hits / len(test.texts)
-
-
-acc_gated = accuracy(model)
+acc_gated = run.metrics["accuracy"]
+if FAST:
+    print("TOY NUMBERS (PELIB_FAST=1: 192 examples, a few steps): the accuracy is near chance")
 print(f"accuracy with the gates: {acc_gated:.3f} ({len(test.texts)} test rows)")
 
 # %% [markdown]
@@ -296,7 +305,7 @@ with torch.no_grad():
         r2 = len(K)
         setattr(parent, child, LoRA(m.base, m.A[K].clone(), m.B[:, K] * m.g[K] * (r2 / 8), 16 / r2))
         rank_pattern[n] = r2
-probe = next(batches(test, 16, False))[0]
+probe = tokenizer(test.texts[:16], padding=True, truncation=True, max_length=64, return_tensors="pt")
 model.eval(), pruned.eval()
 with torch.no_grad():
     y_gated, y_pruned = model(**probe).logits, pruned(**probe).logits
@@ -343,3 +352,38 @@ if rank_pattern:  # something is left to export (always, with these settings)
     prune(ours)
     assert {n: m.r for n, m in pelib.lora.lora_layers(ours)} == rank_pattern
 print("pelib's SoRA equals the notebook's, and peft loads its pruned adapter")
+
+# %% [markdown]
+# ## Exercises
+#
+# Solutions: `notebooks/solutions/nb08.py`.
+#
+# **1 (easy).** From its description in section 2 alone, write the official code's update
+# `my_official(g, lam)`: the three masked in-place statements, in their order, on a copy of
+# `g`. It differs from $\mathcal{T}_\lambda$ twice: values with $\lambda < |g| < 2\lambda$ go to 0,
+# and $|g| = \lambda$ is kept. The checker uses crafted values on both sides of $\lambda$ and
+# $2\lambda$, against `pelib.sora.official_threshold`.
+
+# %%
+from checks import attempt  # noqa: E402
+from checks.nb08 import exercise_1, exercise_2  # noqa: E402
+
+
+def my_official(g, lam):
+    raise NotImplementedError
+
+
+attempt(exercise_1, my_official)
+
+# %% [markdown]
+# **2 (medium).** Prune one gated matrix: given $A$ $(r, d_{in})$, $B$ $(d_{out}, r)$, $g$ $(r,)$
+# and $\alpha$, return `(A2, B2, scaling2)` of an ordinary LoRA with the live ranks only, such
+# that `scaling2 * B2 @ A2` equals $\frac{\alpha}{r} B\,\mathrm{diag}(g)\,A$ and `scaling2` is
+# $\alpha / r'$ (section 5). The checker compares the two $\Delta W$ and the shapes.
+
+# %%
+def prune_one(A, B, g, alpha):
+    raise NotImplementedError
+
+
+attempt(exercise_2, prune_one)
