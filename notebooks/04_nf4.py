@@ -303,12 +303,12 @@ assert inner.max() / inner.min() > 2                                # far from e
 #   0.5 dB of Lloyd-Max (about 21.2 dB), which is the limit for any 16-level code on this data.
 # * Lloyd-Max wins on squared error but loses on absolute error: it optimises the MSE.
 # * NF4 does **not** use its levels equally (the dashed line is 1/16): its inner levels take
-#   between about 4% and 9% of the weights. The quantile argument assumes the quantiser sees
-#   $N(0,1)$, but after absmax normalisation it sees $N(0,1)$ divided by each block's maximum,
-#   a distribution squeezed toward 0 whose shape depends on the blocksize. Yoshida (2023, "NF4
-#   isn't information theoretically optimal (and that's good)", arXiv:2306.06965) makes this
-#   point (the normalised values' distribution depends on the blocksize) and proposes a code
-#   chosen for the normalised values instead. The end levels $\pm 1$ are hit about once per
+#   between 3.6% and 9.2% of the weights (full size). The quantile argument assumes the
+#   quantiser sees $N(0,1)$, but after absmax normalisation it sees $N(0,1)$ divided by each
+#   block's maximum, a distribution squeezed toward 0 whose shape depends on the blocksize.
+#   Yoshida (2023, "NF4 isn't information theoretically optimal (and that's good)",
+#   arXiv:2306.06965) makes this point and proposes a code chosen for the normalised values
+#   instead. The end levels $\pm 1$ are hit about once per
 #   block, by the block maximum itself.
 # * FP4 spends two levels on $\pm 0.0052$, next to zero, and leaves a gap up to $\pm 0.167$
 #   where much of the mass is: the worst of the four.
