@@ -343,6 +343,11 @@ def forward_ms(model, enc, repeats):
     return 1e3 * sorted(times)[len(times) // 2]
 
 
+# %% [markdown]
+# The base model and the two trained adapter models, at a few batch shapes; three rounds, each
+# timing every model in turn, and the median round per model.
+
+# %%
 base = pelib.load_backbone("minilm", num_labels=77)[0]
 models = {"base": base, "houlsby": runs["houlsby"][0], "pfeiffer": runs["pfeiffer"][0]}
 # (128 x 64 on one thread took ~10 minutes alone: 32 x 64 shows the trend at a fraction)
