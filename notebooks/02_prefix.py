@@ -255,8 +255,8 @@ assert len(mlp_calls) == 1
 from pelib.train import TrainConfig
 from pelib.train import train as pelib_train
 
-train = pelib.load_nlu("banking77", "train", limit=96 if FAST else 4000)
-test = pelib.load_nlu("banking77", "test", limit=64 if FAST else 3080)
+train = pelib.load_nlu("banking77", "train", limit=96 if FAST else 2000)
+test = pelib.load_nlu("banking77", "test", limit=64 if FAST else 1000)
 config = TrainConfig(epochs=1 if FAST else 3, lr=3e-3, batch_size=32, progress=False)
 if FAST:
     print("TOY NUMBERS (FAST mode, tiny sizes): near-chance accuracy is expected here")

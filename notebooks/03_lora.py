@@ -210,8 +210,8 @@ print(f"trainable {n_train:,} of {n_all:,} ({100 * n_train / n_all:.2f}%)")
 from pelib.train import TrainConfig
 from pelib.train import train as pelib_train
 
-train = pelib.load_nlu("banking77", "train", limit=192 if FAST else 4000)
-test = pelib.load_nlu("banking77", "test", limit=128 if FAST else 3080)
+train = pelib.load_nlu("banking77", "train", limit=192 if FAST else 2000)
+test = pelib.load_nlu("banking77", "test", limit=128 if FAST else 1000)
 EPOCHS = 1 if FAST else 3
 if FAST:
     print("TOY NUMBERS (FAST mode, tiny sizes): near-chance accuracy is expected here")
