@@ -297,8 +297,8 @@ del a, b
 # few steps; adapters like a larger learning rate than full fine-tuning, 1e-3 here.
 
 # %%
-train = pelib.load_nlu("banking77", "train", limit=96 if FAST else 4000)
-test = pelib.load_nlu("banking77", "test", limit=64 if FAST else 3080)
+train = pelib.load_nlu("banking77", "train", limit=96 if FAST else 2000)
+test = pelib.load_nlu("banking77", "test", limit=64 if FAST else 1000)
 EPOCHS = 1 if FAST else 3
 if FAST:
     print("TOY NUMBERS (FAST mode, tiny sizes): near-chance accuracy is expected here")
