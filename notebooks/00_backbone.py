@@ -103,7 +103,7 @@ print("tied lm_head:", smollm.lm_head.weight is smollm.model.embed_tokens.weight
 # gradient (4 bytes) and Adam's two moments m and v (8 bytes) = **16 bytes**. A **frozen**
 # parameter needs only its weight: 4 bytes in fp32, 2 in bf16, about 0.5 in 4-bit NF4 (QLoRA,
 # notebook 06). Activations come on top and depend on batch size and sequence length; we leave
-# them out here.
+# them out here. We count in **GiB** ($2^{30}$ bytes; 1 GiB = 1.074 decimal GB).
 #
 # $$\text{full} = 16\,P \qquad \text{PEFT} = b_{\text{frozen}}\,P + 16\,P_{\text{trainable}}$$
 #
@@ -115,7 +115,7 @@ def lora_params(model, targets, r):
                if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets)
 
 
-GB = 2**30
+GiB = 2**30  # binary gigabyte: 1 GiB = 1.074e9 bytes
 shapes = {
     "MiniLM (22.7M)": (sum(count_by_group(minilm).values()), lora_params(minilm, {"query", "key", "value", "dense"}, 8)),
     "SmolLM2 (135M)": (sum(count_by_group(smollm).values()),
@@ -128,9 +128,9 @@ shapes["Llama 7B"] = (P7, L * 8 * (4 * (h + h) + 2 * (h + m_) + (m_ + h)))
 
 rows = []
 for label, (P, Pt) in shapes.items():
-    rows.append((label, P, Pt, 16 * P / GB, (4 * P + 16 * Pt) / GB, (0.5 * P + 16 * Pt) / GB))
+    rows.append((label, P, Pt, 16 * P / GiB, (4 * P + 16 * Pt) / GiB, (0.5 * P + 16 * Pt) / GiB))
     print(f"{label:<15} P={P/1e6:8.1f}M  trainable LoRA r=8: {Pt/1e6:6.2f}M ({100*Pt/P:.2f}%)  "
-          f"full {16*P/GB:7.2f} GB | LoRA fp32 {(4*P+16*Pt)/GB:6.2f} GB | LoRA on 4-bit {(0.5*P+16*Pt)/GB:6.2f} GB")
+          f"full {16*P/GiB:7.2f} GiB | LoRA fp32 {(4*P+16*Pt)/GiB:6.2f} GiB | LoRA on 4-bit {(0.5*P+16*Pt)/GiB:6.2f} GiB")
 
 # %%
 fig, ax = plt.subplots(figsize=(7, 3.2))
@@ -145,8 +145,9 @@ ax.legend()
 plt.show()
 
 # %% [markdown]
-# For a 7B model this is the difference between about 100 GiB and about 4-27 GiB: the reason
-# PEFT exists. On our small models the saving is the same ratio, just in megabytes.
+# For a 7B model this is the difference between about 100 GiB (108 decimal GB) and about 25 GiB
+# (LoRA on an fp32 base) or 3.4 GiB (LoRA on a 4-bit base): the reason PEFT exists. On our small
+# models the saving is the same ratio, just in megabytes.
 #
 # ## 4. The task: Banking77
 # 13,083 customer-service queries in 77 intents (PolyAI, CC-BY-4.0), shipped in `data/` as TSV.
@@ -172,11 +173,15 @@ a2.set(title="tokens per query (MiniLM tokenizer)", xlabel="tokens")
 a2.legend()
 plt.show()
 print(f"longest: {max(lengths)} tokens; {100 * sum(l > 64 for l in lengths) / len(lengths):.2f}% exceed 64")
+print(f"rows per intent: {min(label_counts.values())} to {max(label_counts.values())}")
 
 # %% [markdown]
-# The classes are roughly balanced (between about 30 and 170 rows each), which is why the course
-# reports **macro** precision, recall and F1 next to accuracy, as the original study does. Almost
-# every query fits in 64 tokens, so `max_length=64` costs nothing.
+# The classes are **not** balanced: between 32 and 168 training rows per intent, a factor of five.
+# That is enough for two summaries to differ. Accuracy weights every *example* equally, so the
+# large intents dominate it; **macro**-F1 is the mean of the 77 per-class F1 scores, so it
+# weights every *intent* equally and a model that neglects the rare intents is penalised. The
+# course reports macro precision, recall and F1 next to accuracy, as the original study does.
+# Almost every query fits in 64 tokens, so `max_length=64` costs nothing.
 #
 # ## 5. Check: pelib agrees with this notebook
 
@@ -192,3 +197,65 @@ lora_model = pelib.apply_lora(pelib.load_backbone("minilm", num_labels=77)[0],
 head = 384 * 77 + 77
 assert pelib.trainable_parameters(lora_model) == shapes["MiniLM (22.7M)"][1] + head
 print("pelib matches the notebook")
+
+# %% [markdown]
+# ## Exercises
+# Each exercise has a stub to fill in; the cell after it checks your answer against real models
+# (and prints "not attempted yet" while the stub still raises). Solutions:
+# `notebooks/solutions/nb00.py`.
+#
+# **Exercise 1 (easy): BERT's parameters by formula.** Write `bert_parameters(vocab, hidden,
+# layers, intermediate, max_positions, type_vocab)`, the parameter count of transformers'
+# `BertModel`. With $h$ the width and $i$ the feed-forward width, count:
+#
+# * embeddings: $(V + n_{pos} + n_{type})\,h$, plus a LayerNorm ($2h$: scale and shift);
+# * per layer: Q, K, V, O, each $h^2 + h$; a LayerNorm; $W_1$: $hi + i$; $W_2$: $ih + h$; a LayerNorm;
+# * the pooler: $h^2 + h$.
+#
+# The checker builds tiny random BERTs of several shapes and counts their tensors, and checks
+# MiniLM's 22,713,216.
+
+# %%
+from checks import attempt
+from checks.nb00 import exercise_1, exercise_2, exercise_3
+
+
+def bert_parameters(vocab, hidden, layers, intermediate, max_positions, type_vocab):
+    raise NotImplementedError  # your formula here
+
+
+attempt(exercise_1, bert_parameters)
+
+# %% [markdown]
+# **Exercise 2 (medium): a Llama with grouped-query attention.** Write `llama_parameters(vocab,
+# hidden, layers, intermediate, n_heads, n_kv_heads, tied)` for `LlamaForCausalLM`. A Llama layer
+# has no biases; its head size is $d_h = h / n_{heads}$, and K and V have only $n_{kv}$ heads:
+# $W_Q, W_O \in \mathbb{R}^{h\times h}$, $W_K, W_V \in \mathbb{R}^{n_{kv} d_h \times h}$. The MLP
+# has three $h \times i$ matrices (gate, up, down); each layer has two RMSNorms ($h$ each, a
+# scale only), and one more sits before the head. The head $V \times h$ is the embedding
+# itself when `tied`. SmolLM2-135M must come out at 134,515,008.
+
+# %%
+def llama_parameters(vocab, hidden, layers, intermediate, n_heads, n_kv_heads, tied):
+    raise NotImplementedError
+
+
+attempt(exercise_2, llama_parameters)
+
+# %% [markdown]
+# **Exercise 3 (medium): the memory ledger, measured.** Write `training_bytes(model)`: the bytes
+# that training with AdamW holds for the model's parameters,
+#
+# $$\sum_{p\ \text{trainable}} 4\,|p|\,b(p) \;+ \sum_{p\ \text{frozen}} |p|\,b(p),$$
+#
+# where $b(p)$ is the bytes per element of $p$'s dtype (`p.element_size()`): a trainable tensor
+# holds its weight, its gradient and Adam's two moments, all in its dtype (16 bytes in fp32, the
+# $16P$ of section 3); a frozen one only its weight. The checker runs a real AdamW step on small
+# models (one with a frozen bf16 layer) and adds up the bytes of every tensor that exists.
+
+# %%
+def training_bytes(model):
+    raise NotImplementedError
+
+
+attempt(exercise_3, training_bytes)

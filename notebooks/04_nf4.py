@@ -51,8 +51,8 @@ print(f"test weight {ROWS}x{COLS}, blocksize {BLOCKSIZE}, fast={FAST}")
 # Pretrained weights are close to normal with mean 0. Blockwise absmax quantisation divides
 # each block of 64 by its largest $|W_i|$, so the quantiser sees $x = W / \mathrm{absmax}$ in
 # $[-1, 1]$: a normal distribution squeezed so that the block maximum lands on $\pm 1$.
-# For 64 samples the maximum of $|N(0,1)|$ is about $2.4$, so most of the mass sits well
-# inside $[-0.5, 0.5]$. We use $N(0,1)$ weights and, as a stand-in for the heavier tails of real
+# For 64 samples the maximum of $|N(0,1)|$ is about $2.6$ on average (measured below), so most
+# of the mass sits well inside $[-0.5, 0.5]$. We use $N(0,1)$ weights and, as a stand-in for the heavier tails of real
 # weights, a Student-t with 5 degrees of freedom. (The comparison on real SmolLM2 weights
 # is in notebook 06: NF4 wins there too.)
 
@@ -66,8 +66,11 @@ def block_normalise(W, blocksize=BLOCKSIZE):
 
 W_normal = torch.randn(ROWS, COLS)
 W_heavy = torch.distributions.StudentT(5.0).sample((ROWS, COLS))  # heavier tails
-x_normal, _ = block_normalise(W_normal)
+x_normal, absmax_normal = block_normalise(W_normal)
 x_heavy, _ = block_normalise(W_heavy)
+print(f"block max of |N(0,1)| over {BLOCKSIZE} samples: mean {absmax_normal.mean():.3f}, "
+      f"median {absmax_normal.median():.3f} ({absmax_normal.numel():,} blocks)")
+assert 2.5 < absmax_normal.mean() < 2.7
 
 fig, ax = plt.subplots(figsize=(8, 3))
 ax.hist(x_normal.flatten().numpy(), bins=200, density=True, alpha=0.6, label="N(0,1) / block absmax")
@@ -97,6 +100,23 @@ plt.show()
 # * negative: the same with 8 points, negated;
 # * zero; then sort and divide by the maximum so the code spans $[-1, 1]$.
 #
+# **The paper's own equation** (QLoRA, section 3) estimates $2^k$ levels from $2^k + 1$ quantiles
+# of $N(0,1)$, each level the mean of two neighbouring quantiles:
+#
+# $$q_i = \tfrac12\left(Q_X\!\left(\tfrac{i}{2^k+1}\right) + Q_X\!\left(\tfrac{i+1}{2^k+1}\right)\right),
+#   \qquad i = 0, \dots, 2^k - 1.$$
+#
+# Taken literally it cannot be evaluated: $Q_X(0) = -\infty$, and its probabilities stop at
+# $16/17$, so it is not symmetric either. It also has no exact zero (16 levels symmetric about 0
+# never include 0). The paper's text then describes the asymmetric 8 + 7 + zero construction
+# above, and bitsandbytes' code implements that, with the offset below instead of bin means.
+# (Exercise 2 evaluates a symmetric, finite version of the equation and compares.)
+
+# %%
+p_paper = torch.arange(17, dtype=torch.float64) / 17                # i / (2^k + 1), i = 0..16
+print("Q_X at 0, 1/17, 16/17:", norm.ppf(p_paper[[0, 1, -1]].numpy()))
+
+# %% [markdown]
 # ### Where does $p_{\max} = 0.9677083$ come from?
 #
 # The QLoRA paper does not say; bitsandbytes has the constant. Its most plausible origin:
@@ -140,7 +160,9 @@ print("our NF4 == bitsandbytes NF4, bit for bit")
 # ### Two near misses
 #
 # *Float64 probabilities.* The same recipe with a float64 `linspace` moves some values by an
-# ulp: close, but not the same bits (and then not the same rounding decisions).
+# **ulp** (unit in the last place: the gap between a float32 number and the next one, about
+# $6 \cdot 10^{-8}$ near 1): close, but not the same bits (and then not the same rounding
+# decisions).
 #
 # *A symmetric grid.* 7 + 7 + zero wastes a code (15 levels) and is not NF4 at all.
 
@@ -163,8 +185,9 @@ assert sym.numel() == 15
 # ## 3. The competitors
 #
 # **FP4** (bitsandbytes' E2M1 float): sign, 2 exponent bits, 1 mantissa bit. The table is
-# indexed by bit pattern $s\,e_1 e_0\,m$, so a nibble decodes directly. bitsandbytes' exponent
-# field counts *down* (field 1 is the largest binade) and its single subnormal is $2^{-4}$:
+# indexed by bit pattern $s\,e_1 e_0\,m$, so a nibble decodes directly. A **binade** is the set
+# of floats that share one exponent, $[2^e, 2^{e+1})$. bitsandbytes' exponent field counts
+# *down* (field 1 is the largest binade) and its single subnormal is $2^{-4}$:
 #
 # $$|v| = \begin{cases} m \cdot 2^{-4} & e = 0 \\ (1 + m/2)\, 2^{4 - e} & e > 0\end{cases}
 #   \in \{0, 0.0625, 2, 3, 4, 6, 8, 12\}, \quad \text{divided by } 12.$$
@@ -267,15 +290,26 @@ for ax, name in zip(axes, codes):
     ax.set_xlabel("level (sorted)")
 axes[0].set_ylabel("share of weights")
 plt.show()
+nf4_counts = results["N(0,1)", "NF4"][2].float()
+inner = (nf4_counts / nf4_counts.sum())[1:-1]                       # the 14 levels between -1 and 1
+print(f"NF4 inner levels on N(0,1) blocks: {100 * inner.min():.1f}% to {100 * inner.max():.1f}% "
+      f"of the weights (equal use would be {100 / 16:.2f}%)")
+assert inner.max() / inner.min() > 2                                # far from equal use
 
 # %% [markdown]
-# What the table says (full sizes; figures also in `shared/ENVIRONMENT.md`):
+# What the table says (full sizes; the cell below asserts the NF4 figures there):
 #
 # * NF4 has the lowest mean absolute error (about 0.0728) and about 20.7 dB SQNR, within
 #   0.5 dB of Lloyd-Max (about 21.2 dB), which is the limit for any 16-level code on this data.
 # * Lloyd-Max wins on squared error but loses on absolute error: it optimises the MSE.
-# * NF4 uses its inner levels nearly equally (the dashed line is 1/16); the two end levels
-#   are rarer, and each block's maximum is exactly $\pm 1$.
+# * NF4 does **not** use its levels equally (the dashed line is 1/16): its inner levels take
+#   between 3.6% and 9.2% of the weights (full size). The quantile argument assumes the
+#   quantiser sees $N(0,1)$, but after absmax normalisation it sees $N(0,1)$ divided by each
+#   block's maximum, a distribution squeezed toward 0 whose shape depends on the blocksize.
+#   Yoshida (2023, "NF4 isn't information theoretically optimal (and that's good)",
+#   arXiv:2306.06965) makes this point and proposes a code chosen for the normalised values
+#   instead. The end levels $\pm 1$ are hit about once per
+#   block, by the block maximum itself.
 # * FP4 spends two levels on $\pm 0.0052$, next to zero, and leaves a gap up to $\pm 0.167$
 #   where much of the mass is: the worst of the four.
 # * The uniform int4 grid sits in between.
@@ -313,3 +347,47 @@ for name, quant_type in [("NF4", "nf4"), ("FP4", "fp4")]:
     b_packed, _ = bnbF.quantize_4bit(W_normal, blocksize=BLOCKSIZE, quant_type=quant_type)
     assert torch.equal(packed, b_packed.reshape(-1))
 print("pelib == this notebook == bitsandbytes")
+
+# %% [markdown]
+# ## Exercises
+# Each stub raises `NotImplementedError` until you fill it in; the cell after it then checks
+# your answer. Solutions: `notebooks/solutions/nb04.py`.
+#
+# **Exercise 1 (easy): blockwise absmax quantisation, end to end.** Write
+# `absmax_quantise(W, code, blocksize)` returning $\tilde W$ with $W$'s shape: cut the flattened
+# $W$ into blocks of `blocksize` consecutive values, divide each block by its absmax, snap every
+# value to the nearest entry of `code` (a (16,) table, not necessarily sorted: FP4 is in
+# bit-pattern order), and multiply back:
+#
+# $$\tilde W_i = \mathrm{code}_{q_i} \cdot \mathrm{absmax}_{b(i)}, \qquad
+#   q_i = \arg\min_k \left| W_i / \mathrm{absmax}_{b(i)} - \mathrm{code}_k \right|.$$
+#
+# The checker compares with bitsandbytes' `quantize_4bit` + `dequantize_4bit` (NF4 and FP4,
+# several blocksizes) on a weight whose rows have very different scales.
+
+# %%
+from checks import attempt
+from checks.nb04 import exercise_1, exercise_2
+
+
+def absmax_quantise(W, code, blocksize):
+    raise NotImplementedError                                        # -> W_hat, W's shape
+
+
+attempt(exercise_1, absmax_quantise)
+
+# %% [markdown]
+# **Exercise 2 (medium): the paper's equation, made finite.** Evaluate the equation of
+# section 2 on $2^k + 1$ evenly spaced probabilities from $1 - \delta$ to $\delta$ with
+# $\delta = 0.9677083$ (instead of $i/(2^k+1)$, whose first quantile is $-\infty$): take the
+# quantiles $Q_X(p_j)$, average neighbours to get $2^k$ levels, divide by the largest $|q_i|$,
+# sort. Write `nf4_from_equation(k, offset)` returning a float64 tensor of $2^k$ levels. The
+# checker compares with scipy for k = 2, 3, 4 and then reports how far the result is from
+# bitsandbytes' NF4: how many levels differ, by how much, and what replaces the exact zero.
+
+# %%
+def nf4_from_equation(k, offset):
+    raise NotImplementedError                                        # -> (2**k,) float64, sorted
+
+
+attempt(exercise_2, nf4_from_equation)

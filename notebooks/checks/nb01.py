@@ -1,0 +1,63 @@
+"""Checkers for notebook 01's exercises: adapter parameter counts (against pelib's adapters on a
+tiny BERT, counted tensor by tensor) and a parallel adapter (against its formula)."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification
+
+from pelib.adapter import apply_adapters
+
+
+def _tiny_bert(d, n_layers, n_labels):
+    cfg = BertConfig(vocab_size=50, hidden_size=d, num_hidden_layers=n_layers, num_attention_heads=2,
+                     intermediate_size=2 * d, max_position_embeddings=16, num_labels=n_labels)
+    return BertForSequenceClassification(cfg)
+
+
+def exercise_1(houlsby_trainable):
+    """houlsby_trainable(n_layers, d, m, n_labels, train_layernorms) -> int: the trainable
+    parameters of a BERT with Houlsby adapters and a new head, with or without every LayerNorm."""
+    torch.manual_seed(0)
+    for n_layers, d, m, n_labels in [(2, 16, 4, 3), (3, 24, 8, 5)]:
+        for train_ln in (False, True):
+            model = apply_adapters(_tiny_bert(d, n_layers, n_labels), "houlsby", m)
+            if train_ln:
+                for mod in model.modules():
+                    if isinstance(mod, nn.LayerNorm):
+                        mod.requires_grad_(True)
+            real = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            got = houlsby_trainable(n_layers, d, m, n_labels, train_ln)
+            assert got == real, (f"{n_layers} layers, d={d}, m={m}, {n_labels} labels, LayerNorms "
+                                 f"trained={train_ln}: you say {got:,}, the model trains {real:,}")
+            print(f"exercise_1: {n_layers} layers, d={d}, m={m}, LayerNorms trained={train_ln}: {real:,}")
+    print("exercise_1: correct")
+
+
+def exercise_2(ParallelAdapter):
+    """ParallelAdapter(linear, m, scale): y = linear(x) + scale * up(relu(down(x))), reading the
+    linear's *input*; `down`, `up` are nn.Linear; the linear frozen; identity at init."""
+    torch.manual_seed(0)
+    d_in, d_out, m, scale = 24, 40, 8, 4.0
+    lin = nn.Linear(d_in, d_out)
+    pa = ParallelAdapter(lin, m, scale=scale)
+    assert tuple(pa.down.weight.shape) == (m, d_in), \
+        f"down should map the linear's input d_in={d_in} to m={m}: weight {tuple(pa.down.weight.shape)}"
+    assert tuple(pa.up.weight.shape) == (d_out, m), \
+        f"up should map m={m} to the linear's output d_out={d_out}: weight {tuple(pa.up.weight.shape)}"
+    assert not any(p.requires_grad for p in lin.parameters()), "the wrapped linear must be frozen"
+    n = sum(p.numel() for p in pa.parameters() if p.requires_grad)
+    assert n == d_in * m + m + m * d_out + d_out, f"{n} trainable; expected down and up with biases"
+    x = torch.randn(3, 5, d_in)                                    # (B, T, d_in)
+    assert torch.equal(pa(x), lin(x)), "at init the wrapper must compute exactly the linear"
+    pa(x).square().sum().backward()
+    assert pa.up.weight.grad is not None and pa.up.weight.grad.abs().max() > 0, \
+        "at init W_up should get a gradient (is W_down zero too, or the ReLU dead?)"
+    print("exercise_2: shapes, frozen base, identity at init, first gradient into W_up: ok")
+    with torch.no_grad():
+        for p in (*pa.down.parameters(), *pa.up.parameters()):
+            p.normal_()
+        ref = lin(x) + scale * F.linear(F.relu(F.linear(x, pa.down.weight, pa.down.bias)),
+                                        pa.up.weight, pa.up.bias)
+        err = (pa(x) - ref).abs().max().item()
+    assert err < 1e-4, f"after training-like weights, max |yours - formula| = {err:.2e}"
+    print(f"exercise_2: equals linear(x) + {scale} * up(relu(down(x))) (max err {err:.1e}). correct")

@@ -1,0 +1,49 @@
+"""Solutions (and a plausible wrong answer each) for notebook 01's exercises."""
+import torch.nn.functional as F
+from torch import nn
+
+
+def houlsby_trainable(n_layers, d, m, n_labels, train_layernorms):
+    adapters = n_layers * 2 * (2 * d * m + m + d)                  # two a layer, with biases
+    head = d * n_labels + n_labels
+    layernorms = (1 + 2 * n_layers) * 2 * d                         # embeddings + two a layer
+    return adapters + head + (layernorms if train_layernorms else 0)
+
+
+def houlsby_trainable_no_bias(n_layers, d, m, n_labels, train_layernorms):
+    adapters = n_layers * 2 * (2 * d * m)                           # wrong: forgot the biases
+    return adapters + d * n_labels + n_labels + ((1 + 2 * n_layers) * 2 * d if train_layernorms else 0)
+
+
+class ParallelAdapter(nn.Module):
+    """He et al. (2022): y = linear(x) + s * W_up relu(W_down x), beside the frozen projection."""
+
+    def __init__(self, linear: nn.Linear, m: int, scale: float = 1.0):
+        super().__init__()
+        self.linear, self.scale = linear.requires_grad_(False), scale
+        self.down = nn.Linear(linear.in_features, m)               # (m, d_in)
+        self.up = nn.Linear(m, linear.out_features)                # (d_out, m)
+        nn.init.normal_(self.down.weight, std=1e-2)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x):                                          # (..., d_in) -> (..., d_out)
+        return self.linear(x) + self.scale * self.up(F.relu(self.down(x)))
+
+
+class SequentialAdapter(ParallelAdapter):
+    """Wrong: reads the linear's output (Houlsby's placement), not its input."""
+
+    def __init__(self, linear: nn.Linear, m: int, scale: float = 1.0):
+        super().__init__(linear, m, scale)
+        self.down = nn.Linear(linear.out_features, m)
+        nn.init.normal_(self.down.weight, std=1e-2)
+
+    def forward(self, x):
+        h = self.linear(x)
+        return h + self.scale * self.up(F.relu(self.down(h)))
+
+
+SOLUTIONS = {1: houlsby_trainable, 2: ParallelAdapter}
+WRONG = {1: houlsby_trainable_no_bias, 2: SequentialAdapter}
