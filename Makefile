@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test lint test-fast lab notebooks clean
+.PHONY: install run test lint test-fast lab lab-check notebooks clean
 
 install: $(STAMP)
 
@@ -42,6 +42,15 @@ test-fast: install
 
 lab: install
 	$(BIN)/jupyter lab notebooks
+
+# The notebooks opened and run in JupyterLab in a real browser (tools/lab_check.py): Debian's
+# chromium driven by Playwright (pinned here, not in the dev extra: only this target needs it).
+# Not part of `make test` or CI. Screenshots in results/lab-check/.
+LAB_CHECK_PKGS := playwright==1.65.2 greenlet==3.5.6
+lab-check: install
+	command -v chromium || (apt-get update && apt-get install -y chromium)
+	$(BIN)/python -m pip install -q $(LAB_CHECK_PKGS)
+	$(BIN)/python tools/lab_check.py
 
 # Regenerate every .ipynb from its py:percent source (outputs are not committed).
 notebooks: install
