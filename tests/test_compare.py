@@ -44,15 +44,28 @@ def test_runs_that_differ_only_in_lr_do_not_share_a_file(tmp_path):
 
 
 def test_presets_cover_every_method_and_the_peer():
-    runs = preset("workshop")
-    methods = {(a[a.index("--method") + 1], "--impl" in a) for _, a in runs}
-    assert {m for m, peer in methods if not peer} == {"head", "full", "lora", "qlora", "adalora",
-                                                      "sora", "adapter", "prefix"}
-    assert {m for m, peer in methods if peer} == {"lora", "qlora", "adalora"}
-    seeds = preset("seeds")  # its seed-0 runs are the workshop's (same arguments: reused)
-    assert all(a in [b for _, b in runs] for _, a in seeds if a[a.index("--seed") + 1] == "0")
+    def methods(runs):
+        return {(a[a.index("--method") + 1], "--impl" in a) for _, a in runs}
+
+    runs = preset("workshop")  # make run: the floor, full, the LoRA family, one peft twin
+    assert methods(runs) == {("head", False), ("full", False), ("lora", False), ("qlora", False),
+                             ("adalora", False), ("sora", False), ("lora", True)}
+    assert all("--train-limit" not in a for _, a in runs)  # full size
+    assert runs[0][0] == "head only (floor)"  # every table starts with its floor
     full = preset("full")
+    assert {m for m, peer in methods(full) if not peer} == {
+        "head", "full", "lora", "qlora", "adalora", "sora", "adapter", "prefix"}
+    assert {m for m, peer in methods(full) if peer} == {"lora", "qlora", "adalora"}
     assert {a[a.index("--seed") + 1] for _, a in full} == {"0", "1", "2"}
+    assert {a[a.index("--data") + 1] for _, a in full} == {"banking77", "clinc150"}
+    seeds = preset("seeds")  # its seed-0 runs are the workshop's (same arguments: reused)
+    assert [a for _, a in seeds if a[a.index("--seed") + 1] == "0"] == [a for _, a in runs]
+    llm = preset("llm")
+    assert {a[a.index("--model") + 1] for _, a in llm} == {"smollm2"}
+    assert methods(llm) == {("head", False), ("lora", False), ("qlora", False), ("sora", False)}
+    grid = preset("lr")  # three learning rates per method, judged on the dev split
+    assert all(a[a.index("--eval-split") + 1] == "dev" for _, a in grid)
+    assert len(grid) == 3 * len({label.split(" lr=")[0] for label, _ in grid})
 
 
 def test_bad_inputs_are_clear(tmp_path):

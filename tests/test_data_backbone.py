@@ -42,12 +42,41 @@ def test_bad_names_are_clear(tmp_path):
         pelib.load_backbone("bert-base", num_labels=3)
     with pytest.raises(ValueError, match="no causal-LM head"):
         pelib.load_backbone("minilm", task="causal_lm")
+    with pytest.raises(ValueError, match=r"smollm2 pools with one of \['last'\], not 'mean'"):
+        pelib.load_backbone("smollm2", num_labels=3, pooling="mean")
+    with pytest.raises(ValueError, match="not of task='causal_lm'"):
+        pelib.tiny_backbone("smollm2", task="causal_lm", pooling="last")
+
+
+def test_mean_pooling_classifier_against_its_formula():
+    """logits = W mean_t(h_t over real tokens) + b, computed by hand from the encoder's states;
+    padding a row more does not change its logits (the mask, not the length, decides)."""
+    model, tok = pelib.tiny_backbone("minilm", 6)
+    model.eval()
+    enc = tok(["my card was declined", "why was my card payment refused today at the shop"],
+              padding=True, return_tensors="pt")
+    with torch.no_grad():
+        h = model.bert(**enc).last_hidden_state  # (B, T, H)
+        m = enc["attention_mask"].unsqueeze(-1).float()
+        ref = model.classifier((h * m).sum(1) / m.sum(1))
+        out = model(**enc, labels=torch.tensor([1, 4]))
+        assert torch.allclose(out.logits, ref, atol=1e-6)
+        assert torch.allclose(out.loss, torch.nn.functional.cross_entropy(ref, torch.tensor([1, 4])))
+        longer = tok(["my card was declined"], padding="max_length", max_length=20, return_tensors="pt")
+        assert torch.allclose(model(**longer).logits[0], out.logits[0], atol=1e-5)
+        # [CLS] pooling would read one token: the two poolings really differ
+        cls, _ = pelib.tiny_backbone("minilm", 6, pooling="cls")
+        assert not torch.allclose(cls.eval()(**enc).logits, out.logits)
 
 
 @pytest.mark.slow  # real pretrained weights
 def test_minilm_pretrained():
     model, tok = pelib.load_backbone("minilm", num_labels=77)
-    assert type(model).__name__ == "BertForSequenceClassification"
+    assert type(model).__name__ == "MeanPoolBertClassifier" and model.bert.pooler is None
+    cls, _ = pelib.load_backbone("minilm", num_labels=77, pooling="cls")
+    assert type(cls).__name__ == "BertForSequenceClassification"
+    assert torch.equal(cls.bert.encoder.layer[5].output.dense.weight,
+                       model.bert.encoder.layer[5].output.dense.weight)  # the same checkpoint
     n = sum(p.numel() for n_, p in model.named_parameters() if not n_.startswith("classifier"))
     assert 22_000_000 < n < 23_000_000  # ~22.7M
     # pretrained, not random: the two "bank" sentences are closer than an unrelated one

@@ -105,14 +105,15 @@ def test_step0_is_the_dequantised_model_and_only_lora_learns(name):
 def peft_bnb_qlora(name, tmp_path, ours):
     """peft LoRA on a bitsandbytes NF4+DQ model of the same base weights, with our A, B, head."""
     from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
 
-    tiny(name).save_pretrained(tmp_path / "base")  # same seed: the weights ours started from
-    skip = ["classifier", "pooler"] if name == "minilm" else ["score"]
+    base = tiny(name)
+    base.save_pretrained(tmp_path / "base")  # same seed: the weights ours started from
+    skip = ["classifier"] if name == "minilm" else ["score"]
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                 bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32,
                                 llm_int8_skip_modules=skip)
-    base = AutoModelForSequenceClassification.from_pretrained(
+    base = type(base).from_pretrained(  # the same class: the same pooling
         tmp_path / "base", quantization_config=config, dtype=torch.float32, device_map="cpu",
         attn_implementation="eager")
     theirs = get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8,

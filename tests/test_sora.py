@@ -168,7 +168,7 @@ def test_grad_accumulation_matches_big_batch():
         torch.manual_seed(0)
         model, tok = pelib.tiny_backbone("minilm", 77)
         apply_sora(no_dropout(model), ["query", "value"], r=4, alpha=8, gate_init="normal")
-        hook = SoRA(SparsitySchedule([0.3, 0.6]), gate_lr=0.5)
+        hook = SoRA(SparsitySchedule([0.6, 1.2]), gate_lr=0.5)
         train(model, tok, data, data, TrainConfig(epochs=3, lr=1e-2, batch_size=bs, grad_accum=acc,
                                                   warmup_ratio=0, progress=False), hooks=[hook])
         outs.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})

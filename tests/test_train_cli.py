@@ -157,3 +157,51 @@ def test_checkpoint_of_another_run_is_refused(tmp_path):
     with pytest.raises(ValueError, match="another run"):
         train(model, tok, data, data, TrainConfig(epochs=2, batch_size=8, lr=1e-3, progress=False,
               checkpoint=ckpt, checkpoint_every=1))
+
+
+def test_head_lr_is_its_own_param_group():
+    """The fresh head learns at head_lr, the rest at lr, also inside peft's wrapper; without
+    head_lr everything is one group (the old behaviour)."""
+    from pelib import peers
+    from pelib.train import make_optimizer
+
+    for build in (lambda m: pelib.apply_lora(m, ["query", "value"], r=2, alpha=4),
+                  lambda m: peers.lora(m, ["query", "value"], 2, 4)):
+        model = build(pelib.tiny_backbone("minilm", 7, with_tokenizer=False)[0])
+        opt = make_optimizer(model, TrainConfig(lr=1e-3, head_lr=5e-2), [])
+        by_lr = {g["lr"]: {id(p) for p in g["params"]} for g in opt.param_groups}
+        names = {id(p): n for n, p in model.named_parameters()}
+        assert sorted(by_lr) == [1e-3, 5e-2]
+        assert all("classifier" in names[i] for i in by_lr[5e-2]) and len(by_lr[5e-2]) == 2
+        assert all("lora_" in names[i] for i in by_lr[1e-3])
+        assert len(make_optimizer(model, TrainConfig(lr=1e-3), []).param_groups) == 1
+    with pytest.raises(ValueError, match="head_lr must be a finite number > 0"):
+        TrainConfig(head_lr=0.0)
+
+
+def test_cli_head_lr_and_pooling(tmp_path):
+    common = ["finetune", "--tiny", "--train-limit", "32", "--eval-limit", "16", "--epochs", "1",
+              "--out", str(tmp_path), "--no-progress"]
+    with pytest.raises(SystemExit, match="set its lr with --lr, not --head-lr"):
+        main(common + ["--method", "head", "--head-lr", "1e-2"])
+    with pytest.raises(SystemExit, match="--pooling cls is not one of smollm2's"):
+        main(common + ["--model", "smollm2", "--pooling", "cls"])
+    main(common + ["--method", "lora", "--pooling", "cls", "--head-lr", "3e-2"])
+    rec = json.loads((tmp_path / "minilm-tiny-cls_banking77_lora-r8_pelib_s0.json").read_text())
+    assert rec["config"]["head_lr"] == 3e-2 and rec["config"]["lr"] == 2e-3
+    main(common + ["--method", "head", "--lr", "5e-3"])
+    rec = json.loads((tmp_path / "minilm-tiny_banking77_head_pelib_s0.json").read_text())
+    assert rec["config"]["head_lr"] == rec["config"]["lr"] == 5e-3
+
+
+def test_head_floor_freezes_the_backbone_and_its_dropout():
+    from pelib.finetune import parse
+    from pelib.methods import METHODS, Run
+
+    model, _ = pelib.tiny_backbone("minilm", 7, with_tokenizer=False, hidden_dropout_prob=0.1,
+                                   attention_probs_dropout_prob=0.1)
+    model, hooks = METHODS["head"].build["pelib"](model, parse(["--method", "head"]), Run([], 10))
+    drop = {n: m.p for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
+    assert drop.pop("dropout") == 0.1 and drop and set(drop.values()) == {0.0}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+        {"classifier.weight", "classifier.bias"} and hooks == []

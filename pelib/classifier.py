@@ -1,0 +1,56 @@
+"""MiniLM as a classifier the way it was trained: the mean of its token states, not [CLS].
+
+all-MiniLM-L6-v2 was trained (sentence-transformers) to make the *mean* of its last hidden
+states over the real tokens a sentence embedding. transformers' BertForSequenceClassification
+instead feeds the [CLS] state through a pooler (dense + tanh) that this checkpoint never
+trained for that purpose. Measured on the Banking77 dev split (docs/benchmarks.md): a frozen
+linear probe on mean-pooled features reaches macro-F1 0.937, on [CLS] + pooler 0.915; LoRA r=8
+after one epoch 0.908 with mean pooling, 0.751 with [CLS] + pooler.
+
+    pooled = sum_t mask_t h_t / sum_t mask_t          (B, H) from h: (B, T, H), mask: (B, T)
+    logits = classifier(dropout(pooled))              (B, num_labels)
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.models.bert.modeling_bert import BertModel, BertPreTrainedModel
+
+POOLINGS = ("mean", "cls")
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, H), (B, T) -> (B, H): the average over the tokens the mask keeps (no padding)."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+class MeanPoolBertClassifier(BertPreTrainedModel):
+    """BERT encoder (no pooler), mean pooling, dropout, a linear head named `classifier` (the
+    name peft's sequence-classification task trains as a module to save)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = BertModel(config, add_pooling_layer=False)
+        p = config.classifier_dropout
+        self.dropout = nn.Dropout(config.hidden_dropout_prob if p is None else p)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, labels=None, **kwargs) -> SequenceClassifierOutput:
+        # kwargs: what peft's wrapper passes along (output_attentions, return_dict...), unused
+        if attention_mask is None:
+            shape = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+            device = (input_ids if input_ids is not None else inputs_embeds).device
+            attention_mask = torch.ones(shape, dtype=torch.long, device=device)
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                           token_type_ids=token_type_ids, position_ids=position_ids,
+                           inputs_embeds=inputs_embeds).last_hidden_state
+        logits = self.classifier(self.dropout(mean_pool(hidden, attention_mask)))
+        loss = None
+        if labels is not None:  # fp32 loss also under bf16 autocast
+            loss = nn.functional.cross_entropy(logits.float(), labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
