@@ -242,7 +242,8 @@ def figures(records, out: Path, tag: str = "") -> list[Path]:
                        marker="x" if impl == "peft" else next(markers, "o"))
         counts = [rs[0]["trainable_params"] for rs in rows.values()]
         wide = max(counts) > 3 * min(counts)  # a log axis only where the counts span a range
-        ax.set(xscale="log" if wide else "linear", ylabel=f"macro-F1 ({next(iter(rows.values()))[0]['eval_split']})",
+        split = next(iter(rows.values()))[0]["eval_split"]
+        ax.set(xscale="log" if wide else "linear", ylabel=f"macro-F1 ({split})",
                xlabel="trainable parameters" + (" (log axis)" if wide else ""),
                title=f"{model} / {data}")
         ax.xaxis.set_major_formatter(FuncFormatter(plain))
