@@ -252,7 +252,8 @@ def _r(args) -> str:
 # prefix: 1e-2 (common without the MLP) collapsed to chance through the MLP on Banking77;
 # 3e-3 beat 1e-3 on the dev split.
 METHODS: dict[str, Method] = {
-    "head": Method(HEAD_LR, lambda a: "", {"pelib": _head},
+    # the floor: 3e-2 beat 1e-2 on dev (one epoch, docs/benchmarks.md); compare gives it 3 epochs
+    "head": Method(3e-2, lambda a: "", {"pelib": _head},
                    help="the floor: the backbone frozen, only the classification head trains"),
     "full": Method(1e-4, lambda a: "", {"pelib": _full}, help="every weight trains"),
     "lora": Method(2e-3, _r, {"pelib": _lora, "peft": _lora_peft}, peft_type="LORA",
