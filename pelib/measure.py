@@ -19,6 +19,7 @@ freed memory, so RSS is a loose upper bound). `.base` is the figure on entry, so
 The limit (DESIGN.md: every benchmark prints ours, the peer's, and the limit) is
 max(bytes / bandwidth, FLOPs / matmul rate): `copy_bandwidth` and `matmul_rate` measure the
 two rates on this device, `count_flops` counts a function's FLOPs (torch's FlopCounterMode).
+
 Ledger. `memory_ledger(model, batch)` runs one real training step and counts, storage by
 storage, the bytes of frozen weights, trainable parameters, gradients, optimizer state and the
 activations autograd saves for backward (RSS and max_memory_allocated give one total; this says
