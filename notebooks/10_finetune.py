@@ -14,229 +14,363 @@
 # ---
 
 # %% [markdown]
-# # 10 · The whole course on one table: every method, a real model, real data
+# # 10 · A real fine-tune, end to end: SmolLM2-135M with QLoRA and SoRA
 #
 # Notebooks 01-08 each built one idea from its equations; `pelib` holds the finished code. This
-# notebook uses only `pelib`, and puts everything side by side the way the seed study of this
-# course did (the 58.com TEG-AI Lab article comparing PEFT methods: LoRA, QLoRA, AdaLoRA, SoRA
-# and Unsloth's kernels):
-# the same backbone, data, seeds, epochs and training loop for every method, the peer library
-# (peft, with bitsandbytes for QLoRA) beside our implementation, and four numbers per run:
+# notebook uses only `pelib` and does what the seed study of this course did (the **58.com
+# TEG-AI Lab article on parameter-efficient fine-tuning methods**: LoRA, QLoRA, AdaLoRA, SoRA
+# and Unsloth's kernels): fine-tune one pretrained model on one data set with several methods
+# under the same loop, and read quality against what each method costs. Here: **SmolLM2-135M**
+# (Llama, 30 layers) as a Banking77 intent classifier (77 classes), all 9,003 training rows, one
+# epoch, with
 #
-# * **quality**: accuracy and macro precision / recall / F1 on the test split
-#   (macro: every intent counts the same, however rare);
-# * **trainable parameters** (what the optimiser holds: 8 bytes of AdamW state each);
-# * **peak memory** (process RSS on a CPU; on a GPU, `max_memory_allocated`);
-# * **time** per optimizer step.
+# * **head only (floor)**: the backbone frozen; every method is read against it;
+# * **LoRA r=8** (the reference), **QLoRA r=8** (NF4 + double quantisation base), **SoRA r=8**.
 #
-# The runs come from one command, `make run` (= `python -m pelib compare --preset workshop`),
-# which writes `results/*.json`, `results/summary.md` and three figures. Each run is a separate
-# process (so its peak memory is its own) and is checkpointed: stop it, start it again, and it
-# continues where it was with the same final numbers.
+# Per run: macro-F1 on the test split, trainable parameters, memory (measured two ways: process
+# RSS, and a ledger counted tensor by tensor), the loss curve; for SoRA the live ranks during
+# training. Then the QLoRA adapter leaves pelib in peft's file format and is reloaded with peft +
+# bitsandbytes, and the two must predict the same labels.
 #
-# | preset | what | time on 2 CPU cores |
-# |---|---|---|
-# | `smoke` | toy random models, 64 examples: checks the pipeline (CI) | ~2 min |
-# | `workshop` (`make run`) | MiniLM on Banking77 (+ peft rows) and CLINC150, 5,000 training examples, 1 epoch, batch 16; SmolLM2-135M on 640 examples | ~20 min |
-# | `seeds` | the close calls of `workshop` (LoRA r=8, QLoRA, AdaLoRA, SoRA, pelib and peft) with seeds 0, 1, 2 | ~8 min after `workshop` |
-# | `full` | all data, 3 epochs, 3 seeds, both data sets, peft rows | many hours (run overnight) |
+# The runs come from `pelib.compare`, the runner behind `python -m pelib compare`. Its presets
+# (`pelib/compare.py`; times: measured, see README):
 #
-# This notebook reads `results/summary.json` if `make run` has written it; otherwise (and in
-# CI) it runs a small part of the smoke preset itself.
+# | preset | what |
+# |---|---|
+# | `smoke` | tiny random models, 64 examples: checks the pipeline (CI, and this notebook with `PELIB_FAST=1`) |
+# | `workshop` (`make run`) | MiniLM on all Banking77 rows, 1 epoch: the floor, full fine-tuning, LoRA, QLoRA, AdaLoRA, SoRA, and peft's LoRA |
+# | `seeds` | the `workshop` rows with seeds 0, 1, 2 |
+# | `lr` | each MiniLM method at 1/2, 1 and 2x its learning rate, F1 on the dev split |
+# | `full` | every method and its peft twin, Banking77 and CLINC150, 3 seeds |
+# | `llm` | SmolLM2-135M on all Banking77 rows, 1 epoch, batch 16: head, LoRA, QLoRA, SoRA (this notebook) |
+#
+# Each run is its own process, checkpointed: the runner skips runs whose record already exists
+# in `results/` and resumes a cut-off one. So `python -m pelib compare --preset llm` and this
+# notebook share their runs; whichever runs first does the work (about an hour a run on 2 CPU
+# cores), the other reads it. With `PELIB_FAST=1` the notebook runs the four SmolLM2 rows of the
+# `smoke` preset instead: tiny random models, and every number printed is a TOY NUMBER.
 
 # %%
-import json
+import logging
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
+import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import torch
 from matplotlib.ticker import FuncFormatter
 
-FAST = os.environ.get("PELIB_FAST") == "1"  # CI: toy models
-ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
-RESULTS = ROOT / "results"
+import pelib
+from pelib.compare import preset, run_all, summary
+from pelib.measure import LEDGER_KINDS, memory_ledger
 
-if not FAST and (RESULTS / "summary.json").exists():
-    source = RESULTS
-else:  # run a few toy runs of the smoke preset through the same command `make run` uses
-    source = Path(tempfile.mkdtemp(prefix="pelib-compare-"))
-    only = ["LoRA r=8", "QLoRA", "SoRA"] if FAST else ["LoRA", "SoRA", "Houlsby", "prefix", "full"]
-    subprocess.run([sys.executable, "-m", "pelib", "compare", "--preset", "smoke", "--out",
-                    str(source), "--no-progress", "--only", *only], check=True,
-                   cwd=ROOT, stdout=subprocess.DEVNULL)
-records = json.loads((source / ("summary.json" if source == RESULTS else "summary_smoke.json")).read_text())
-TOY = source != RESULTS
-print(f"{len(records)} runs from {source}")
-if TOY:
-    why = "PELIB_FAST=1" if FAST else "no results/summary.json (run `make run` first)"
-    print(f"TOY NUMBERS: {why}. THESE RUNS USE RANDOM TINY MODELS ON 64 EXAMPLES; THEIR F1, "
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU import logs a warning
+FAST = os.environ.get("PELIB_FAST") == "1"  # CI: tiny models
+ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
+TOY = " (TOY NUMBERS)" if FAST else ""  # on every table and figure title
+
+if FAST:  # the SmolLM2 rows of the smoke preset, in a scratch folder
+    OUT = Path(tempfile.mkdtemp(prefix="pelib-nb10-"))
+    runs = [(label, argv) for label, argv in preset("smoke") if argv[1] == "smollm2"]
+else:  # the llm preset, in results/ (shared with `python -m pelib compare --preset llm`)
+    OUT = ROOT / "results"
+    OUT.mkdir(exist_ok=True)
+    runs = preset("llm")
+before = {p.name: p.stat().st_mtime for p in OUT.glob("*.json")}
+t0 = time.time()
+records = run_all(runs, OUT, progress=False)
+reused = [r["name"] for r in records if before.get(r["name"] + ".json") is not None
+          and (OUT / (r["name"] + ".json")).stat().st_mtime == before[r["name"] + ".json"]]
+print(f"{len(records)} runs in {OUT}: {len(reused)} read from finished runs there, "
+      f"{len(records) - len(reused)} trained now ({time.time() - t0:.0f} s)")
+if reused and len(reused) == len(records):
+    print("READ FROM results/: these runs were written earlier by `python -m pelib compare "
+          "--preset llm` (or an earlier run of this notebook)")
+assert all(r["args"]["model"] == "smollm2" and r["args"]["tiny"] == FAST for r in records)
+if FAST:
+    print("TOY NUMBERS: PELIB_FAST=1. THESE RUNS USE RANDOM TINY MODELS ON 64 EXAMPLES; THEIR F1, "
           "MEMORY AND TIME SAY NOTHING ABOUT THE METHODS. ONLY THE PIPELINE IS REAL.")
 
 # %% [markdown]
-# ## 1. The table, built from the run records
+# ## 1. The table
 #
-# Every run record holds its arguments, its final metrics, the losses of every step and the
-# per-epoch dev metrics. We group runs by (model, data set) and by (method, implementation),
-# and average over seeds. With one seed, a difference of about 0.01 F1 between two methods is
-# inside the noise: on the full Banking77 run, two LoRA r=8 runs that differ only in the order
-# the random A matrices were drawn gave 0.8925 and 0.8908.
+# Macro-F1 averages the per-class F1 over the 77 intents, so a rare intent counts as much as a
+# common one: $F_1^{macro} = \frac{1}{C}\sum_c \frac{2 P_c R_c}{P_c + R_c}$. The share is
+# trainable / all parameters; for QLoRA "all" counts the 4-bit weights as weights.
 
 # %%
-def group(records):
-    table = {}
-    for r in records:
-        a = r["args"]
-        key = (a["model"] + ("-tiny" if a["tiny"] else ""), a["data"])
-        table.setdefault(key, {}).setdefault((r["label"], a["impl"]), []).append(r)
-    return table
+def plain(x, _=None):  # 2.5M, 360k: plain units, never a 1e6 offset
+    return f"{x / 1e6:.3g}M" if x >= 1e6 else f"{x / 1e3:.3g}k" if x >= 1e3 else f"{x:.0f}"
 
 
-def row(runs):
-    f1 = [r["metrics"]["f1"] for r in runs]
-    return dict(seeds=len(runs), f1=statistics.fmean(f1),
-                sd=statistics.stdev(f1) if len(f1) > 1 else None,
-                acc=statistics.fmean(r["metrics"]["accuracy"] for r in runs),
-                trainable=runs[0]["trainable_params"],
-                share=runs[0]["trainable_params"] / runs[0]["total_params"],
-                peak_mb=statistics.fmean(r["peak_memory_mb"] for r in runs),
-                s_per_step=statistics.fmean(r["seconds_per_step"] for r in runs))
-
-
-ours = {key: {m: row(rs) for m, rs in methods.items()} for key, methods in group(records).items()}
-for (model, data), methods in ours.items():
-    print(f"\n{model} / {data}")
-    print(f"{'method':26s} {'impl':6s} {'F1':>7s} {'acc':>7s} {'trainable':>11s} {'share':>7s} "
-          f"{'peak MB':>8s} {'s/step':>7s}")
-    for (label, impl), v in sorted(methods.items(), key=lambda kv: -kv[1]["f1"]):
-        print(f"{label:26s} {impl:6s} {v['f1']:7.4f} {v['acc']:7.4f} {v['trainable']:11,d} "
-              f"{100 * v['share']:6.2f}% {v['peak_mb']:8.0f} {v['s_per_step']:7.3f}")
+by_method = {r["args"]["method"]: r for r in records}  # one seed, one run per method
+rows = {r["label"]: dict(method=r["args"]["method"], f1=r["metrics"]["f1"], acc=r["metrics"]["accuracy"],
+                         trainable=r["trainable_params"], share=r["trainable_params"] / r["total_params"],
+                         rss_mb=r["peak_memory_mb"], s_per_step=r["seconds_per_step"])
+        for r in records}
+r0 = records[0]
+print(f"SmolLM2{'-tiny' if FAST else ''} on Banking77{TOY}: {r0['train_rows']} train rows, "
+      f"{r0['eval_rows']} {r0['eval_split']} rows, batch {r0['args']['batch_size']}")
+print(f"{'method':22s} {'F1':>7s} {'acc':>7s} {'trainable':>10s} {'share':>7s} {'RSS MB':>7s} {'s/step':>7s}")
+for label, v in rows.items():
+    print(f"{label:22s} {v['f1']:7.4f} {v['acc']:7.4f} {plain(v['trainable']):>10s} "
+          f"{100 * v['share']:6.2f}% {v['rss_mb']:7.0f} {v['s_per_step']:7.3f}")
 
 # %% [markdown]
-# ## 2. Quality against what you pay for it
+# ## 2. Quality against trainable parameters
 #
-# The study's central picture: macro-F1 against the number of trainable parameters (log
-# scale). Full fine-tuning trains every weight; LoRA r=8 about 1.6% of MiniLM (the new
-# classification head, 77 x 384, is trained by every method and is a good part of that);
-# prefix tuning trains a large MLP during training, folded away afterwards.
+# The floor (only the head trains) is a dashed line: a method is worth its adapter only by how
+# far above that line it sits. The x axis counts what AdamW holds (8 bytes of state each).
 
 # %%
-fig, axes = plt.subplots(1, len(ours), figsize=(6.5 * len(ours), 4.5), squeeze=False)
-for ax, ((model, data), methods) in zip(axes[0], ours.items()):
-    for j, ((label, impl), v) in enumerate(methods.items()):  # a legend: labels never stack
-        ax.scatter(v["trainable"], v["f1"], marker="o" if impl == "pelib" else "x", s=40,
-                   color=f"C{j % 10}", label=label + (" (peft)" if impl == "peft" else ""))
-    counts = [v["trainable"] for v in methods.values()]
-    ax.set(xscale="log" if max(counts) > 3 * min(counts) else "linear",  # log only over a range
-           xlabel="trainable parameters", ylabel="macro-F1",
-           title=f"{model} / {data}" + (" (TOY NUMBERS)" if TOY else ""))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))  # plain units, no 1e6
-    ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: ""))
-    ax.legend(fontsize=7, loc="best")
+fig, ax = plt.subplots(figsize=(6.5, 4.2))
+for j, (label, v) in enumerate(rows.items()):
+    if v["method"] == "head":
+        ax.axhline(v["f1"], color="grey", linestyle="--", linewidth=1, label=f"{label}: {v['f1']:.3f}")
+    else:  # a legend, not labels at the points: LoRA and QLoRA have equal counts and would stack
+        ax.scatter(v["trainable"], v["f1"], s=50, marker="osD^v"[j % 5], label=f"{label}: {v['f1']:.3f}")
+ax.xaxis.set_major_formatter(FuncFormatter(plain))
+ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: ""))
+ax.set(xlabel="trainable parameters", ylabel=f"macro-F1 ({r0['eval_split']})",
+       title=f"SmolLM2 / Banking77: F1 vs trainable parameters{TOY}")
+ax.legend(fontsize=8, loc="best")
 plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# ## 3. Memory and the learning curves
+# ## 3. Memory: a ledger counted from tensors, beside process RSS
 #
-# On a CPU, peak memory is the resident set of the whole process (Python, the tokenizer, the
-# data and the model), so for a 22.7M-parameter MiniLM the differences between PEFT methods
-# are small against that base; they grow with the model. The QLoRA vs LoRA pair on SmolLM2-135M
-# is where 4-bit storage shows (`docs/benchmarks.md`: frozen weights 538 MB in fp32, 168 MB in
-# NF4 + double quantisation).
+# A training step holds, in bytes (fp32, AdamW):
 #
-# The loss curves show how fast each method learns per step: full fine-tuning and LoRA drop
-# fastest; adapters and prefix tuning start from an exact copy of the base model and need
-# more steps.
+# $$M = \underbrace{M_{frozen}}_{\text{4 B/weight; NF4+DQ: } \approx 4.127/8 \text{ B}}
+#     + \underbrace{4P}_{\text{trainable}} + \underbrace{4P}_{\text{gradients}}
+#     + \underbrace{8P + 4T}_{\text{AdamW } m, v, \text{step}} + M_{act}$$
+#
+# with $P$ trainable parameters in $T$ tensors. `pelib.measure.memory_ledger` counts each term
+# from the tensors of one real step (each storage once): the frozen weights and buffers (for
+# QLoRA the packed 4-bit bytes, scales and code tables of every `Linear4bit`), the gradients after
+# backward, `optimizer.state` after one AdamW step, and the activations autograd saves for
+# backward (a `saved_tensors_hooks` pack hook sees each one). With activation checkpointing a
+# layer keeps only its inputs and recomputes the rest in backward: $M_{act}$ shrinks.
 
 # %%
-fig, axes = plt.subplots(2, len(ours), figsize=(6.5 * len(ours), 8), squeeze=False)
-for j, ((model, data), methods) in enumerate(group(records).items()):
-    names, mbs = [], []
-    for (label, impl), runs in methods.items():
-        names.append(label + (" (peft)" if impl == "peft" else ""))
-        mbs.append(statistics.fmean(r["peak_memory_mb"] for r in runs))
-        losses = runs[0]["losses"]
-        k = max(1, len(losses) // 20)  # moving average
-        axes[1][j].plot([statistics.fmean(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))],
-                        label=names[-1], linestyle="-" if impl == "pelib" else "--")
-    axes[0][j].barh(names, mbs)
-    axes[0][j].tick_params(axis="y", labelsize=7)
-    axes[0][j].set(xlabel="peak memory (MB)", title=f"{model} / {data}")
-    axes[1][j].set(xlabel="optimizer step", ylabel="training loss (moving average)")
-    axes[1][j].legend(fontsize=6)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# tiny: rows a multiple of 64 (bitsandbytes' CPU dequantiser needs that, section 5)
+TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16)
+
+
+def backbone():
+    if FAST:
+        return pelib.tiny_backbone("smollm2", 77, **TINY)
+    return pelib.load_backbone("smollm2", num_labels=77)
+
+
+BUILD = {"head": lambda m: pelib.inject.train_heads_only(m),
+         "lora": lambda m: pelib.apply_lora(m, TARGETS, r=8, alpha=16),
+         "qlora": lambda m: pelib.apply_qlora(m, TARGETS, r=8, alpha=16),
+         "sora": lambda m: pelib.apply_sora(m, TARGETS, r=8, alpha=16)}
+model, tok = backbone()
+train_rows = pelib.load_nlu("banking77", "train", limit=r0["args"]["batch_size"], seed=0)
+ids = pelib.train.encode(tok, train_rows.texts, r0["args"]["max_length"])
+batch = dict(pelib.train.collate(ids, list(range(len(ids))), tok.pad_token_id),  # (B, T) each
+             labels=torch.tensor(train_rows.labels))
+del model
+ledgers, built = {}, {}
+for method in ["head", "lora", "qlora", "sora"]:
+    model = BUILD[method](backbone()[0])
+    ledgers[method] = memory_ledger(model, batch)
+    if method in ("lora", "qlora"):
+        ledgers[method + "+ckpt"] = memory_ledger(model, batch, checkpointing=True)
+        built[method] = model  # for the checks at the end
+    del model
+MiB = 2**20
+print(f"ledger of one step, batch {tuple(batch['input_ids'].shape)}, MiB{TOY}")
+print(f"{'':12s}" + "".join(f"{k[:14]:>16s}" for k in LEDGER_KINDS) + f"{'total':>10s}")
+for name, led in ledgers.items():
+    print(f"{name:12s}" + "".join(f"{led[k] / MiB:16.2f}" for k in LEDGER_KINDS)
+          + f"{sum(led.values()) / MiB:10.2f}")
+
+# %%
+fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw=dict(width_ratios=[3, 2]))
+left = [0.0] * len(ledgers)
+for k in LEDGER_KINDS:
+    vals = [led[k] / MiB for led in ledgers.values()]
+    a1.barh(list(ledgers), vals, left=left, label=k)
+    left = [a + b for a, b in zip(left, vals)]
+a1.set(xlabel="MiB (counted from tensors)", title=f"memory ledger of one step{TOY}")
+a1.legend(fontsize=7)
+rss = {v["method"]: v["rss_mb"] for v in rows.values()}
+a2.barh(list(rss), list(rss.values()), color="grey")
+a2.set(xlabel=f"MB ({r0['memory_kind']})", title=f"peak process memory of the runs{TOY}")
 plt.tight_layout()
 plt.show()
+frozen_ratio = ledgers["qlora"]["frozen weights"] / ledgers["lora"]["frozen weights"]
+print(f"QLoRA's frozen weights are {frozen_ratio:.2f} of LoRA's; the saved activations "
+      f"{ledgers['lora']['activations saved for backward'] / MiB:.1f} MiB become "
+      f"{ledgers['lora+ckpt']['activations saved for backward'] / MiB:.1f} MiB with checkpointing; "
+      f"peak RSS QLoRA / LoRA = {rss['qlora'] / rss['lora']:.2f}{TOY}")
 
 # %% [markdown]
-# ## 4. Against the original study
+# Why RSS can show QLoRA at or above LoRA on a CPU although the ledger puts its weights far
+# below: what pelib's QLoRA does besides holding 4-bit bytes (`pelib/quant/linear4bit.py`,
+# `pelib/quant/qlora.py`):
 #
-# The seed study (the 58.com TEG-AI Lab article on PEFT methods) reported, on its own data and
-# hardware:
+# * the model is loaded in fp32 and quantised afterwards, layer by layer (`Linear4bit.from_linear`),
+#   so the fp32 weights were resident once; glibc keeps much of the freed memory in its heap
+#   rather than returning it to the OS, and RSS counts what the process holds, not what tensors use;
+# * every forward and every backward dequantises $\tilde W$ again, into a scratch tensor reused
+#   per thread and dtype, as large as the largest weight seen (`workspace`), plus the decoded
+#   scales of that layer: transient memory the ledger does not list (nothing saves it);
+# * compute is fp32 here (`compute_dtype`, the default), so $\tilde W$ is an fp32 copy of one layer;
+#   the embedding and the head stay dense in both methods.
 #
-# | its claim | its numbers | what we measure (MiniLM, Banking77, full data, 3 epochs, 1 seed; `docs/benchmarks.md`) |
-# |---|---|---|
-# | LoRA is close to full fine-tuning | LoRA 86.44 F1 | full FT 0.8349, LoRA r=8 **0.8925** (peft 0.8908): LoRA *above* full FT here, whose lr 1e-4 for 3 epochs was not tuned |
-# | QLoRA costs little quality and saves memory | 39.1 GB vs 55.7 GB (0.70), slightly slower | F1 0.884 vs 0.891 (LoRA); SmolLM2 peak 3,164 vs 3,563 MB (0.89), 11% slower per step on a CPU |
-# | AdaLoRA below LoRA | 82.37 vs 86.44 | 3 epochs: AdaLoRA r 12 -> 8 **0.9047** (peft 0.9044) vs LoRA r=8 0.8925: *above* LoRA, as in the workshop run below |
-# | SoRA best | 86.52 vs 86.44 | Banking77: SoRA 0.8738 vs LoRA 0.8925 (7% fewer adapter parameters); CLINC150: 0.9514 vs 0.9619 (15% fewer): SoRA *below* LoRA; with the sparsity pressure off (xi = 0) the gated model gives 0.8940 |
-# | Unsloth's kernels speed up training | kernels on vs off table | not measured: no GPU was lent in these sessions (the kernels are tested in the Triton interpreter, notebook 09) |
+# The ledger counts what a training step must hold; RSS adds the allocator and the scratch.
+# On a GPU, `max_memory_allocated` is closer to the ledger (no heap retention of this kind).
 #
-# **The workshop run** (`make run`, 2026-11-28, tables in `docs/benchmarks.md`): one short
-# epoch on 5,000 examples, each method at the best of three learning rates on the Banking77
-# dev split (`python -m pelib compare --preset lr`). On Banking77: AdaLoRA 0.854 (peft 0.844),
-# full fine-tuning 0.638, LoRA r=8 0.630 (peft: the same predictions), SoRA 0.626, QLoRA 0.617
-# (peft + bitsandbytes 0.619), LoRA r=2 0.617, Houlsby 0.591, prefix 0.485. Over three seeds
-# AdaLoRA 0.837 ± 0.015 against LoRA 0.644 ± 0.027, SoRA 0.649 ± 0.035, QLoRA 0.622 ± 0.034.
-# What agrees with the study: QLoRA costs little quality; LoRA, QLoRA and SoRA sit together
-# (SoRA's edge in the seed is inside our noise). What does not: AdaLoRA is far *above* LoRA
-# here (the seed had it below), because at this budget it tolerates a 3x larger learning rate
-# at which LoRA r=8 collapsed; after 3 full epochs at equal lr the gap shrinks to 0.012. The lr
-# grid is coarse (factors of 3) and the choice was made on one seed. Prefix tuning collapsed on
-# CLINC150 (loss flat at ln 150): its lr was chosen on Banking77.
+# ## 4. Learning curves and SoRA's live ranks
 #
-# The claims above quote `docs/benchmarks.md`. The comparisons this notebook can make from the
-# records it just read are computed below (on toy records they mean nothing).
+# SoRA (notebook 08) gates each rank, $\Delta W = B\,\mathrm{diag}(g)\,A$, and after every
+# optimizer step applies the proximal step of $\xi\lVert g\rVert_1$:
+# $g \leftarrow \mathrm{sign}(g)\max(|g| - \eta\xi, 0)$. A rank is live while its gate is
+# non-zero; the hook records the live ranks after each step (`SoRA.live_history`).
 
 # %%
-for (model, data), methods in ours.items():
-    f1 = {label: v["f1"] for (label, impl), v in methods.items() if impl == "pelib"}
-    lora = "LoRA r=8"
-    if lora not in f1:
-        continue
-    for other in [k for k in f1 if k.startswith(("full", "QLoRA", "AdaLoRA", "SoRA"))]:
-        side = "above" if f1[other] > f1[lora] else "below" if f1[other] < f1[lora] else "equal to"
-        print(f"{model} / {data}: {other} {f1[other]:.4f} is {side} {lora} {f1[lora]:.4f}"
-              + ("  (TOY NUMBERS)" if TOY else ""))
+sora_run = by_method["sora"]
+live = sora_run.get("sora", {}).get("live_ranks_history")
+n_rows = 64 if FAST else 640  # a short in-notebook run (here and for section 5's adapter)
+data = pelib.load_nlu("banking77", "train", limit=n_rows, seed=0)
+if live is None:  # the run record keeps only the final live ranks: train a SoRA here to watch them
+    label_live = f"a {n_rows}-row SoRA run in this notebook{' (tiny model)' if FAST else ''}"
+    sora_model = BUILD["sora"](backbone()[0])
+    hook = pelib.SoRA(pelib.sora.SparsitySchedule.linear(0.05, 0.45, 3), gate_lr=1e-2)
+    cfg = pelib.train.TrainConfig(epochs=1, lr=2e-3, head_lr=1e-2, batch_size=16,
+                                  max_length=r0["args"]["max_length"], progress=False)
+    pelib.train.train(sora_model, tok, data, data, cfg, hooks=[hook])
+    live = hook.live_history
+    del sora_model
+else:
+    label_live = "the llm preset's SoRA run"
+fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4))
+for r in records:
+    losses = r["losses"]
+    k = max(1, len(losses) // 20)  # moving average over 5% of the run
+    a1.plot([statistics.fmean(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))],
+            label=r["label"])
+a1.set(xlabel="optimizer step", ylabel="training loss (moving average)", title=f"loss curves{TOY}")
+a1.legend(fontsize=7)
+a2.plot(range(1, len(live) + 1), live)
+a2.set(xlabel="optimizer step", ylabel="live ranks (all layers)", ylim=(0, None),
+       title=f"SoRA: live ranks, {label_live}{TOY}")
+plt.tight_layout()
+plt.show()
+final = sora_run["sora"]
+print(f"SoRA in the table's run: {final['live_ranks_total']} of {final['initial_ranks_total']} ranks "
+      f"live at the end, {final['params_after_pruning']:,} trainable parameters after pruning "
+      f"({final['params_before_pruning']:,} before){TOY}")
 
 # %% [markdown]
-# Where the shapes differ, the reasons are concrete. Memory: at 135M parameters with fp32
-# activations, the activations (1.2 GB for a batch of 8 x 128) dominate the peak, so storing
-# the weights in 4 bits saves 11% of the peak instead of 30%. Time: on a CPU the dequantisation
-# is extra work in every forward and backward, as on a GPU. Rankings between methods that
-# differ by less than about 0.01 F1 with one seed are not rankings: the `full` preset runs 3
-# seeds and reports the spread.
-
-# %% [markdown]
-# ## 5. Check against pelib
+# ## 5. The QLoRA adapter in peft's format, reloaded with peft + bitsandbytes
 #
-# `pelib.compare.summary` writes `results/summary.md` from the same records. Its F1 column
-# must be exactly the means we computed above, row by row; and `pelib.metrics` must agree with
-# a macro-F1 written out from its definition.
+# The run records keep metrics, not weights, so the adapter comes from a QLoRA trained here (the
+# same rows as the SoRA run above). `pelib.save_adapter` writes `adapter_config.json` and
+# `adapter_model.safetensors` with peft's keys. peft loads it onto the same base weights
+# quantised by bitsandbytes (`pelib.peers.quantized_4bit`: NF4, double quantisation, fp32
+# compute). Both quantise the same fp32 weights to the same bytes, so the logits should agree.
+#
+# bitsandbytes on a CPU: its dequantiser needs rows that are multiples of 64 (SmolLM2's 576 and
+# 1536 are; the tiny model above is built so), and in eval mode on a CPU with AVX-512-BF16 it
+# switches to a bf16 kernel (agreement then only to bf16 precision). SmolLM2 has no dropout, so
+# train mode computes the same function; we compare in both modes and say which is which.
 
 # %%
-import pelib  # noqa: E402
-from pelib.compare import summary  # noqa: E402
+from peft import PeftModel  # noqa: E402
 
+qlora_model = BUILD["qlora"](backbone()[0])
+cfg = pelib.train.TrainConfig(epochs=1, lr=2e-3, head_lr=1e-2, batch_size=16,
+                              max_length=r0["args"]["max_length"], progress=False)
+pelib.train.train(qlora_model, tok, data, data, cfg)
+adapter_dir = Path(tempfile.mkdtemp(prefix="pelib-nb10-adapter-")) / "qlora"
+pelib.save_adapter(qlora_model, adapter_dir)
+print("wrote", sorted(p.name for p in adapter_dir.iterdir()))
+peft_model = PeftModel.from_pretrained(pelib.peers.quantized_4bit(backbone()[0]), adapter_dir)
+assert not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in qlora_model.modules())
+
+test = pelib.load_nlu("banking77", "test", limit=64 if FAST else None, seed=0)
+test_ids = pelib.train.encode(tok, test.texts, r0["args"]["max_length"])
+
+
+@torch.no_grad()
+def logits_of(model, train_mode: bool, rows: int | None = None):  # (N, 77)
+    model.train(train_mode)
+    out = []
+    for i in range(0, len(test_ids[:rows]), 64):
+        idx = list(range(i, min(i + 64, len(test_ids[:rows]))))
+        out.append(model(**pelib.train.collate(test_ids, idx, tok.pad_token_id)).logits.float())
+    return torch.cat(out)
+
+
+agreement = {}
+for mode, rows_ in [("train mode (fp32 in both)", None), ("eval mode", 64)]:
+    train_mode = mode.startswith("train")
+    a, b = logits_of(qlora_model, train_mode, rows_), logits_of(peft_model, train_mode, rows_)
+    agreement[mode] = ((a.argmax(-1) == b.argmax(-1)).float().mean().item(), (a - b).abs().max().item())
+    print(f"{mode:26s} {len(a):5d} test rows: identical labels {agreement[mode][0]:.4f}, "
+          f"max |logit difference| {agreement[mode][1]:.2e}{TOY}")
+
+# %% [markdown]
+# ## 6. Against the seed study
+#
+# The 58.com TEG-AI Lab article reported, on its own data and hardware: LoRA close to full
+# fine-tuning (86.44 F1); QLoRA costing little quality while using 0.70 of LoRA's GPU memory
+# (39.1 vs 55.7 GB); SoRA slightly above LoRA (86.52 vs 86.44); AdaLoRA below LoRA (82.37). The
+# comparisons below are computed from the table of section 1 and the ledger of section 3 (this
+# notebook has no AdaLoRA row, so it says nothing about AdaLoRA). With one seed, differences of
+# about 0.01 F1 are inside the noise.
+
+# %%
+f1 = {v["method"]: v["f1"] for v in rows.values()}
+
+
+def versus(a, b):
+    d = f1[a] - f1[b]
+    return f"{a} {f1[a]:.4f} vs {b} {f1[b]:.4f}: {d:+.4f}" + (" (inside one-seed noise)" if abs(d) < 0.01 else "")
+
+
+for line in [versus("lora", "head"), versus("qlora", "lora"), versus("sora", "lora"),
+             f"memory: QLoRA's frozen weights {frozen_ratio:.2f} of LoRA's (ledger); the seed's "
+             f"whole-GPU ratio was 0.70; peak RSS here {rss['qlora'] / rss['lora']:.2f}",
+             f"SoRA ends with {final['live_ranks_total']} of {final['initial_ranks_total']} ranks live"]:
+    print(line + TOY)
+
+# %% [markdown]
+# ## 7. Check against pelib
+#
+# What this notebook built must equal what pelib computes: `pelib.compare.summary` (which writes
+# `results/summary_llm.md`) has the F1 we tabulated, row by row; the ledger of LoRA equals a hand
+# count from parameter shapes; QLoRA's frozen bytes equal `pelib.quant.qlora_nbytes`; the adapter
+# reloaded by peft + bitsandbytes predicts exactly what pelib's model predicts (train mode); and
+# `pelib.metrics` agrees with macro-F1 written out from its definition.
+
+# %%
 text = summary(records)
-for (model, data), methods in ours.items():
-    for (label, impl), v in methods.items():
-        line = next(l for l in text.splitlines() if l.startswith(f"| {label} | {impl} |")
-                    and l in text.split(f"## {model} on {data}")[1].split("## ")[0])
-        assert float(line.split("|")[7].split("±")[0]) == round(v["f1"], 4), line
+for label, v in rows.items():
+    line = next(l for l in text.splitlines() if l.startswith(f"| {label} | pelib |"))
+    assert float(line.split("|")[7].split("±")[0]) == round(v["f1"], 4), line
+
+lora = built["lora"]
+train_p = [p for p in lora.parameters() if p.requires_grad]
+n_train = sum(p.numel() for p in train_p)
+frozen = sum(p.numel() * p.element_size() for p in lora.parameters() if not p.requires_grad) + \
+    sum(b.numel() * b.element_size() for b in lora.buffers())
+assert ledgers["lora"] == {**ledgers["lora"], "frozen weights": frozen, "trainable (adapter + head)": 4 * n_train,
+                           "gradients": 4 * n_train, "optimizer state": 8 * n_train + 4 * len(train_p)}
+nb = pelib.quant.qlora_nbytes(built["qlora"])
+assert ledgers["qlora"]["frozen weights"] == nb["packed"] + nb["scales"] + nb["code_tables"] + nb["frozen_dense"]
+assert ledgers["lora+ckpt"]["activations saved for backward"] < ledgers["lora"]["activations saved for backward"]
+assert agreement["train mode (fp32 in both)"][0] == 1.0, agreement
 
 
 def macro_f1(y, p, n):  # the definition: per class F1, then the unweighted mean over classes seen
@@ -254,7 +388,7 @@ def macro_f1(y, p, n):  # the definition: per class F1, then the unweighted mean
 
 y, p = [0, 0, 1, 2, 2, 2, 3], [0, 1, 1, 2, 2, 0, 1]
 assert abs(pelib.metrics.classification_metrics(y, p)["f1"] - macro_f1(y, p, 4)) < 1e-12
-print("pelib's summary and metrics == this notebook's")
+print("pelib's summary, ledger, qlora_nbytes and metrics == this notebook's; the peft reload agrees")
 
 
 # %% [markdown]

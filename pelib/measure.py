@@ -1,5 +1,6 @@
-"""How pelib's benchmarks measure: one timer, one peak-memory helper, and the two rates that
-set the physical limit (copy bandwidth, matmul throughput). A leaf: torch (and psutil) only.
+"""How pelib measures: one timer, one peak-memory helper, the two rates that
+set the physical limit (copy bandwidth, matmul throughput), and the memory ledger of a training
+step counted from its tensors. A leaf: torch (and psutil) only.
 
 Timer. Runs being compared are timed in turns, not one after the other: on a shared machine
 the load drifts, and turns make every run see the same drift. Each run is warmed up first
@@ -18,6 +19,11 @@ freed memory, so RSS is a loose upper bound). `.base` is the figure on entry, so
 The limit (DESIGN.md: every benchmark prints ours, the peer's, and the limit) is
 max(bytes / bandwidth, FLOPs / matmul rate): `copy_bandwidth` and `matmul_rate` measure the
 two rates on this device, `count_flops` counts a function's FLOPs (torch's FlopCounterMode).
+
+Ledger. `memory_ledger(model, batch)` runs one real training step and counts, storage by
+storage, the bytes of frozen weights, trainable parameters, gradients, optimizer state and the
+activations autograd saves for backward (RSS and max_memory_allocated give one total; this says
+what it is made of). Unlike RSS it excludes the allocator's caches and transient buffers.
 """
 from __future__ import annotations
 
@@ -138,3 +144,146 @@ def count_flops(fn: Callable) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
+
+
+# -- the memory ledger: what training holds, by kind, counted from real tensors --------------
+LEDGER_KINDS = ("frozen weights", "trainable (adapter + head)", "gradients", "optimizer state",
+                "activations saved for backward")
+
+
+def _storage(t: torch.Tensor) -> tuple[int, int]:
+    """(address, bytes) of the whole storage under `t`: views and tied tensors share one."""
+    s = t.untyped_storage()
+    return s.data_ptr(), s.nbytes()
+
+
+def _tensors(obj):
+    """The tensors in a value, a tuple/list or a dict of them (one level: a checkpoint's args)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for x in obj:
+            yield from _tensors(x)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            yield from _tensors(x)
+
+
+def _adamw(params):
+    return torch.optim.AdamW(params, lr=1e-3)
+
+
+def memory_ledger(model: torch.nn.Module, batch: dict, optimizer_factory: Callable = _adamw,
+                  checkpointing: bool = False) -> dict[str, int]:
+    """Bytes a training step holds, by kind (LEDGER_KINDS), counted from the tensors themselves
+    during one real step: forward, backward, optimizer step. Each storage counts once.
+
+        frozen weights      non-trainable parameters and every buffer (for pelib's Linear4bit:
+                            the packed 4-bit bytes, the double-quantised scales, the code tables)
+        trainable           parameters with requires_grad (adapter and head)
+        gradients           their .grad after backward
+        optimizer state     every tensor in optimizer.state after one step (AdamW: exp_avg,
+                            exp_avg_sq and a 4-byte `step` per parameter tensor)
+        activations         what autograd saves for backward during the forward (a
+                            saved_tensors_hooks pack hook sees each one), minus the model's own
+                            weights; with checkpointing also the inputs each checkpointed layer
+                            keeps for its recomputation (the saves inside it are not kept)
+
+    `batch` is the model's keyword input (input_ids, attention_mask and, for a loss, labels;
+    without labels the sum of the logits is back-propagated). `checkpointing=True` measures
+    with transformers' non-reentrant activation checkpointing on. The model is left as found:
+    its weights, gradients, train/eval mode, checkpointing flags and torch's RNG state.
+    """
+    if not isinstance(batch, dict) or "input_ids" not in batch:
+        raise ValueError("batch must be a dict of the model's inputs with 'input_ids' (e.g. "
+                         "tokenizer(texts, return_tensors='pt', padding=True) as a dict)")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no trainable parameters, so training it holds no gradients "
+                         "or optimizer state: inject an adapter first (pelib.apply_lora, "
+                         "pelib.quant.apply_qlora, ...) or unfreeze the head "
+                         "(pelib.inject.train_heads_only)")
+    if checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(model).__name__} does not support transformers' gradient "
+                         "checkpointing; measure it with checkpointing=False")
+
+    def total(tensors) -> int:
+        return sum(dict(_storage(t) for t in tensors).values())
+
+    frozen = [p for p in model.parameters() if not p.requires_grad] + list(model.buffers())
+    weights = {_storage(t)[0] for t in frozen + trainable}  # saved weights are not activations
+    ledger = {LEDGER_KINDS[0]: total(frozen), LEDGER_KINDS[1]: total(trainable)}
+
+    # what this function changes, to put back afterwards
+    before = dict(training=model.training, rng=torch.get_rng_state(),
+                  data=[p.detach().clone() for p in trainable], grads=[p.grad for p in trainable],
+                  flags={m: (m.__dict__.get("gradient_checkpointing", None),
+                             m.__dict__.get("_gradient_checkpointing_func", None))
+                         for m in model.modules() if hasattr(m, "gradient_checkpointing")},
+                  # transformers' enable also hooks the input embeddings (enable_input_require_grads)
+                  hooks={k: model.__dict__[k] for k in ("_require_grads_hooks", "_require_grads_hook")
+                         if k in model.__dict__})
+    saved: dict[int, int] = {}
+
+    def keep(t: torch.Tensor) -> None:
+        ptr, nbytes = _storage(t)
+        if ptr not in weights:
+            saved[ptr] = nbytes
+
+    def pack(t):
+        keep(t)
+        return t
+
+    try:
+        if checkpointing:
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:  # transformers before 5
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            for m in before["flags"]:  # a checkpointed layer keeps its inputs until backward
+                fn = m.__dict__.get("_gradient_checkpointing_func")
+                if fn is not None and m.gradient_checkpointing:
+                    def recording(function, *args, _fn=fn, **kwargs):
+                        for t in _tensors([args, getattr(function, "keywords", {}), kwargs]):
+                            keep(t)
+                        return _fn(function, *args, **kwargs)
+                    m._gradient_checkpointing_func = recording
+        model.train()
+        for p in trainable:
+            p.grad = None
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(**batch)
+        loss = out.loss if getattr(out, "loss", None) is not None else out.logits.float().sum()
+        ledger[LEDGER_KINDS[4]] = sum(saved.values())
+        loss.backward()
+        del out, loss
+        ledger[LEDGER_KINDS[2]] = total(p.grad for p in trainable if p.grad is not None)
+        optimizer = optimizer_factory(trainable)
+        optimizer.step()
+        ledger[LEDGER_KINDS[3]] = total(t for state in optimizer.state.values()
+                                        for t in _tensors(state))
+        del optimizer
+        return {k: ledger[k] for k in LEDGER_KINDS}
+    finally:
+        with torch.no_grad():
+            for p, d, g in zip(trainable, before["data"], before["grads"]):
+                p.copy_(d)
+                p.grad = g
+        for m, (flag, fn) in before["flags"].items():
+            for name, value in (("gradient_checkpointing", flag), ("_gradient_checkpointing_func", fn)):
+                if value is None:
+                    m.__dict__.pop(name, None)  # back to the class attribute
+                else:
+                    setattr(m, name, value)
+        old = {id(h) for h in before["hooks"].get("_require_grads_hooks", [])}
+        for h in model.__dict__.get("_require_grads_hooks", None) or []:
+            if id(h) not in old:
+                h.remove()
+        for k in ("_require_grads_hooks", "_require_grads_hook"):
+            if k in before["hooks"]:
+                setattr(model, k, before["hooks"][k])
+            else:
+                model.__dict__.pop(k, None)
+        model.train(before["training"])
+        torch.set_rng_state(before["rng"])

@@ -169,12 +169,14 @@ class SoRA:
         self.prox = soft_threshold if variant == "exact" else official_threshold
         self.group = None
         self.history = []  # per step: (xi, threshold)
+        self.live_history = []  # per step: live ranks (non-zero gates) over all layers, after the prox
 
     def state_dict(self) -> dict:  # for checkpoints (the threshold itself follows from the step)
-        return dict(history=self.history)
+        return dict(history=self.history, live_history=self.live_history)
 
     def load_state_dict(self, state: dict) -> None:
         self.history = state["history"]
+        self.live_history = state.get("live_history", [])  # checkpoints written before it existed
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         gates = [m.gate for _, m in sora_layers(model)]
@@ -198,9 +200,12 @@ class SoRA:
     def step(self, model: nn.Module, step: int) -> None:
         xi = self.schedule(step)
         lam = xi * self.group["lr"] if self.lr_scaled else xi  # eta_t * xi (paper) or xi
+        live = 0
         for _, m in sora_layers(model):
             m.gate.copy_(self.prox(m.gate, lam))
+            live += int((m.gate != 0).sum())
         self.history.append((xi, lam))
+        self.live_history.append(live)
 
 
 def sora_layers(model: nn.Module) -> list[tuple[str, SoRALinear]]:

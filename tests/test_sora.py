@@ -176,6 +176,10 @@ def test_grad_accumulation_matches_big_batch():
     assert len(hooks[0].history) == len(hooks[1].history) == 3  # once per optimizer step
     gates = [torch.cat([v for n, v in o.items() if n.endswith("gate")]) for o in outs]
     assert (gates[0] == 0).any() and (gates[0] != 0).any()  # the prox did prune something
+    # live ranks per step (notebook 10 plots them; a zeroed gate can revive at the next step)
+    live = hooks[0].live_history
+    assert len(live) == 3 and live[-1] == int((gates[0] != 0).sum())
+    assert hooks[0].live_history == hooks[1].live_history
     assert torch.equal(gates[0] == 0, gates[1] == 0)
     for n in outs[0]:
         assert (outs[0][n] - outs[1][n]).abs().max() < 1e-6, n

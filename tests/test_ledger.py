@@ -1,0 +1,97 @@
+"""pelib.measure.memory_ledger: the bytes of one training step by kind, measured from real
+tensors, against hand counts from the parameter shapes (exact), and checkpointing's effect."""
+import math
+
+import pytest
+import torch
+from conftest import batch, tiny
+
+import pelib
+from pelib.measure import LEDGER_KINDS, memory_ledger
+from pelib.quant import Linear4bit, apply_qlora, qlora_nbytes, quantized_nbytes
+
+LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# A 2-layer Llama whose linears are a good part of the model (a small vocabulary) and whose rows
+# are multiples of the 4-bit blocksize (64): the QLoRA ledger is then about the linears.
+SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16)
+
+
+def llama(method="lora"):
+    model = tiny("smollm2", **SMALL)
+    if method == "qlora":
+        return apply_qlora(model, LLAMA, r=4, alpha=8)
+    return pelib.apply_lora(model, LLAMA, r=4, alpha=8)
+
+
+def step_batch(vocab=256):
+    return dict(batch(vocab), labels=torch.tensor([0, 3, 1]))
+
+
+def nbytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def hand_count(model):
+    """The ledger's first four rows from shapes: named_parameters / named_buffers list each
+    shared tensor once; AdamW keeps two fp32 moments per weight and a 4-byte step per tensor."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    frozen = [p for p in model.parameters() if not p.requires_grad] + [b for _, b in model.named_buffers()]
+    return {LEDGER_KINDS[0]: nbytes(frozen), LEDGER_KINDS[1]: nbytes(trainable),
+            LEDGER_KINDS[2]: nbytes(trainable),
+            LEDGER_KINDS[3]: 2 * nbytes(trainable) + 4 * len(trainable)}
+
+
+@pytest.mark.parametrize("name,targets", [("smollm2", LLAMA), ("minilm", ["query", "value"])])
+def test_weights_gradients_and_adamw_equal_the_hand_count(name, targets):
+    model = pelib.apply_lora(tiny(name, **(SMALL if name == "smollm2" else {})), targets, r=4, alpha=8)
+    ledger = memory_ledger(model, step_batch(256 if name == "smollm2" else 30522))
+    assert list(ledger) == list(LEDGER_KINDS)
+    expected = hand_count(model)
+    for kind, value in expected.items():
+        assert ledger[kind] == value, kind
+    assert ledger[LEDGER_KINDS[4]] > 0
+
+
+def test_checkpointing_saves_fewer_activations_and_the_model_is_left_as_found():
+    model = llama()
+    model.eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = memory_ledger(model, step_batch())
+    ckpt = memory_ledger(model, step_batch(), checkpointing=True)
+    kind = "activations saved for backward"
+    assert 0 < ckpt[kind] < plain[kind]
+    assert {k: v for k, v in ckpt.items() if k != kind} == {k: v for k, v in plain.items() if k != kind}
+    # as found: weights, no gradients, eval mode, checkpointing off
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert not model.training and not model.is_activation_checkpointing
+    assert memory_ledger(model, step_batch()) == plain  # and measuring again gives the same
+
+
+def test_qlora_frozen_bytes_are_the_4bit_count():
+    lora, qlora = llama("lora"), llama("qlora")
+    a, b = memory_ledger(lora, step_batch()), memory_ledger(qlora, step_batch())
+    layers = [m for m in qlora.modules() if isinstance(m, Linear4bit)]
+    quantised = sum(m.in_features * m.out_features for m in layers)
+    dense = a["frozen weights"] - 4 * quantised  # embeddings, norms, RoPE's buffers
+    # per linear: NF4 bytes + double-quantised scales (pelib.quant.quantized_nbytes) and its own
+    # copies of the two code tables (16 and 256 fp32 values)
+    four_bit = sum(quantized_nbytes(m.in_features * m.out_features, 64, True) + 4 * (16 + 256)
+                   for m in layers)
+    assert b["frozen weights"] == dense + four_bit
+    n = qlora_nbytes(qlora)
+    assert b["frozen weights"] == n["packed"] + n["scales"] + n["code_tables"] + n["frozen_dense"]
+    bits = 8 * (four_bit - 4 * (16 + 256) * len(layers)) / quantised
+    assert math.isclose(bits, 4 + 8 / 64 + 32 / (64 * 256), rel_tol=0.01)  # ~4.127 vs 32 bits
+    assert b["frozen weights"] < 0.5 * a["frozen weights"]
+    for kind in LEDGER_KINDS[1:4]:  # the same adapter and head
+        assert a[kind] == b[kind], kind
+
+
+def test_bad_input_is_refused_with_the_fix():
+    model = tiny("smollm2", **SMALL).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters.*apply_lora"):
+        memory_ledger(model, step_batch())
+    with pytest.raises(ValueError, match="input_ids"):
+        memory_ledger(llama(), [1, 2, 3])
