@@ -235,7 +235,8 @@ def _sora_report(model, hooks, args, steps) -> dict:
                live_gate_abs_mean=float(gates[gates > 0].mean()) if (gates > 0).any() else 0.0,
                initial_ranks_total=args.r * len(live),
                params_before_pruning=trainable_parameters(model),
-               params_after_pruning=trainable_parameters(prune(copy.deepcopy(model))))
+               params_after_pruning=trainable_parameters(prune(copy.deepcopy(model))),
+               live_ranks_history=getattr(hooks[0], "live_history", None))
     if args.save_adapter:
         export_lora(model, args.save_adapter)
         out["adapter"] = args.save_adapter
