@@ -392,20 +392,26 @@ print("pelib's AdaLoRA allocates exactly as the notebook's")
 #
 # Solutions: `notebooks/solutions/nb07.py`.
 #
-# **1 (easy).** The budget at step t, $b^{(t)}$ of section 4, for any schedule: write
-# `my_budget(t, init_bgt, target_bgt, tinit, tfinal, T)` without looking at `budget` above.
-# The checker compares it with `pelib.adalora.RankAllocator.budget_schedule` at every step.
+# **1 (easy).** Export a pruned layer as plain LoRA. Plain LoRA has no $\Lambda$: after training,
+# a layer with triplets $(P_{\cdot i}, \lambda_i, Q_{i\cdot})$ and a mask `keep` of the ones
+# the allocator kept must become a pair $B \in \mathbb{R}^{d_{out} \times k}$,
+# $A \in \mathbb{R}^{k \times d_{in}}$ of rank $k = $ `keep.sum()` with
+# $BA = s\, P_{\cdot,\text{keep}}\, \mathrm{diag}(\lambda_\text{keep})\, Q_{\text{keep},\cdot}$, the
+# layer's $\Delta W$ (scale $s = \alpha / r$). Write `fold(P, lam, Q, keep, scale)` returning
+# `(B, A)`. The checker compares $BA$ and the shapes with `SVDLinear.delta_weight()` of random
+# layers (what `pelib.adalora.to_lora` does per layer before `pelib.save_adapter` writes a
+# peft LoRA file with a rank per module).
 
 # %%
 from checks import attempt  # noqa: E402
 from checks.nb07 import exercise_1, exercise_2  # noqa: E402
 
 
-def my_budget(t, init_bgt, target_bgt, tinit, tfinal, T):
+def fold(P, lam, Q, keep, scale):  # P (out, r), lam (r,), Q (r, in), keep (r,) bool
     raise NotImplementedError
 
 
-attempt(exercise_1, my_budget)
+attempt(exercise_1, fold)
 
 # %% [markdown]
 # **2 (medium).** Importance by hand. The checker builds a toy with two SVD matrices and runs

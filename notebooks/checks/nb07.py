@@ -1,22 +1,31 @@
-"""Checkers for notebook 07 (AdaLoRA): the cubic budget, and importance scores by hand on a
-two-matrix toy, both against pelib.adalora.RankAllocator."""
+"""Checkers for notebook 07 (AdaLoRA): folding a pruned layer into plain LoRA (against
+SVDLinear.delta_weight), and importance scores by hand on a two-matrix toy (against
+pelib.adalora.RankAllocator)."""
 import torch
 from torch import nn
 
-from pelib.adalora import RankAllocator, apply_adalora
+from pelib.adalora import RankAllocator, SVDLinear, apply_adalora
 
 
-def exercise_1(my_budget):
-    cases = [(37, 12, 8, 85, 254, 846), (6, 4, 0, 0, 3, 20), (5, 10, 2, 7, 0, 31)]
-    for L, init_r, target_r, tinit, tfinal, T in cases:  # L matrices of rank init_r -> target_r
-        model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(L)])
-        apply_adalora(model, [str(i) for i in range(L)], init_r=init_r, alpha=1)
-        alloc = RankAllocator(model, target_r=target_r, tinit=tinit, tfinal=tfinal, total_step=T)
-        c = dict(init_bgt=L * init_r, target_bgt=L * target_r, tinit=tinit, tfinal=tfinal, T=T)
-        for t in range(1, T + 1):
-            got, ref = my_budget(t, **c), alloc.budget_schedule(t)[0]
-            assert int(got) == ref, f"{c}: step {t}: {got} != {ref}"
-    print("my_budget == RankAllocator.budget_schedule at every step of 3 schedules")
+def exercise_1(fold):
+    torch.manual_seed(3)
+    for d_out, d_in, r in [(6, 5, 4), (12, 20, 8), (7, 9, 6)]:
+        layer = SVDLinear(nn.Linear(d_in, d_out), r=r, alpha=2 * r)
+        keep = torch.rand(r) > 0.4
+        keep[0] = True
+        with torch.no_grad():
+            for p in (layer.lora_A, layer.lora_E, layer.lora_B):
+                p.normal_()
+            layer.lora_E[~keep] = 0.0  # a pruned triplet has λ = 0, as the allocator leaves it
+        P, lam, Q = layer.lora_B.detach(), layer.lora_E.detach().view(-1), layer.lora_A.detach()
+        B, A = fold(P.clone(), lam.clone(), Q.clone(), keep.clone(), 2 * r / r)
+        k = int(keep.sum())
+        assert tuple(B.shape) == (d_out, k) and tuple(A.shape) == (k, d_in), \
+            f"rank {k} of {r} kept: B must be ({d_out}, {k}) and A ({k}, {d_in}), got " \
+            f"{tuple(B.shape)} and {tuple(A.shape)}"
+        assert torch.allclose(B @ A, layer.delta_weight(), rtol=1e-4, atol=1e-5), \
+            f"B A differs from the layer's ΔW by {(B @ A - layer.delta_weight()).abs().max():.3g}"
+    print("fold: B A == SVDLinear.delta_weight() at rank k = kept triplets, for 3 random layers")
 
 
 class _Toy(nn.Module):

@@ -2,22 +2,12 @@
 import torch
 
 
-def my_budget(t, init_bgt, target_bgt, tinit, tfinal, T):
-    if t <= tinit:
-        return init_bgt
-    if t > T - tfinal:
-        return target_bgt
-    c = 1 - (t - tinit) / (T - tfinal - tinit)
-    return int((init_bgt - target_bgt) * c**3 + target_bgt)
+def fold(P, lam, Q, keep, scale):
+    return P[:, keep] * (lam[keep] * scale), Q[keep]  # (out, k), (k, in)
 
 
-def linear_budget(t, init_bgt, target_bgt, tinit, tfinal, T):  # linear, not cubic
-    if t <= tinit:
-        return init_bgt
-    if t > T - tfinal:
-        return target_bgt
-    c = 1 - (t - tinit) / (T - tfinal - tinit)
-    return int((init_bgt - target_bgt) * c + target_bgt)
+def fold_all(P, lam, Q, keep, scale):  # the right product, but the pruned triplets stay: rank r
+    return P * (lam * scale), Q
 
 
 def _update(state, params, new_ibar_in_u):
@@ -45,5 +35,5 @@ def scores(state, modules):
             for m in modules}
 
 
-SOLUTIONS = {1: my_budget, 2: (update, scores)}
-WRONG = {1: linear_budget, 2: (update_old_ibar, scores)}
+SOLUTIONS = {1: fold, 2: (update, scores)}
+WRONG = {1: fold_all, 2: (update_old_ibar, scores)}
