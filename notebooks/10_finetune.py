@@ -41,7 +41,7 @@
 # | `workshop` (`make run`) | MiniLM on all Banking77 rows, 1 epoch: the floor, full fine-tuning, LoRA, QLoRA, AdaLoRA, SoRA, and peft's LoRA |
 # | `seeds` | the `workshop` rows with seeds 0, 1, 2 |
 # | `lr` | each MiniLM method at 1/2, 1 and 2x its learning rate, F1 on the dev split |
-# | `full` | every method and its peft twin, Banking77 and CLINC150, 3 seeds |
+# | `full` | every method and its peft twin, Banking77 and CLINC150, 3 epochs, 3 seeds |
 # | `llm` | SmolLM2-135M on all Banking77 rows, 1 epoch, batch 16: head, LoRA, QLoRA, SoRA (this notebook) |
 #
 # Each run is its own process, checkpointed: the runner skips runs whose record already exists
