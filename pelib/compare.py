@@ -188,16 +188,16 @@ def summary(records) -> str:
         r0 = next(iter(rows.values()))[0]
         lines += [f"## {model} on {data}", "",
                   f"train rows {r0['train_rows']}, eval rows {r0['eval_rows']} ({r0['eval_split']}), "
-                  f"epochs {r0['args']['epochs']}, batch {r0['args']['batch_size']}, "
-                  f"max length {r0['args']['max_length']}", "",
-                  "| method | impl | seeds | accuracy | precision | recall | macro-F1 | trainable | "
-                  "% of model | peak MB | s/step | train s | dev F1 |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  f"batch {r0['args']['batch_size']}, max length {r0['args']['max_length']}", "",
+                  "| method | impl | seeds | epochs | accuracy | precision | recall | macro-F1 | "
+                  "trainable | % of model | peak MB | s/step | train s | dev F1 |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for (label, impl), rs in rows.items():
             m = lambda k: [r["metrics"][k] for r in rs]  # noqa: E731
             t = rs[0]
             lines.append(
-                f"| {label} | {impl} | {len(rs)} | {_fmt(m('accuracy'))} | {_fmt(m('precision'))} | "
+                f"| {label} | {impl} | {len(rs)} | {t['args']['epochs']:g} | {_fmt(m('accuracy'))} | "
+                f"{_fmt(m('precision'))} | "
                 f"{_fmt(m('recall'))} | {_fmt(m('f1'))} | {t['trainable_params']:,} | "
                 f"{100 * t['trainable_params'] / t['total_params']:.2f} | "
                 f"{statistics.fmean(r['peak_memory_mb'] for r in rs):,.0f} | "
@@ -248,6 +248,9 @@ def figures(records, out: Path, tag: str = "") -> list[Path]:
         ax.set(xscale="log" if wide else "linear", ylabel=f"macro-F1 ({split})",
                xlabel="trainable parameters" + (" (log axis)" if wide else ""),
                title=f"{model} / {data}")
+        f1s = [statistics.fmean(r["metrics"]["f1"] for r in rs) for rs in rows.values()]
+        mid, half = (max(f1s) + min(f1s)) / 2, max(0.02, (max(f1s) - min(f1s)) / 2 + 0.005)
+        ax.set_ylim(mid - half, mid + half)  # at least 0.04 tall: noise-sized gaps stay small
         ax.xaxis.set_major_formatter(FuncFormatter(plain))
         ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: ""))
         ax.legend(fontsize=7, loc="lower right")
