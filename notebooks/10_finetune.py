@@ -356,9 +356,11 @@ for line in [versus("lora", "head"), versus("qlora", "lora"), versus("sora", "lo
 
 # %%
 text = summary(records)
+header = next(l for l in text.splitlines() if l.startswith("| method |")).split("|")
 for label, v in rows.items():
     line = next(l for l in text.splitlines() if l.startswith(f"| {label} | pelib |"))
-    assert float(line.split("|")[7].split("±")[0]) == round(v["f1"], 4), line
+    cell = line.split("|")[header.index(" macro-F1 ")]  # the column by its name, not its place
+    assert float(cell.split("±")[0]) == round(v["f1"], 4), line
 
 lora = built["lora"]
 train_p = [p for p in lora.parameters() if p.requires_grad]
