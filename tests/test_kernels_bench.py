@@ -11,7 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.slow  # a subprocess: bench/gpu.sh
 def test_gpu_script_cpu_path_writes_results(tmp_path):
-    env = dict(os.environ, BENCH_FLAGS="", PYTHON=sys.executable)
+    env = dict(os.environ, BENCH_FLAGS="", PYTHON=sys.executable, FINETUNE_ROWS="64",
+               FINETUNE_FLAGS="--tiny --eval-limit 32 --max-length 32")
     r = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu.sh"), str(tmp_path)], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -28,3 +29,10 @@ def test_gpu_script_cpu_path_writes_results(tmp_path):
     assert data["rows"][0]["rel_diff"] == 0                  # NF4 dequant is bit-exact
     step = data["rows"][-1]                                  # QLoRA step, fp32 on the CPU: same loss
     assert step["rel_diff"] < 1e-5 and step["torch_ms"] > 0 and step["ours_ms"] is None
+    # the SmolLM2 QLoRA fine-tune, kernels on and off (toy size here; no kernels on a CPU)
+    runs = {k: json.loads((tmp_path / f"smollm2_qlora_kernels_{k}.json").read_text())
+            for k in ("on", "off")}
+    assert runs["off"]["args"]["no_kernels"] and not runs["on"]["args"]["no_kernels"]
+    for rec in runs.values():
+        assert rec["args"]["method"] == "qlora" and rec["train_rows"] == 64
+        assert rec["seconds_per_step"] > 0 and rec["kernels"] is False
