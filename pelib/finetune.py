@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import fcntl
 import json
+import os
 import re
 from dataclasses import asdict
 from pathlib import Path
@@ -227,14 +228,29 @@ def build(args, cfg):
 
 @contextlib.contextmanager
 def _only_process(out: Path, name: str):
-    """One process per run name and folder: a second would share (and fight over) its files."""
-    with open(out / f".{name}.lock", "w") as lock:
+    """One process per run name and folder: a second would share (and fight over) its files.
+    The lock file goes when the run ends; a process that locked a file another had just removed
+    sees that the path is no longer its file and locks the new one."""
+    path = out / f".{name}.lock"
+    while True:
+        lock = open(path, "w")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            lock.close()
             raise ValueError(f"another process is running {name} in {out}/ right now; wait for it "
                              "to finish, or pass another --name") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        lock.close()
+    try:
         yield
+    finally:
+        path.unlink(missing_ok=True)  # still holding the lock: no one else owns this path
+        lock.close()
 
 
 def finetune(args) -> dict:

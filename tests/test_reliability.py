@@ -139,6 +139,14 @@ def test_a_second_process_on_the_same_run_is_refused(tmp_path):
                   "run", "--no-progress"])
 
 
+def test_a_finished_run_leaves_no_lock_file(tmp_path):
+    from pelib.__main__ import main
+
+    main(["finetune", "--tiny", "--train-limit", "8", "--eval-limit", "8", "--out", str(tmp_path),
+          "--name", "run", "--no-progress"])
+    assert (tmp_path / "run.json").exists() and not list(tmp_path.glob(".*lock"))
+
+
 def test_negative_numbers_reach_the_range_checks(tmp_path):
     from pelib.__main__ import main
 
