@@ -14,8 +14,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.modeling_layers import GenericForSequenceClassification
 from transformers.modeling_outputs import SequenceClassifierOutput
-from transformers.models.bert.modeling_bert import BertModel, BertPreTrainedModel
+from transformers.models.bert.modeling_bert import (
+    BertForSequenceClassification,
+    BertModel,
+    BertPreTrainedModel,
+)
 
 POOLINGS = ("mean", "cls")
 
@@ -54,3 +59,37 @@ class MeanPoolBertClassifier(BertPreTrainedModel):
         if labels is not None:  # fp32 loss also under bf16 autocast
             loss = nn.functional.cross_entropy(logits.float(), labels)
         return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def split_head(model: nn.Module):
+    """(features, head) with model(input_ids, attention_mask).logits == head(features(...)),
+    for the classifiers pelib builds; None for any other model.
+
+    When only the head trains, the trunk maps each row to the same features in every epoch, so
+    the floor (`--method head`) computes them once and trains the head on them (pelib.train).
+        features(input_ids, attention_mask)    (B, H): the pooled state the head reads
+        head(features)                         (B, num_labels)
+    """
+    if isinstance(model, MeanPoolBertClassifier):
+        def features(input_ids, attention_mask):
+            hidden = model.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return mean_pool(hidden, attention_mask)
+        return features, lambda f: model.classifier(model.dropout(f))
+    if isinstance(model, BertForSequenceClassification):  # [CLS] + pooler
+        def features(input_ids, attention_mask):
+            return model.bert(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        return features, lambda f: model.classifier(model.dropout(f))
+    if isinstance(model, GenericForSequenceClassification):  # Llama: the last real token
+        def features(input_ids, attention_mask):
+            base = getattr(model, model.base_model_prefix)
+            hidden = base(input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+            pad = model.config.get_text_config().pad_token_id
+            if pad is None:
+                return hidden[:, -1]
+            # the rightmost token that is not padding, as transformers' forward picks it
+            positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
+            last = (positions * (input_ids != pad)).argmax(-1)
+            return hidden[torch.arange(len(hidden), device=hidden.device), last]
+        # score is linear per position: scoring the picked state equals picking the scored one
+        return features, model.score
+    return None

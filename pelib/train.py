@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .classifier import split_head
 from .distributed import ProcessGroup, process_group
 from .files import atomic_write
 from .inject import CLASSIFIER_HEADS, count_parameters
@@ -46,6 +47,9 @@ class TrainConfig:
     progress: bool = True
     checkpoint: str | None = None  # a file: saved during training, resumed from if it exists
     checkpoint_every: int = 50  # optimizer steps between checkpoints (and at every epoch end)
+    # Only the head trains and the trunk has no dropout: compute the trunk's features once per
+    # row instead of every epoch (same numbers; the floor's 3 epochs cost about one forward pass)
+    cache_features: bool = True
     # What else decides the run's numbers (the method's options, data subset...): a checkpoint
     # is resumed only under equal values. `pelib finetune` puts all its options here.
     run: dict = field(default_factory=dict)
@@ -230,6 +234,42 @@ def check_inputs(model: nn.Module, tokenizer, cfg: TrainConfig) -> None:
                          f"tokenizer's {specials} special tokens; use max_length >= {specials + 1}")
 
 
+def frozen_trunk(model: nn.Module, cfg: TrainConfig, hooks, group: ProcessGroup):
+    """(features, head) when the run trains the head alone on fixed features, else None:
+    one process, no hooks, every trainable parameter in the head, no live dropout in the trunk."""
+    parts = split_head(model) if cfg.cache_features and group.world == 1 and not hooks else None
+    if parts is None:
+        return None
+    def in_head(name):  # the head and its own dropout are top-level modules of the classifier
+        return name.split(".")[0] in (*CLASSIFIER_HEADS, "dropout")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    live_dropout = [n for n, m in model.named_modules()
+                    if isinstance(m, nn.Dropout) and m.p > 0 and not in_head(n)]
+    if not trainable or live_dropout or not all(map(in_head, trainable)):
+        return None
+    return parts
+
+
+@torch.no_grad()
+def trunk_features(features, model, ids, pad_id, batch_size, bf16) -> torch.Tensor:
+    """(N, H): the trunk's pooled features of every row, in eval mode, length-sorted batches."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out = None
+    for k in range(0, len(order), batch_size):
+        index = order[k:k + batch_size]
+        batch = {n: t.to(device) for n, t in collate(ids, index, pad_id).items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            f = features(**batch).float()
+        if out is None:
+            out = torch.empty(len(ids), f.shape[-1], device=device)
+        out[index] = f
+    model.train(was_training)
+    return out
+
+
 def train(model: nn.Module, tokenizer, train_data, eval_data, cfg: TrainConfig,
           hooks=(), dev_data=None) -> TrainResult:
     """Fine-tune the trainable parameters of `model` on train_data; evaluate on eval_data.
@@ -276,6 +316,10 @@ def train(model: nn.Module, tokenizer, train_data, eval_data, cfg: TrainConfig,
         group.barrier()
 
     with PeakMemory(device) as mem:
+        trunk = frozen_trunk(model, cfg, hooks, group)
+        if trunk is not None:  # counted as training time: it replaces the trunk's forwards
+            feats = trunk_features(trunk[0], model, ids, tokenizer.pad_token_id,
+                                   cfg.eval_batch_size, cfg.bf16)
         while loop["step"] < total:
             if loop["rng"] is None:  # a new epoch (else: resuming inside the saved one)
                 if loop["rng_after"] is not None:  # where the last epoch's shuffles left it
@@ -291,10 +335,16 @@ def train(model: nn.Module, tokenizer, train_data, eval_data, cfg: TrainConfig,
                     # this process's rows; the scale makes DDP's average the global mean
                     shard = group.shard(index) or index[:1]
                     weight = len(group.shard(index)) * group.world / len(index)
-                    batch = {n: t.to(device) for n, t in
-                             collate(ids, shard, tokenizer.pad_token_id).items()}
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                        loss = runner(**batch, labels=labels[shard].to(device)).loss
+                    y = labels[shard].to(device)
+                    if trunk is not None:  # the head alone, on the cached features
+                        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                            logits = trunk[1](feats[torch.tensor(shard, device=device)])
+                        loss = nn.functional.cross_entropy(logits.float(), y)
+                    else:
+                        batch = {n: t.to(device) for n, t in
+                                 collate(ids, shard, tokenizer.pad_token_id).items()}
+                        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                            loss = runner(**batch, labels=y).loss
                     if weight != 1:
                         loss = loss * weight
                     for h in hooks:

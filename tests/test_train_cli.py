@@ -205,3 +205,64 @@ def test_head_floor_freezes_the_backbone_and_its_dropout():
     assert drop.pop("dropout") == 0.1 and drop and set(drop.values()) == {0.0}
     assert {n for n, p in model.named_parameters() if p.requires_grad} == \
         {"classifier.weight", "classifier.bias"} and hooks == []
+
+
+@pytest.mark.parametrize("name,pooling", [("minilm", "mean"), ("minilm", "cls"), ("smollm2", None)])
+def test_split_head_equals_the_model(name, pooling):
+    """head(features(x)) is the model's own logits, padded rows included (transformers' forward
+    is the reference: mean pooling, [CLS] + pooler, Llama's last real token)."""
+    from pelib.classifier import split_head
+
+    model, tok = pelib.tiny_backbone(name, 7, pooling=pooling)
+    model.eval()
+    enc = tok(["my card was declined", "hi", "where is the money I sent yesterday?"],
+              padding=True, return_tensors="pt")
+    assert (enc["attention_mask"] == 0).any()  # some rows are padded
+    features, head = split_head(model)
+    with torch.no_grad():
+        ours = head(features(enc["input_ids"], enc["attention_mask"]))
+        assert torch.allclose(ours, model(**enc).logits, atol=1e-6)
+    assert split_head(torch.nn.Linear(2, 2)) is None
+
+
+@pytest.mark.parametrize("name", ["minilm", "smollm2"])
+def test_head_floor_on_cached_features_equals_the_full_loop(name):
+    """The floor computes its frozen trunk once; training the head on those features gives the
+    numbers of running the whole model every step (same batches, same head dropout draws)."""
+    from pelib.distributed import ProcessGroup
+    from pelib.finetune import parse
+    from pelib.methods import METHODS, Run
+    from pelib.train import frozen_trunk
+
+    data = pelib.load_nlu("banking77", "train", limit=48)
+    runs = {}
+    for cache in (True, False):
+        model, tok = pelib.tiny_backbone(name, 77)
+        model, _ = METHODS["head"].build["pelib"](model, parse(["--method", "head"]), Run([], 10))
+        if name == "minilm":
+            model.dropout.p = 0.3  # the head's own dropout stays live: its draws must match
+        cfg = TrainConfig(epochs=2, lr=3e-2, batch_size=8, progress=False, cache_features=cache)
+        assert (frozen_trunk(model, cfg, [], ProcessGroup()) is None) != cache
+        res = train(model, tok, data, data, cfg)
+        runs[cache] = (res, torch.cat([p.flatten() for p in model.parameters() if p.requires_grad]))
+    (a, wa), (b, wb) = runs[True], runs[False]
+    assert (wa - wb).abs().max() < 1e-5 and a.losses == pytest.approx(b.losses, abs=1e-5)
+    assert a.metrics == b.metrics
+
+
+def test_no_feature_cache_when_the_trunk_trains_or_drops_out():
+    from pelib.distributed import ProcessGroup
+    from pelib.inject import train_heads_only
+    from pelib.train import frozen_trunk
+
+    cfg, group = TrainConfig(), ProcessGroup()
+    lora = pelib.apply_lora(pelib.tiny_backbone("minilm", 7, with_tokenizer=False)[0], ["query"], r=2)
+    assert frozen_trunk(lora, cfg, [], group) is None  # the LoRA factors train
+    head = train_heads_only(pelib.tiny_backbone("minilm", 7, with_tokenizer=False,
+                                                      hidden_dropout_prob=0.1)[0])
+    assert frozen_trunk(head, cfg, [], group) is None  # the trunk's dropout changes its features
+    for m in head.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    assert frozen_trunk(head, cfg, [], group) is not None
+    assert frozen_trunk(head, cfg, [object()], group) is None  # a hook may read the trunk
