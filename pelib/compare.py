@@ -6,6 +6,7 @@
     python -m pelib compare --preset llm          # SmolLM2: head, LoRA, QLoRA, SoRA, one epoch (hours)
     python -m pelib compare --preset lr           # each method's lr at 1/2, 1, 2x: dev F1
     python -m pelib compare --preset smoke        # toy models, seconds (runs inside `make test`)
+    python -m pelib compare --preset full --finished   # run nothing: tables of the runs done
 
 Each run is one `python -m pelib finetune ... --resume` in its own process, so its peak memory
 is its own and an interrupted comparison picks up where it stopped: finished runs (their
@@ -130,8 +131,9 @@ def _read_record(path: Path) -> dict:
         raise SystemExit(f"pelib: {path} is not valid JSON ({e}); delete it and run again") from None
 
 
-def run_all(runs, out: Path, progress: bool = True) -> list[dict]:
-    """Run (or skip, when already done) every run in its own process; return their records."""
+def run_all(runs, out: Path, progress: bool = True, finished_only: bool = False) -> list[dict]:
+    """Run (or skip, when already done) every run in its own process; return their records.
+    `finished_only`: run nothing, return the records of the runs already done."""
     from tqdm import tqdm
 
     records = []
@@ -147,6 +149,8 @@ def run_all(runs, out: Path, progress: bool = True) -> list[dict]:
         bar.set_postfix_str(name)
         path = out / f"{name}.json"
         if not (path.exists() and same_run(_read_args(path), options(args))):
+            if finished_only:
+                continue
             cmd = [sys.executable, "-m", "pelib", "finetune", *argv, "--resume", "--overwrite"]
             if not progress:
                 cmd.append("--no-progress")
@@ -287,6 +291,9 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="results")
     ap.add_argument("--only", nargs="+", default=None,
                     help="run only the methods whose label contains one of these words")
+    ap.add_argument("--finished", action="store_true",
+                    help="run nothing: summarise the runs of the preset already in --out (a "
+                         "long preset, part done)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
@@ -300,7 +307,12 @@ def main(argv=None) -> None:
                 if any(w.lower() in label.lower() for w in args.only)]
         if not runs:
             raise SystemExit(f"pelib: --only {args.only} matches no run of preset {args.preset}")
-    records = run_all(runs, out, progress=not args.no_progress)
+    records = run_all(runs, out, progress=not args.no_progress, finished_only=args.finished)
+    if args.finished:
+        if not records:
+            raise SystemExit(f"pelib: no run of preset {args.preset} has finished in {out}; "
+                             "run it without --finished")
+        print(f"{len(records)} of the {len(runs)} runs have finished; the tables cover those only")
     text = summary(records)
     tag = "" if args.preset == "workshop" else f"_{args.preset}"  # presets share the run files
     atomic_write(out / f"summary{tag}.md", lambda tmp: Path(tmp).write_text(text))

@@ -24,6 +24,14 @@ def test_smoke_subset_runs_summarises_and_skips_finished_runs(tmp_path, capsys):
     stamp = run.stat().st_mtime_ns
     main(argv)  # everything is done: nothing runs again
     assert run.stat().st_mtime_ns == stamp
+    # --finished summarises what is done and runs nothing, even where more runs match --only
+    before = sorted(tmp_path.glob("*.json"))
+    main(argv[:-1] + ["SoRA", "--finished", "--no-progress"])
+    assert sorted(tmp_path.glob("*.json")) == before
+    assert "2 of the 4 runs have finished" in capsys.readouterr().out
+    assert "SoRA" not in (tmp_path / "summary_smoke.md").read_text()
+    with pytest.raises(SystemExit, match="no run of preset smoke has finished"):
+        main(["--preset", "smoke", "--out", str(tmp_path / "empty"), "--finished"])
     rec = json.loads(run.read_text())
     rec["args"]["epochs"] = 7.0  # a result left by other settings is not reused
     run.write_text(json.dumps(rec))
