@@ -241,6 +241,42 @@ print(f"MLP evaluations in one forward pass of {n_layers} layers: {len(mlp_calls
 assert len(mlp_calls) == 1
 
 # %% [markdown]
+# **Where training starts.** LoRA's $B = 0$ and an adapter's near-zero up-projection begin
+# training at the pretrained function: at step 0 the head sees the same sentence embedding as
+# the frozen-backbone floor (notebook 00). A fresh prefix does not: in every layer each query
+# now sends a share $\lambda(q)$ of its attention to $L_p$ random keys. How far does that move
+# the mean-pooled embedding the head reads? On training queries, cosine between the embedding
+# without and with the fresh prefix of section 3:
+
+# %%
+def pooled(model, texts):
+    """The classification head's input (the mean-pooled sentence embedding), (N, d)."""
+    seen = []
+    hook = model.classifier.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    with torch.no_grad():
+        model.eval()(**tokenizer(texts, padding=True, truncation=True, max_length=64,
+                                 return_tensors="pt"))
+    hook.remove()
+    return seen[0]
+
+
+sample = pelib.load_nlu("banking77", "train", limit=64).texts                # 64 queries: cheap
+frozen = pooled(minilm, sample)                                     # (N, d)
+cos = nn.functional.cosine_similarity(frozen, pooled(model, sample), dim=-1)  # (N,)
+unit = nn.functional.normalize(frozen, dim=-1)
+pairs = (unit @ unit.T)[~torch.eye(len(sample), dtype=torch.bool)]  # two different queries
+print(f"cosine(frozen embedding, embedding with a fresh prefix) over {len(sample)} queries: "
+      f"mean {cos.mean():.3f}, min {cos.min():.3f}")
+print(f"for scale, cosine between two different queries' frozen embeddings: mean {pairs.mean():.3f}")
+assert cos.mean() < 0.999  # the prefix moves every embedding before any training
+
+# %% [markdown]
+# Close to the frozen embedding (0.978 on average, where two different queries sit at 0.22),
+# but not on it, while LoRA and the adapters start exactly there. A small push at step 0
+# is not where prefix tuning loses, then; the full-size runs at the end of the next section show
+# where it does: in how slowly it learns.
+
+# %% [markdown]
 # ## 4. Training on Banking77: with and without the MLP
 # With `pelib.train.train`, the loop notebook 01 wrote and checked (AdamW, 6% warmup then
 # linear decay, length-grouped batches). Which learning rate? P-tuning v2 and peft's examples
