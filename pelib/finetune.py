@@ -52,6 +52,8 @@ def add_arguments(f: argparse.ArgumentParser) -> None:
     f.add_argument("--pooling", default=None, choices=["mean", "cls", "last"],
                    help="how the classifier pools token states: minilm mean (default) or cls, "
                         "smollm2 last")
+    f.add_argument("--max-grad-norm", type=float, default=None,
+                   help="clip the gradient norm before each step (default: no clipping)")
     f.add_argument("--batch-size", type=int, default=32)
     f.add_argument("--grad-accum", type=int, default=1)
     f.add_argument("--max-length", type=int, default=64)
@@ -288,6 +290,7 @@ def _finetune(args, out: Path, name: str) -> dict:
                       max_length=args.max_length, bf16=uses_bf16(args), seed=args.seed,
                       progress=not args.no_progress, checkpoint=ckpt and str(ckpt),
                       checkpoint_every=args.checkpoint_every,
+                      max_grad_norm=args.max_grad_norm,
                       run={k: v for k, v in options(args).items() if k not in NOT_NUMBERS})
     model, tokenizer, data, hooks = build(args, cfg)
     evaluation = load_nlu(args.data, args.eval_split, limit=args.eval_limit, seed=args.seed)

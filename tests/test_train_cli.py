@@ -57,6 +57,36 @@ def test_loop_learns_and_calls_hooks():
     assert set(res.metrics) == {"accuracy", "precision", "recall", "f1"}
 
 
+class GradNorms:
+    """A hook: the global norm of the gradients the optimizer stepped with."""
+    def __init__(self):
+        self.norms = []
+
+    def step(self, model, step):
+        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+        self.norms.append(float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(g) for g in grads]))))
+
+
+def test_max_grad_norm_clips_every_step():
+    data = pelib.load_nlu("banking77", "train", limit=32)
+    norms = {}
+    for clip in (None, 0.05):
+        model, tok = pelib.tiny_backbone("minilm", 77)
+        pelib.apply_lora(model, ["query", "value"], r=4, alpha=8)
+        hook = GradNorms()
+        train(model, tok, data, data, TrainConfig(epochs=2, lr=5e-3, batch_size=8, progress=False,
+                                                  max_grad_norm=clip), hooks=[hook])
+        norms[clip] = hook.norms
+    assert max(norms[None]) > 0.1  # unclipped, the norm exceeds the clip below
+    assert max(norms[0.05]) <= 0.05 * (1 + 1e-5) and len(norms[0.05]) == 8
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        TrainConfig(max_grad_norm=0)
+    from pelib.finetune import parse
+
+    assert parse(["--max-grad-norm", "1"]).max_grad_norm == 1.0 and parse([]).max_grad_norm is None
+
+
 def test_grad_accumulation_matches_big_batch():
     """Equal-length texts: 1 x 8 and 2 x 4 (accumulated) give the same update."""
     data = pelib.load_nlu("banking77", "train", limit=8)
