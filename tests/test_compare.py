@@ -66,6 +66,7 @@ def test_presets_cover_every_method_and_the_peer():
     assert {m for m, peer in methods(full) if peer} == {"lora", "qlora", "adalora"}
     assert {a[a.index("--seed") + 1] for _, a in full} == {"0", "1", "2"}
     assert {a[a.index("--data") + 1] for _, a in full} == {"banking77", "clinc150"}
+    assert all("--max-grad-norm" in a for _, a in full if a[a.index("--method") + 1] == "prefix")
     seeds = preset("seeds")  # its seed-0 runs are the workshop's (same arguments: reused)
     assert [a for _, a in seeds if a[a.index("--seed") + 1] == "0"] == [a for _, a in runs]
     llm = preset("llm")
