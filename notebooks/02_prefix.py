@@ -274,7 +274,7 @@ assert cos.mean() < 0.999  # the prefix moves every embedding before any trainin
 # Close to the frozen embedding (0.978 on average, where two different queries sit at 0.22),
 # but not on it, while LoRA and the adapters start exactly there. A small push at step 0
 # is not where prefix tuning loses, then; the full-size runs at the end of the next section show
-# where it does: in how slowly it learns.
+# where it does: in training, at the peak of the learning rate.
 
 # %% [markdown]
 # ## 4. Training on Banking77: with and without the MLP
@@ -315,8 +315,22 @@ plt.show()
 
 # %% [markdown]
 # In CI this is a handful of steps and says little; for the full budget use the command line
-# (`python -m pelib finetune --method prefix --prefix-length 16 --lr 3e-3`). After training,
-# folding makes the two the same kind of object: a (6, 2, 12, 16, 32) tensor for MiniLM.
+# (`python -m pelib finetune --method prefix --prefix-length 16 --lr 3e-3 --max-grad-norm 1`).
+#
+# **At full size** (all 9,003 rows, 3 epochs, seed 0, docs/benchmarks.md): without gradient
+# clipping the loss fell to about 0.5 by step 150, jumped back to 3.0 around steps 200-250, near
+# the peak learning rate, and the run ended at test macro-F1 **0.898, below the frozen-backbone
+# floor** (0.920): dev F1 0.21 / 0.75 / 0.90 after each epoch. Clipping the gradient norm at 1
+# (`--max-grad-norm 1`, what transformers' Trainer does by default) removed the spike: dev 0.88 /
+# 0.92 / 0.93, **test 0.926**, above the floor but under the fitted linear probe (0.929) and LoRA
+# (0.933). On the dev split the clipped run is level with the floor, and six unclipped epochs did
+# no better (dev 0.933): on a 22M-parameter encoder, no prefix setting we tried beat the probe.
+# Lester et al. (2021) found prompt tuning needs very large models to match fine-tuning; P-tuning
+# v2 (Liu et al., 2022) closed much of that gap with prompts in every layer, as here, on models
+# from about 300M parameters, with per-task learning rates and long training.
+#
+# After training, folding makes the two the same kind of object: a (6, 2, 12, 16, 32) tensor for
+# MiniLM.
 
 # %%
 trained = runs["MLP reparametrisation"][0]
