@@ -274,7 +274,8 @@ print(f"accuracy with the gates: {acc_gated:.3f} ({len(test.texts)} test rows)")
 # **At full size** (`python -m pelib finetune --method sora --r 8 --epochs 3`: every Banking77
 # train row, 846 steps, the test split; docs/benchmarks.md has the table), over three seeds
 # SoRA kept 245 of 288 ranks on average (300,493 parameters after pruning, LoRA r=8 has 361,421)
-# and scored macro-F1 0.9314 ± 0.0018 against LoRA r=8's 0.9329 ± 0.0015 at the same steps: level
+# and scored macro-F1 0.9314 ± 0.0018 against LoRA r=8's 0.9329 ± 0.0015 at the same steps (the
+# frozen-backbone floor, only the head trained: 0.9198 ± 0.0030): level
 # within one seed-sd, with 17% fewer parameters, but not ahead. The gates closed mostly in the
 # feed-forward output projection (`output.dense`: 21-30 of 48 ranks live) and never in its input
 # projection (`intermediate.dense`: 48 of 48 in every seed).
