@@ -13,6 +13,7 @@ One module per technique (see the notebooks for the derivations):
     backbone the packaged pretrained models (MiniLM, SmolLM2), offline
     data     Banking77 / CLINC150 from data/
     train    one method-agnostic training loop; metrics: P/R/F1
+    probe    the linear probe fitted to convergence, and LP-FT's head initialisation
     quant    NF4/FP4 code maps, blockwise (double) quantisation, Linear4bit,
              QLoRA (apply_qlora, merge_qlora)
     kernels  Triton kernels with pure-torch references
@@ -28,7 +29,7 @@ _os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 __version__ = "0.1.0"
 
 
-from . import metrics, quant, train  # noqa: E402  (pelib.train.train, pelib.quant.quantize_4bit)
+from . import metrics, probe, quant, train  # noqa: E402  (pelib.train.train, pelib.quant.quantize_4bit)
 from .adalora import RankAllocator, apply_adalora  # noqa: E402
 from .adapter import apply_adapters  # noqa: E402
 from .backbone import load_backbone, tiny_backbone  # noqa: E402

@@ -49,6 +49,9 @@ def add_arguments(f: argparse.ArgumentParser) -> None:
     f.add_argument("--head-lr", type=float, default=None,
                    help=f"the classification head's own lr (default {HEAD_LR:g}; with --method "
                         "head, --lr is the head's lr)")
+    f.add_argument("--head-init", default="random", choices=["random", "probe"],
+                   help="probe: fit the head as a linear probe on the frozen features before "
+                        "fine-tuning (LP-FT, pelib.probe)")
     f.add_argument("--pooling", default=None, choices=["mean", "cls", "last"],
                    help="how the classifier pools token states: minilm mean (default) or cls, "
                         "smollm2 last")
@@ -61,9 +64,9 @@ def add_arguments(f: argparse.ArgumentParser) -> None:
     f.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: a CUDA GPU when there is one, else the CPU")
     f.add_argument("--bf16", action="store_true",
-                   help="bf16 autocast on the CPU (a real speed-up on CPUs with AVX-512 BF16); "
-                        "on a GPU it is the default")
-    f.add_argument("--fp32", action="store_true", help="no bf16 autocast, also on a GPU")
+                   help="bf16 autocast also on a CPU without bf16 hardware (slower there); it is "
+                        "the default on a GPU and on CPUs with AVX-512 BF16 or AMX")
+    f.add_argument("--fp32", action="store_true", help="no bf16 autocast, on any device")
     f.add_argument("--no-kernels", action="store_true",
                    help="on a GPU, do not swap pelib's Triton kernels into SmolLM2 (pelib.patch)")
     f.add_argument("--train-limit", type=int, default=None, help="train on a seeded subset")
@@ -191,9 +194,20 @@ def device_of(args) -> str:
                                                torch.cuda.is_available()) else "cpu"
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Does this CPU multiply bf16 in hardware (AVX-512 BF16 or AMX)? On AVX2 alone bf16
+    matmuls are converted to fp32 and run slower than fp32 (docs/benchmarks.md)."""
+    import torch
+
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private: may vanish
+    return any(getattr(torch.cpu, f, lambda: False)() for f in probes)
+
+
 def uses_bf16(args) -> bool:
-    """bf16 autocast: asked for with --bf16, or on a GPU unless --fp32."""
-    return not args.fp32 and (args.bf16 or device_of(args) == "cuda")
+    """bf16 autocast unless --fp32: on a GPU, and on a CPU with bf16 hardware or with --bf16."""
+    if args.fp32:
+        return False
+    return args.bf16 or device_of(args) == "cuda" or cpu_has_fast_bf16()
 
 
 def uses_kernels(args) -> bool:
@@ -290,7 +304,7 @@ def _finetune(args, out: Path, name: str) -> dict:
                       max_length=args.max_length, bf16=uses_bf16(args), seed=args.seed,
                       progress=not args.no_progress, checkpoint=ckpt and str(ckpt),
                       checkpoint_every=args.checkpoint_every,
-                      max_grad_norm=args.max_grad_norm,
+                      max_grad_norm=args.max_grad_norm, head_init=args.head_init,
                       run={k: v for k, v in options(args).items() if k not in NOT_NUMBERS})
     model, tokenizer, data, hooks = build(args, cfg)
     evaluation = load_nlu(args.data, args.eval_split, limit=args.eval_limit, seed=args.seed)

@@ -27,6 +27,9 @@ from .files import atomic_write
 from .inject import CLASSIFIER_HEADS, count_parameters
 from .measure import PeakMemory
 from .metrics import classification_metrics
+from .probe import fit_probe
+
+HEAD_INITS = ("random", "probe")
 
 
 @dataclass
@@ -53,6 +56,9 @@ class TrainConfig:
     # Clip the global gradient norm before each step (transformers' Trainer clips at 1.0). Off by
     # default: the tables were measured without it. Prefix tuning's loss spiked without it.
     max_grad_norm: float | None = None
+    # "probe": before the first step, fit the head as a linear probe on the frozen features
+    # (LP-FT, pelib.probe), so the backbone starts from a head that already reads it well.
+    head_init: str = "random"
     # What else decides the run's numbers (the method's options, data subset...): a checkpoint
     # is resumed only under equal values. `pelib finetune` puts all its options here.
     run: dict = field(default_factory=dict)
@@ -61,6 +67,8 @@ class TrainConfig:
         for k in ("batch_size", "grad_accum", "max_length", "eval_batch_size"):
             if int(getattr(self, k)) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"head_init must be one of {HEAD_INITS}, got {self.head_init!r}")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         for k in ("epochs", "lr", "head_lr", "max_grad_norm"):
@@ -179,7 +187,7 @@ def total_steps(n_examples: int, cfg: TrainConfig) -> int:
 
 # What decides the numbers of a run: a checkpoint is only resumed under the same values.
 _RUN_KEYS = ("epochs", "lr", "head_lr", "batch_size", "grad_accum", "max_length", "warmup_ratio",
-             "weight_decay", "bf16", "seed", "run")
+             "weight_decay", "bf16", "seed", "head_init", "run")
 
 
 def save_checkpoint(path, model, optimizer, scheduler, hooks, loop: dict, cfg: TrainConfig) -> None:
@@ -273,6 +281,27 @@ def trunk_features(features, model, ids, pad_id, batch_size, bf16) -> torch.Tens
     return out
 
 
+def probe_head(model: nn.Module, ids, labels: torch.Tensor, pad_id: int, cfg: TrainConfig) -> None:
+    """LP-FT's first stage: the trainable head becomes the linear probe of the model's features
+    as they are now (the adapters at their identity init), fitted to convergence."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft's wrapper
+    parts = split_head(base)
+    if parts is None:
+        raise ValueError(f"head_init='probe' needs a classifier pelib builds (mean-pooled BERT, "
+                         f"[CLS] BERT or a Llama scorer), not {type(base).__name__}; use "
+                         "head_init='random'")
+    head = {n.rsplit(".", 1)[-1]: p for n, p in model.named_parameters()
+            if p.requires_grad and set(CLASSIFIER_HEADS) & set(n.split("."))}
+    if set(head) not in ({"weight"}, {"weight", "bias"}):
+        raise ValueError(f"head_init='probe' needs one trainable linear head, found {sorted(head)}")
+    z = trunk_features(parts[0], model, ids, pad_id, cfg.eval_batch_size, cfg.bf16).cpu()
+    weight, bias = fit_probe(z, labels, head["weight"].shape[0], bias="bias" in head)
+    with torch.no_grad():
+        head["weight"].copy_(weight)
+        if bias is not None:
+            head["bias"].copy_(bias)
+
+
 def train(model: nn.Module, tokenizer, train_data, eval_data, cfg: TrainConfig,
           hooks=(), dev_data=None) -> TrainResult:
     """Fine-tune the trainable parameters of `model` on train_data; evaluate on eval_data.
@@ -319,6 +348,8 @@ def train(model: nn.Module, tokenizer, train_data, eval_data, cfg: TrainConfig,
         group.barrier()
 
     with PeakMemory(device) as mem:
+        if cfg.head_init == "probe" and loop["step"] == 0:  # counted as training time
+            probe_head(model, ids, labels, tokenizer.pad_token_id, cfg)
         trunk = frozen_trunk(model, cfg, hooks, group)
         if trunk is not None:  # counted as training time: it replaces the trunk's forwards
             feats = trunk_features(trunk[0], model, ids, tokenizer.pad_token_id,

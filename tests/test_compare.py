@@ -60,6 +60,8 @@ def test_presets_cover_every_method_and_the_peer():
                              ("adalora", False), ("sora", False), ("lora", True)}
     assert all("--train-limit" not in a for _, a in runs)  # full size
     assert runs[0][0] == "head only (floor)"  # every table starts with its floor
+    # one epoch: every fine-tune starts from the probe head (LP-FT); the floor trains its own
+    assert all(("--head-init" in a) == (a[a.index("--method") + 1] != "head") for _, a in runs)
     full = preset("full")
     assert {m for m, peer in methods(full) if not peer} == {
         "head", "full", "lora", "qlora", "adalora", "sora", "adapter", "prefix"}

@@ -3,6 +3,7 @@ adapter files load through one loader that refuses what does not fit."""
 import ast
 import json
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from pelib.io import CONFIG_NAME, WEIGHTS_NAME
 
 PELIB = Path(pelib.__file__).resolve().parent
 # Each module may import only modules of a lower rank (its own package's modules excepted).
-RANK = {"files": 0, "metrics": 0, "data": 0, "classifier": 0, "measure": 0, "kernels": 0,
+RANK = {"files": 0, "metrics": 0, "data": 0, "classifier": 0, "measure": 0, "kernels": 0, "probe": 0,
         "distributed": 0,
         "backbone": 1, "inject": 1, "io": 1, "lora": 2, "adapter": 2, "prefix": 2, "adalora": 3, "sora": 3,
         "quant": 3, "train": 4, "patch": 4, "peers": 5, "methods": 6, "finetune": 7, "bench": 7,
@@ -256,6 +257,12 @@ def test_device_precision_and_kernels_are_chosen_and_recorded(tmp_path):
     rec = json.loads((tmp_path / "cpu.json").read_text())
     assert (rec["device"], rec["bf16"], rec["kernels"]) == ("cpu", True, False)
     assert not uses_bf16(parse(["--bf16", "--fp32"])) and not uses_kernels(parse(["--model", "smollm2"]))
+    # the default follows the hardware: bf16 on a CPU with bf16 units, fp32 on one without
+    cpu = parse(["--device", "cpu"])
+    with mock.patch("pelib.finetune.cpu_has_fast_bf16", return_value=True):
+        assert uses_bf16(cpu) and not uses_bf16(parse(["--device", "cpu", "--fp32"]))
+    with mock.patch("pelib.finetune.cpu_has_fast_bf16", return_value=False):
+        assert not uses_bf16(cpu) and uses_bf16(parse(["--device", "cpu", "--bf16"]))
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="no CUDA GPU"):
             main(["finetune", "--tiny", "--device", "cuda", "--out", str(tmp_path)])
