@@ -62,9 +62,9 @@ LLM_METHODS = [
 WORKSHOP_METHODS = PELIB_METHODS[:6] + PEFT_METHODS[:1]
 
 # Every training row, batch 32, max length 64. `make run` trains one epoch, starting each
-# fine-tune's head from the linear probe (LP-FT, pelib.probe) at the adapter's lr: a random head
-# spends most of one epoch catching up (LoRA r=8 test F1 0.9206 -> 0.9261, dev head lr 2e-3
-# chosen over 1e-2, docs/benchmarks.md); the full study trains three epochs from a random head.
+# fine-tune's head from the linear probe (LP-FT, pelib.probe), the head at lr 2e-3: a random head
+# spends most of one epoch catching up (LoRA r=8 test F1 0.9206 -> 0.9261; head lr 2e-3 chosen
+# over 1e-2 on dev, docs/benchmarks.md). The full study trains three epochs from a random head.
 WORKSHOP_SIZE = ["--epochs", "1"]
 LPFT = ["--head-init", "probe", "--head-lr", "2e-3"]
 FULL_SIZE = ["--epochs", "3"]
