@@ -325,7 +325,7 @@ plt.show()
 # 0.92 / 0.93, **test 0.926**; over three seeds 0.924 ± 0.002, above the floor (0.920) but under
 # the fitted linear probe (0.929) and LoRA (0.933). On the dev split the clipped run is level with the floor, and six unclipped epochs did
 # no better (dev 0.933): on a 22M-parameter encoder, no prefix setting we tried beat the probe.
-# On CLINC150 (two seeds) it is level with its floor (0.9693 against 0.9687) and under its probe
+# On CLINC150 (three seeds) it is level with its floor (0.9695 against 0.9687) and under its probe
 # (0.972), where LoRA reaches 0.982.
 # Lester et al. (2021) found prompt tuning needs very large models to match fine-tuning; P-tuning
 # v2 (Liu et al., 2022) closed much of that gap with prompts in every layer, as here, on models
