@@ -40,9 +40,10 @@ PELIB_METHODS = [
     ("SoRA r=8", ["--method", "sora", "--r", "8"]),
     ("LoRA r=2", ["--method", "lora", "--r", "2"]),
     ("Houlsby adapter m=64", ["--method", "adapter"]),
+    ("Pfeiffer adapter m=64", ["--method", "adapter", "--adapter-kind", "pfeiffer"]),
     ("prefix tuning L=16", ["--method", "prefix"]),
 ]
-# The same runs through the peer library. peft has no SoRA and no Houlsby adapters, and its
+# The same runs through the peer library. peft has no SoRA and no Houlsby or Pfeiffer adapters, and its
 # prefix tuning refuses BERT under transformers 5 ("Model does not support past key values"),
 # so MiniLM has no peft prefix row (`--method prefix --impl peft` works on SmolLM2).
 PEFT_METHODS = [

@@ -66,6 +66,9 @@ def test_presets_cover_every_method_and_the_peer():
     assert {m for m, peer in methods(full) if not peer} == {
         "head", "full", "lora", "qlora", "adalora", "sora", "adapter", "prefix"}
     assert {m for m, peer in methods(full) if peer} == {"lora", "qlora", "adalora"}
+    kinds = {a[a.index("--adapter-kind") + 1] if "--adapter-kind" in a else "houlsby"
+             for _, a in full if a[a.index("--method") + 1] == "adapter"}
+    assert kinds == {"houlsby", "pfeiffer"}  # both bottleneck placements of notebook 01
     assert {a[a.index("--seed") + 1] for _, a in full} == {"0", "1", "2"}
     assert {a[a.index("--data") + 1] for _, a in full} == {"banking77", "clinc150"}
     assert all("--max-grad-norm" in a for _, a in full if a[a.index("--method") + 1] == "prefix")
