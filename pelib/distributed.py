@@ -78,3 +78,13 @@ def process_group() -> ProcessGroup:
 def rank() -> int:
     """This process's rank without joining a group (0 when not launched by torchrun)."""
     return int(os.environ.get("RANK", "0"))
+
+
+def finish() -> None:
+    """Leave the process group at the end of a run: wait for every process (rank 0 may still be
+    writing), then tear the group down. A process that exits with gloo's threads still running
+    can abort ("terminate called without an active exception"), and torchrun then fails the
+    whole run although every result was written."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

@@ -275,10 +275,13 @@ def finetune(args) -> dict:
     check(args)
     name = run_name(args)
     if distributed.rank() != 0:  # under torchrun: rank 0 alone checks, locks and writes
-        return _finetune(args, Path(args.out), name)
-    out = writable_dir(args.out)
-    with _only_process(out, name):
-        return _finetune(args, out, name)
+        record = _finetune(args, Path(args.out), name)
+    else:
+        out = writable_dir(args.out)
+        with _only_process(out, name):
+            record = _finetune(args, out, name)
+    distributed.finish()  # under torchrun: every process leaves the group after rank 0 wrote
+    return record
 
 
 def _finetune(args, out: Path, name: str) -> dict:

@@ -14,6 +14,7 @@ SCRIPT = """
 import json, sys
 import torch
 import pelib
+import pelib.distributed
 from pelib.distributed import rank
 from pelib.sora import SoRA, apply_sora
 from pelib.train import TrainConfig, train
@@ -32,6 +33,7 @@ if rank() == 0:
     torch.save({n: p.detach() for n, p in model.named_parameters() if p.requires_grad}, out + ".pt")
     with open(out + ".json", "w") as f:
         json.dump(dict(losses=res.losses, metrics=res.metrics, world=res.world_size), f)
+pelib.distributed.finish()
 """
 
 
