@@ -57,6 +57,12 @@ def add_arguments(f: argparse.ArgumentParser) -> None:
                         "smollm2 last")
     f.add_argument("--max-grad-norm", type=float, default=None,
                    help="clip the gradient norm before each step (default: no clipping)")
+    f.add_argument("--weight-decay", type=float, default=0.0,
+                   help="AdamW's decoupled weight decay on the weight matrices (biases and "
+                        "LayerNorm scales are not decayed; default 0)")
+    f.add_argument("--warmup-ratio", type=float, default=0.06,
+                   help="the share of the steps over which the lr warms up linearly from 0 "
+                        "(then it decays linearly to 0; default 0.06)")
     f.add_argument("--batch-size", type=int, default=32)
     f.add_argument("--grad-accum", type=int, default=1)
     f.add_argument("--max-length", type=int, default=64)
@@ -144,6 +150,10 @@ def check(args) -> None:
         if args.pooling not in POOLINGS[args.model]:
             raise ValueError(f"--pooling {args.pooling} is not one of {args.model}'s "
                              f"{list(POOLINGS[args.model])}")
+    if args.weight_decay < 0:
+        raise ValueError(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if not 0 <= args.warmup_ratio < 1:
+        raise ValueError(f"--warmup-ratio is a share of the steps in [0, 1), got {args.warmup_ratio}")
     if args.r <= 0:
         raise ValueError(f"--r must be a positive integer, got {args.r}")
     for flag in ("train_limit", "eval_limit"):
@@ -308,6 +318,7 @@ def _finetune(args, out: Path, name: str) -> dict:
                       progress=not args.no_progress, checkpoint=ckpt and str(ckpt),
                       checkpoint_every=args.checkpoint_every,
                       max_grad_norm=args.max_grad_norm, head_init=args.head_init,
+                      weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
                       run={k: v for k, v in options(args).items() if k not in NOT_NUMBERS})
     model, tokenizer, data, hooks = build(args, cfg)
     evaluation = load_nlu(args.data, args.eval_split, limit=args.eval_limit, seed=args.seed)

@@ -165,13 +165,23 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, hooks) -> torch.optim.Ada
         head = [p for n, p in model.named_parameters() if p.requires_grad and id(p) not in taken
                 and set(CLASSIFIER_HEADS) & set(n.split("."))]
         if head:
-            groups.append({"params": head, "lr": cfg.head_lr})
+            groups += decay_groups(head, cfg.weight_decay, lr=cfg.head_lr)
             taken |= {id(p) for p in head}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
     if not rest and not groups:
         raise ValueError("the model has no trainable parameters; inject a method first")
-    return torch.optim.AdamW(([{"params": rest}] if rest else []) + groups, lr=cfg.lr,
+    return torch.optim.AdamW(decay_groups(rest, cfg.weight_decay) + groups, lr=cfg.lr,
                              weight_decay=cfg.weight_decay)
+
+
+def decay_groups(params: list, weight_decay: float, **extra) -> list[dict]:
+    """AdamW's decoupled weight decay on the weight matrices only, as in BERT's recipe (Devlin et
+    al. 2019): biases and LayerNorm scales (1-d) are not pulled towards 0. One group without it."""
+    if not weight_decay:
+        return [dict(params=params, **extra)] if params else []
+    split = (dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay, **extra),
+             dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0, **extra))
+    return [g for g in split if g["params"]]
 
 
 def warmup_linear(total: int, warmup: int):

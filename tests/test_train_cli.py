@@ -296,3 +296,42 @@ def test_no_feature_cache_when_the_trunk_trains_or_drops_out():
             m.p = 0.0
     assert frozen_trunk(head, cfg, [], group) is not None
     assert frozen_trunk(head, cfg, [object()], group) is None  # a hook may read the trunk
+
+
+def test_weight_decay_is_decoupled_and_spares_biases_and_layernorm():
+    """AdamW's decay (Loshchilov & Hutter 2019): with zero gradients one step multiplies each
+    decayed weight by exactly 1 - lr * wd; biases and LayerNorm scales (1-d) do not move."""
+    from pelib.train import make_optimizer
+
+    model = pelib.apply_lora(pelib.tiny_backbone("minilm", 7, with_tokenizer=False)[0],
+                             ["query", "value"], r=2, alpha=4)
+    for p in model.parameters():  # B = 0 at init: give every trainable tensor a value to decay
+        if p.requires_grad:
+            torch.nn.init.normal_(p)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = make_optimizer(model, TrainConfig(lr=1e-2, head_lr=5e-2, weight_decay=0.1), [])
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    opt.step()
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        factor = 1 - lr_of[id(p)] * 0.1 if p.dim() >= 2 else 1.0
+        assert torch.allclose(p.detach(), before[n] * factor, rtol=0, atol=1e-7), n
+    assert {n for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2} \
+        == {"classifier.bias"}  # the one 1-d trainable tensor here, spared
+    assert len(make_optimizer(model, TrainConfig(lr=1e-3), []).param_groups) == 1  # wd 0: as before
+
+
+def test_cli_weight_decay_and_warmup(tmp_path):
+    common = ["finetune", "--tiny", "--train-limit", "32", "--eval-limit", "16", "--epochs", "1",
+              "--out", str(tmp_path), "--no-progress"]
+    with pytest.raises(SystemExit, match="--weight-decay must be >= 0"):
+        main(common + ["--weight-decay", "-0.1"])
+    with pytest.raises(SystemExit, match=r"--warmup-ratio is a share of the steps in \[0, 1\)"):
+        main(common + ["--warmup-ratio", "1"])
+    main(common + ["--weight-decay", "0.01", "--warmup-ratio", "0.1"])
+    rec = json.loads((tmp_path / "minilm-tiny_banking77_lora-r8_pelib_s0.json").read_text())
+    assert rec["config"]["weight_decay"] == 0.01 and rec["config"]["warmup_ratio"] == 0.1
