@@ -5,6 +5,7 @@
     python -m pelib compare --preset full         # every method, both data sets, 3 epochs x 3 seeds (hours)
     python -m pelib compare --preset llm          # SmolLM2: head, LoRA, QLoRA, SoRA, one epoch (hours)
     python -m pelib compare --preset lr           # each method's lr at 1/2, 1, 2x: dev F1
+    python -m pelib compare --preset lr-clinc150  # the same grid on CLINC150's dev split
     python -m pelib compare --preset smoke        # toy models, seconds (runs inside `make test`)
     python -m pelib compare --preset full --finished   # run nothing: tables of the runs done
 
@@ -113,13 +114,16 @@ def preset(name: str) -> list[tuple[str, list[str]]]:
         add("minilm", "banking77", _lpft(WORKSHOP_METHODS), [0], WORKSHOP_SIZE)
     elif name == "seeds":  # the workshop rows over seeds 0-2 (seed 0 is reused)
         add("minilm", "banking77", _lpft(WORKSHOP_METHODS), [0, 1, 2], WORKSHOP_SIZE)
-    elif name == "lr":  # the dev-split grid: each method at 1/2, 1 and 2x its lr, dev F1
+    elif name in ("lr", "lr-clinc150"):  # the dev-split grid: each method at 1/2, 1, 2x its lr
+        data = "banking77" if name == "lr" else "clinc150"
         for label, argv in PELIB_METHODS:
-            lr = METHODS[argv[argv.index("--method") + 1]].lr
-            base = ["--model", "minilm", "--data", "banking77", "--seed", "0", "--eval-split", "dev"]
+            method = argv[argv.index("--method") + 1]
+            extra = DATA_EXTRA.get((data, method), [])  # the lr this data set's dev chose
+            lr = float(extra[extra.index("--lr") + 1]) if "--lr" in extra else METHODS[method].lr
+            base = ["--model", "minilm", "--data", data, "--seed", "0", "--eval-split", "dev"]
             for f in (1 / 2, 1, 2):
-                runs.append((f"{label} lr={lr * f:.2g}",
-                             base + argv + WORKSHOP_SIZE + _extra(argv) + ["--lr", f"{lr * f:.2g}"]))
+                runs.append((f"{label} lr={lr * f:.2g}", base + argv + WORKSHOP_SIZE +
+                             EXTRA.get(method, []) + ["--lr", f"{lr * f:.2g}"]))
     elif name == "full":  # every method, both data sets, 3 epochs, 3 seeds
         add("minilm", "banking77", PELIB_METHODS + PEFT_METHODS, [0, 1, 2], FULL_SIZE)
         add("minilm", "clinc150", PELIB_METHODS + PEFT_METHODS, [0, 1, 2], FULL_SIZE)
@@ -130,7 +134,7 @@ def preset(name: str) -> list[tuple[str, list[str]]]:
     return runs
 
 
-PRESETS = ("smoke", "workshop", "seeds", "lr", "full", "llm")
+PRESETS = ("smoke", "workshop", "seeds", "lr", "lr-clinc150", "full", "llm")
 
 
 def _read_args(path: Path) -> dict | None:

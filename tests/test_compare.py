@@ -84,6 +84,15 @@ def test_presets_cover_every_method_and_the_peer():
     grid = preset("lr")  # three learning rates per method, judged on the dev split
     assert all(a[a.index("--eval-split") + 1] == "dev" for _, a in grid)
     assert len(grid) == 3 * len({label.split(" lr=")[0] for label, _ in grid})
+    clinc = preset("lr-clinc150")  # the same grid on CLINC150, around the lrs its dev chose
+    assert {a[a.index("--data") + 1] for _, a in clinc} == {"clinc150"}
+    assert [a.index("--data") for _, a in clinc] == [a.index("--data") for _, a in grid]
+    lrs = {label.split(" lr=")[0]: [] for label, _ in clinc}
+    for label, a in clinc:
+        assert a.count("--lr") == 1  # one lr per run, not a default overridden later
+        lrs[label.split(" lr=")[0]].append(a[a.index("--lr") + 1])
+    assert lrs["prefix tuning L=16"] == ["0.00075", "0.0015", "0.003"]
+    assert lrs["LoRA r=8"] == ["0.001", "0.002", "0.004"]
 
 
 def test_bad_inputs_are_clear(tmp_path):
