@@ -63,6 +63,9 @@ def add_arguments(f: argparse.ArgumentParser) -> None:
     f.add_argument("--warmup-ratio", type=float, default=0.06,
                    help="the share of the steps over which the lr warms up linearly from 0 "
                         "(then it decays linearly to 0; default 0.06)")
+    f.add_argument("--layer-decay", type=float, default=1.0,
+                   help="layer-wise lr decay: layer l of L at lr * d**(L - l), the embeddings "
+                        "one step lower (default 1: every layer at --lr)")
     f.add_argument("--batch-size", type=int, default=32)
     f.add_argument("--grad-accum", type=int, default=1)
     f.add_argument("--max-length", type=int, default=64)
@@ -154,6 +157,8 @@ def check(args) -> None:
         raise ValueError(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if not 0 <= args.warmup_ratio < 1:
         raise ValueError(f"--warmup-ratio is a share of the steps in [0, 1), got {args.warmup_ratio}")
+    if not 0 < args.layer_decay <= 1:
+        raise ValueError(f"--layer-decay must be in (0, 1] (1: no decay), got {args.layer_decay}")
     if args.r <= 0:
         raise ValueError(f"--r must be a positive integer, got {args.r}")
     for flag in ("train_limit", "eval_limit"):
@@ -319,6 +324,7 @@ def _finetune(args, out: Path, name: str) -> dict:
                       checkpoint_every=args.checkpoint_every,
                       max_grad_norm=args.max_grad_norm, head_init=args.head_init,
                       weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
+                      layer_decay=args.layer_decay,
                       run={k: v for k, v in options(args).items() if k not in NOT_NUMBERS})
     model, tokenizer, data, hooks = build(args, cfg)
     evaluation = load_nlu(args.data, args.eval_split, limit=args.eval_limit, seed=args.seed)

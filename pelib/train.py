@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -44,6 +45,10 @@ class TrainConfig:
     max_length: int = 64
     warmup_ratio: float = 0.06
     weight_decay: float = 0.0
+    # Layer-wise lr decay (ULMFiT's discriminative fine-tuning; Sun et al. 2019 and ELECTRA for
+    # BERT): layer l of L learns at lr * layer_decay ** (L - l), the embeddings one step lower,
+    # the head at its own lr. 1.0: every layer at lr.
+    layer_decay: float = 1.0
     bf16: bool = False
     seed: int = 0
     eval_batch_size: int = 128
@@ -71,6 +76,8 @@ class TrainConfig:
             raise ValueError(f"head_init must be one of {HEAD_INITS}, got {self.head_init!r}")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
         for k in ("epochs", "lr", "head_lr", "max_grad_norm"):
             v = getattr(self, k)
             if k in ("head_lr", "max_grad_norm") and v is None:
@@ -167,11 +174,27 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, hooks) -> torch.optim.Ada
         if head:
             groups += decay_groups(head, cfg.weight_decay, lr=cfg.head_lr)
             taken |= {id(p) for p in head}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
+    rest = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in taken]
     if not rest and not groups:
         raise ValueError("the model has no trainable parameters; inject a method first")
-    return torch.optim.AdamW(decay_groups(rest, cfg.weight_decay) + groups, lr=cfg.lr,
-                             weight_decay=cfg.weight_decay)
+    if cfg.layer_decay == 1:
+        main = decay_groups([p for _, p in rest], cfg.weight_decay)
+    else:  # one group per depth, from the embeddings (depth 0) up
+        layers = model.config.num_hidden_layers
+        depth = {id(p): depth_of(n, layers) for n, p in rest}
+        main = [g for d in sorted(set(depth.values())) for g in decay_groups(
+            [p for _, p in rest if depth[id(p)] == d], cfg.weight_decay,
+            lr=cfg.lr * cfg.layer_decay ** (layers + 1 - d))]
+    return torch.optim.AdamW(main + groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def depth_of(name: str, layers: int) -> int:
+    """0 for the embeddings, l + 1 for transformer layer l (BERT's `layer.l.`, Llama's
+    `layers.l.`), layers + 1 for what sits above the last layer (pooler, final norm)."""
+    m = re.search(r"\blayers?\.(\d+)\.", name)
+    if m:
+        return int(m.group(1)) + 1
+    return 0 if "embed" in name else layers + 1
 
 
 def decay_groups(params: list, weight_decay: float, **extra) -> list[dict]:
@@ -197,7 +220,7 @@ def total_steps(n_examples: int, cfg: TrainConfig) -> int:
 
 # What decides the numbers of a run: a checkpoint is only resumed under the same values.
 _RUN_KEYS = ("epochs", "lr", "head_lr", "batch_size", "grad_accum", "max_length", "warmup_ratio",
-             "weight_decay", "bf16", "seed", "head_init", "run")
+             "weight_decay", "layer_decay", "bf16", "seed", "head_init", "run")
 
 
 def save_checkpoint(path, model, optimizer, scheduler, hooks, loop: dict, cfg: TrainConfig) -> None:

@@ -335,3 +335,34 @@ def test_cli_weight_decay_and_warmup(tmp_path):
     main(common + ["--weight-decay", "0.01", "--warmup-ratio", "0.1"])
     rec = json.loads((tmp_path / "minilm-tiny_banking77_lora-r8_pelib_s0.json").read_text())
     assert rec["config"]["weight_decay"] == 0.01 and rec["config"]["warmup_ratio"] == 0.1
+
+
+def test_layer_decay_lowers_the_lr_layer_by_layer():
+    """Layer-wise lr decay: Adam's first step moves every weight by its group's lr (m / sqrt(v)
+    = sign(g) after one step), so the step sizes read back lr * d**(L - l) for layer l of L, one
+    power lower for the embeddings, and the head's own lr."""
+    from pelib.train import make_optimizer
+
+    model = pelib.tiny_backbone("minilm", 7, with_tokenizer=False)[0]  # L = 2, all trainable
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = make_optimizer(model, TrainConfig(lr=1e-2, head_lr=5e-2, layer_decay=0.5), [])
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    expect = {"embeddings": 1e-2 * 0.5 ** 3, "layer.0.": 1e-2 * 0.5 ** 2, "layer.1.": 1e-2 * 0.5,
+              "pooler": 1e-2, "classifier": 5e-2}
+    for n, p in model.named_parameters():
+        (lr,) = [v for k, v in expect.items() if k in n]
+        assert torch.allclose(before[n] - p.detach(), torch.full_like(p, lr), rtol=0, atol=1e-6), n
+    with pytest.raises(ValueError, match=r"layer_decay must be in \(0, 1\]"):
+        TrainConfig(layer_decay=0)
+
+
+def test_cli_layer_decay(tmp_path):
+    common = ["finetune", "--tiny", "--train-limit", "32", "--eval-limit", "16", "--epochs", "1",
+              "--out", str(tmp_path), "--no-progress", "--method", "full"]
+    with pytest.raises(SystemExit, match=r"--layer-decay must be in \(0, 1\]"):
+        main(common + ["--layer-decay", "1.5"])
+    main(common + ["--layer-decay", "0.8"])
+    rec = json.loads((tmp_path / "minilm-tiny_banking77_full_pelib_s0.json").read_text())
+    assert rec["config"]["layer_decay"] == 0.8
