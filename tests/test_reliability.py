@@ -1,5 +1,6 @@
 """Bad input gets a clear error that names the fix, never a traceback from deep inside or a
 silent wrong result (issue 14's list; the CLI, checkpoint and loader cases are in test_methods)."""
+import copy
 import subprocess
 import sys
 
@@ -180,7 +181,14 @@ def test_property_quantize_matches_bitsandbytes(shape, dtype, blocksize, double_
     assert torch.equal(packed, b_packed.reshape(-1))
     assert torch.equal(dequantize_4bit(packed, state), dequantize_4bit_ref(packed, state))
     ours_of_theirs = dequantize_4bit(b_packed.reshape(-1), QuantState.from_bnb(b_state))
-    assert torch.equal(ours_of_theirs, bnbF.dequantize_4bit(b_packed, b_state))
+    # bitsandbytes 0.50.2's native CPU kernel, on CPUs with AVX-512, decodes a 2-d tensor wrongly
+    # when its last dim is not a multiple of the blocksize (bytes and absmax are right; measured
+    # on 2026-12-02, docs/benchmarks.md). As one flat row its blocks are the true ones.
+    flat = copy.copy(b_state)
+    flat.shape = torch.Size([W.numel()])
+    assert torch.equal(ours_of_theirs, bnbF.dequantize_4bit(b_packed, flat).reshape(W.shape))
+    if W.shape[-1] % blocksize == 0:  # how a model's layers are decoded: also 2-d
+        assert torch.equal(ours_of_theirs, bnbF.dequantize_4bit(b_packed, b_state))
 
 
 @settings(max_examples=10, deadline=None)
