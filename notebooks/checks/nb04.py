@@ -37,7 +37,7 @@ def exercise_1(absmax_quantise):
         err = (got - ref).abs().max().item()
         assert err < 1e-5, f"{quant_type}, blocksize {blocksize}: max |yours - bitsandbytes| = {err:.2e}"
         print(f"exercise_1: {quant_type.upper()}, blocksize {blocksize}, {tuple(shape)}: equals "
-              f"bitsandbytes' quantise + dequantise (max err {err:.1e})")
+              f"bitsandbytes' quantisation, its bytes decoded (max err {err:.1e})")
     print("exercise_1: correct")
 
 
