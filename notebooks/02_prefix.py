@@ -327,10 +327,11 @@ plt.show()
 # with the floor, and six unclipped epochs (dev 0.933), half the lr or a 64-token prefix (both dev
 # 0.930 after three epochs) did no better: on a 22M-parameter encoder, no prefix setting we tried
 # beat the probe.
-# On CLINC150 (three seeds) at the same lr it is level with its floor (0.9695 against 0.9687)
-# and under its probe (0.972), where LoRA reaches 0.982; at half the lr, which CLINC150's dev
-# split chose, it reaches 0.978, above that probe: the learning rate does not transfer between
-# data sets of different size.
+# On CLINC150 (three seeds) at the same lr it is level with its floor at the same head lr (0.9695
+# against 0.9687) and under its probe (0.972), where LoRA reaches 0.982; at half the lr, which
+# CLINC150's dev split chose, it reaches 0.978, above that probe and above the floor at its own
+# dev-chosen lr (0.9725): the learning rate does not transfer between data sets of different
+# size.
 # Lester et al. (2021) found prompt tuning needs very large models to match fine-tuning; P-tuning
 # v2 (Liu et al., 2022) closed much of that gap with prompts in every layer, as here, on models
 # from about 300M parameters, with per-task learning rates and long training.
