@@ -32,7 +32,7 @@ from .methods import METHODS
 
 # (label, finetune arguments). One learning rate per method: pelib.methods.METHODS[m].lr,
 # chosen on the Banking77 dev split (`--preset lr`, docs/benchmarks.md); DATA_EXTRA below for
-# the one that CLINC150's dev split moved.
+# the ones that CLINC150's dev split moved.
 PELIB_METHODS = [
     ("head only (floor)", ["--method", "head"]),  # the frozen backbone: every row is read against it
     ("full fine-tuning", ["--method", "full"]),

@@ -153,8 +153,8 @@ def check(args) -> None:
         if args.pooling not in POOLINGS[args.model]:
             raise ValueError(f"--pooling {args.pooling} is not one of {args.model}'s "
                              f"{list(POOLINGS[args.model])}")
-    if args.weight_decay < 0:
-        raise ValueError(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if not 0 <= args.weight_decay < float("inf"):  # also refuses nan
+        raise ValueError(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
     if not 0 <= args.warmup_ratio < 1:
         raise ValueError(f"--warmup-ratio is a share of the steps in [0, 1), got {args.warmup_ratio}")
     if not 0 < args.layer_decay <= 1:

@@ -328,8 +328,9 @@ def test_weight_decay_is_decoupled_and_spares_biases_and_layernorm():
 def test_cli_weight_decay_and_warmup(tmp_path):
     common = ["finetune", "--tiny", "--train-limit", "32", "--eval-limit", "16", "--epochs", "1",
               "--out", str(tmp_path), "--no-progress"]
-    with pytest.raises(SystemExit, match="--weight-decay must be >= 0"):
-        main(common + ["--weight-decay", "-0.1"])
+    for bad in ("-0.1", "nan"):
+        with pytest.raises(SystemExit, match="--weight-decay must be a finite number >= 0"):
+            main(common + ["--weight-decay", bad])
     with pytest.raises(SystemExit, match=r"--warmup-ratio is a share of the steps in \[0, 1\)"):
         main(common + ["--warmup-ratio", "1"])
     main(common + ["--weight-decay", "0.01", "--warmup-ratio", "0.1"])
