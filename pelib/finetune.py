@@ -62,7 +62,10 @@ def add_arguments(f: argparse.ArgumentParser) -> None:
                         "LayerNorm scales are not decayed; default 0)")
     f.add_argument("--warmup-ratio", type=float, default=0.06,
                    help="the share of the steps over which the lr warms up linearly from 0 "
-                        "(then it decays linearly to 0; default 0.06)")
+                        "(then it follows --schedule; default 0.06)")
+    f.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"],
+                   help="the lr after the warm-up: linear decay to 0 (default), half a cosine "
+                        "down to 0, or constant")
     f.add_argument("--layer-decay", type=float, default=1.0,
                    help="layer-wise lr decay: layer l of L at lr * d**(L - l), the embeddings "
                         "one step lower (default 1: every layer at --lr)")
@@ -324,6 +327,7 @@ def _finetune(args, out: Path, name: str) -> dict:
                       checkpoint_every=args.checkpoint_every,
                       max_grad_norm=args.max_grad_norm, head_init=args.head_init,
                       weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
+                      schedule=args.schedule,
                       layer_decay=args.layer_decay,
                       run={k: v for k, v in options(args).items() if k not in NOT_NUMBERS})
     model, tokenizer, data, hooks = build(args, cfg)

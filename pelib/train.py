@@ -1,4 +1,4 @@
-"""One training loop for every method: AdamW, warmup + linear decay, gradient accumulation,
+"""One training loop for every method: AdamW, warmup + linear (or cosine) decay, gradient accumulation,
 optional bf16 autocast, length-grouped batches, evaluation, wall time and peak memory.
 
 Methods plug in through hooks instead of editing the loop. A hook is any object with some of:
@@ -31,6 +31,7 @@ from .metrics import classification_metrics
 from .probe import fit_probe
 
 HEAD_INITS = ("random", "probe")
+SCHEDULES = ("linear", "cosine", "constant")  # the lr's shape after the warm-up
 
 
 @dataclass
@@ -44,6 +45,9 @@ class TrainConfig:
     grad_accum: int = 1
     max_length: int = 64
     warmup_ratio: float = 0.06
+    # After the warm-up the lr falls to 0 in a straight line (BERT's recipe), along half a cosine
+    # (Loshchilov & Hutter 2017), or stays at lr (constant).
+    schedule: str = "linear"
     weight_decay: float = 0.0
     # Layer-wise lr decay (ULMFiT's discriminative fine-tuning; Sun et al. 2019 and ELECTRA for
     # BERT): layer l of L learns at lr * layer_decay ** (L - l), the embeddings one step lower,
@@ -74,6 +78,8 @@ class TrainConfig:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
         if self.head_init not in HEAD_INITS:
             raise ValueError(f"head_init must be one of {HEAD_INITS}, got {self.head_init!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         if not 0 < self.layer_decay <= 1:
@@ -207,9 +213,21 @@ def decay_groups(params: list, weight_decay: float, **extra) -> list[dict]:
     return [g for g in split if g["params"]]
 
 
-def warmup_linear(total: int, warmup: int):
-    return lambda s: (s + 1) / max(1, warmup) if s < warmup else \
-        max(0.0, (total - s) / max(1, total - warmup))
+def lr_schedule(total: int, warmup: int, schedule: str = "linear"):
+    """The lr factor of step s: up in a straight line over `warmup` steps, then `schedule`."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup  # step 0 already learns (a factor of 0 would waste it)
+        if schedule == "constant":
+            return 1.0
+        if schedule == "linear":
+            return max(0.0, (total - s) / max(1, total - warmup))
+        progress = min(1.0, (s - warmup) / max(1, total - warmup))  # 0 -> 1 over the decay
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
 
 
 def total_steps(n_examples: int, cfg: TrainConfig) -> int:
@@ -220,7 +238,7 @@ def total_steps(n_examples: int, cfg: TrainConfig) -> int:
 
 # What decides the numbers of a run: a checkpoint is only resumed under the same values.
 _RUN_KEYS = ("epochs", "lr", "head_lr", "batch_size", "grad_accum", "max_length", "warmup_ratio",
-             "weight_decay", "layer_decay", "bf16", "seed", "head_init", "run")
+             "schedule", "weight_decay", "layer_decay", "bf16", "seed", "head_init", "run")
 
 
 def save_checkpoint(path, model, optimizer, scheduler, hooks, loop: dict, cfg: TrainConfig) -> None:
@@ -355,7 +373,7 @@ def train(model: nn.Module, tokenizer, train_data, eval_data, cfg: TrainConfig,
     total = total_steps(len(ids), cfg)
     optimizer = make_optimizer(model, cfg, hooks)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_linear(total, round(cfg.warmup_ratio * total)))
+        optimizer, lr_schedule(total, round(cfg.warmup_ratio * total), cfg.schedule))
     trainable, n_total = count_parameters(model)
     result = TrainResult(metrics={}, trainable_params=trainable, total_params=n_total,
                          config=asdict(cfg))

@@ -7,11 +7,11 @@ import torch
 
 import pelib
 from pelib.__main__ import main
-from pelib.train import TrainConfig, length_grouped_batches, total_steps, train, warmup_linear
+from pelib.train import TrainConfig, length_grouped_batches, lr_schedule, total_steps, train
 
 
 def test_schedule_and_batching():
-    f = warmup_linear(total=100, warmup=10)
+    f = lr_schedule(total=100, warmup=10)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(55) == pytest.approx(0.5)
     import random
 
@@ -333,9 +333,62 @@ def test_cli_weight_decay_and_warmup(tmp_path):
             main(common + ["--weight-decay", bad])
     with pytest.raises(SystemExit, match=r"--warmup-ratio is a share of the steps in \[0, 1\)"):
         main(common + ["--warmup-ratio", "1"])
-    main(common + ["--weight-decay", "0.01", "--warmup-ratio", "0.1"])
+    main(common + ["--weight-decay", "0.01", "--warmup-ratio", "0.1", "--schedule", "cosine"])
     rec = json.loads((tmp_path / "minilm-tiny_banking77_lora-r8_pelib_s0.json").read_text())
     assert rec["config"]["weight_decay"] == 0.01 and rec["config"]["warmup_ratio"] == 0.1
+    assert rec["config"]["schedule"] == "cosine"
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_lr_schedules_match_transformers_after_the_warmup(schedule):
+    """After the warm-up each shape equals transformers' own schedule of that name; during it
+    ours starts at 1/warmup (transformers' step 0 has lr 0 and learns nothing)."""
+    import transformers
+
+    peer = {"linear": transformers.get_linear_schedule_with_warmup,
+            "cosine": transformers.get_cosine_schedule_with_warmup,
+            "constant": lambda opt, w, total: transformers.get_constant_schedule_with_warmup(opt, w)}
+    total, warmup = 50, 5
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched, theirs = peer[schedule](opt, warmup, total), []
+    for _ in range(total):
+        theirs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    ours = [lr_schedule(total, warmup, schedule)(s) for s in range(total)]
+    assert ours[warmup:] == pytest.approx(theirs[warmup:], abs=1e-12)
+    assert ours[:warmup] == pytest.approx([(s + 1) / warmup for s in range(warmup)])
+    if schedule == "cosine":  # half a cosine: 1/2 halfway through the decay, near 0 at the end
+        assert ours[warmup + (total - warmup) // 2] == pytest.approx(0.5, abs=0.04)
+        assert ours[-1] < 0.01
+
+
+class LrRecorder:
+    """A hook: the lr of the first param group at every optimizer step."""
+    def begin(self, model, optimizer, total_steps):
+        self.optimizer, self.lrs = optimizer, []
+
+    def step(self, model, step):
+        self.lrs.append(self.optimizer.param_groups[0]["lr"])
+
+
+def test_the_loop_follows_the_schedule_it_is_given():
+    data = pelib.load_nlu("banking77", "train", limit=64)
+    for schedule in ("cosine", "constant"):
+        model, tok = pelib.tiny_backbone("minilm", 77)
+        pelib.apply_lora(model, ["query", "value"], r=4, alpha=8)
+        hook = LrRecorder()
+        cfg = TrainConfig(epochs=2, lr=1e-3, batch_size=8, warmup_ratio=0.25, progress=False,
+                          schedule=schedule)
+        train(model, tok, data, data, cfg, hooks=[hook])
+        factor = lr_schedule(16, 4, schedule)
+        assert hook.lrs == pytest.approx([1e-3 * factor(s) for s in range(16)])
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        TrainConfig(schedule="step")
+    common = ["finetune", "--tiny", "--train-limit", "32", "--eval-limit", "16", "--epochs", "1",
+              "--no-progress"]
+    with pytest.raises(SystemExit):  # argparse names the choices
+        main(common + ["--schedule", "step"])
 
 
 def test_layer_decay_lowers_the_lr_layer_by_layer():
