@@ -75,6 +75,7 @@ def test_presets_cover_every_method_and_the_peer():
     lr = {(a[a.index("--data") + 1], a[a.index("--method") + 1]):
           a[a.index("--lr") + 1] if "--lr" in a else "default" for _, a in full}
     assert lr[("clinc150", "prefix")] == "1.5e-3"  # chosen on CLINC150's own dev split
+    assert lr[("clinc150", "sora")] == "1e-3" and lr[("banking77", "sora")] == "default"
     assert lr[("clinc150", "head")] == "1.5e-2" and lr[("banking77", "head")] == "default"
     assert lr[("banking77", "prefix")] == lr[("clinc150", "lora")] == "default"
     seeds = preset("seeds")  # its seed-0 runs are the workshop's (same arguments: reused)
