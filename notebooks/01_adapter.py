@@ -434,7 +434,7 @@ print("pelib's adapters equal the notebook's (Houlsby and Pfeiffer)")
 
 # %%
 from checks import attempt
-from checks.nb01 import exercise_1, exercise_2
+from checks.nb01 import exercise_1, exercise_2, exercise_3
 
 
 def houlsby_trainable(n_layers, d, m, n_labels, train_layernorms):
@@ -469,3 +469,23 @@ class ParallelAdapter(nn.Module):
 
 
 attempt(exercise_2, ParallelAdapter)
+
+# %% [markdown]
+# **Exercise 3 (easy): a cosine schedule.** Section 5's schedule falls in a straight line after
+# the warm-up. Loshchilov & Hutter (2017, SGDR) let it fall along half a cosine instead, which
+# stays near the peak longer and flattens out at the end:
+#
+# $$ \eta_s = \eta \cdot \begin{cases} (s+1)/w & s < w \\
+#    \tfrac12 \left(1 + \cos\left(\pi \, \frac{s - w}{S - w}\right)\right) & s \ge w \end{cases} $$
+#
+# Write `cosine_factor(s, S, w)`, the factor of step $s$. The checker compares it, step by step,
+# with transformers' `get_cosine_schedule_with_warmup` after the warm-up; `pelib.train`'s loop
+# runs it with `TrainConfig(schedule="cosine")` (`finetune --schedule cosine`).
+# docs/benchmarks.md measures it against the linear decay on Banking77.
+
+# %%
+def cosine_factor(s, S, w):
+    raise NotImplementedError
+
+
+attempt(exercise_3, cosine_factor)

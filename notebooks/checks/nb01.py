@@ -1,5 +1,6 @@
 """Checkers for notebook 01's exercises: adapter parameter counts (against pelib's adapters on a
-tiny BERT, counted tensor by tensor) and a parallel adapter (against its formula)."""
+tiny BERT, counted tensor by tensor), a parallel adapter (against its formula) and a cosine
+learning-rate schedule (against transformers' own)."""
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,3 +62,24 @@ def exercise_2(ParallelAdapter):
         err = (pa(x) - ref).abs().max().item()
     assert err < 1e-4, f"after training-like weights, max |yours - formula| = {err:.2e}"
     print(f"exercise_2: equals linear(x) + {scale} * up(relu(down(x))) (max err {err:.1e}). correct")
+
+
+def exercise_3(cosine_factor):
+    """cosine_factor(s, S, w) -> float: the lr factor of step s of S, the notebook's linear
+    warm-up over w steps, then half a cosine from 1 down to 0 over the remaining S - w steps."""
+    import transformers
+
+    for S, w in [(50, 5), (846, 51), (12, 0)]:
+        opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = transformers.get_cosine_schedule_with_warmup(opt, w, S)
+        for s in range(S):
+            want = (s + 1) / w if s < w else opt.param_groups[0]["lr"]  # ours learns at step 0
+            got = cosine_factor(s, S, w)
+            assert abs(got - want) < 1e-9, (f"S={S}, w={w}, step {s}: you say {got:.6f}, expected "
+                                            f"{want:.6f} (half a cosine over the S - w steps after "
+                                            "the warm-up)")
+            opt.step()
+            sched.step()
+        print(f"exercise_3: S={S}, w={w}: all {S} factors equal transformers' cosine schedule "
+              "after the warm-up")
+    print("exercise_3: correct")

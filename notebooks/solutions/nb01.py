@@ -1,4 +1,6 @@
 """Solutions (and a plausible wrong answer each) for notebook 01's exercises."""
+import math
+
 import torch.nn.functional as F
 from torch import nn
 
@@ -45,5 +47,17 @@ class SequentialAdapter(ParallelAdapter):
         return h + self.scale * self.up(F.relu(self.down(h)))
 
 
-SOLUTIONS = {1: houlsby_trainable, 2: ParallelAdapter}
-WRONG = {1: houlsby_trainable_no_bias, 2: SequentialAdapter}
+def cosine_factor(s, S, w):
+    if s < w:
+        return (s + 1) / w                                          # the linear warm-up
+    progress = (s - w) / max(1, S - w)                              # 0 -> 1 after the warm-up
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def cosine_factor_from_zero(s, S, w):
+    """Wrong: the cosine runs over all S steps, so it has already fallen when the warm-up ends."""
+    return (s + 1) / w if s < w else 0.5 * (1 + math.cos(math.pi * s / S))
+
+
+SOLUTIONS = {1: houlsby_trainable, 2: ParallelAdapter, 3: cosine_factor}
+WRONG = {1: houlsby_trainable_no_bias, 2: SequentialAdapter, 3: cosine_factor_from_zero}
