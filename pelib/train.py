@@ -84,6 +84,10 @@ class TrainConfig:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         if not 0 < self.layer_decay <= 1:
             raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        if not 0 <= self.weight_decay < math.inf:  # also refuses nan
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio is a share of the steps in [0, 1), got {self.warmup_ratio}")
         for k in ("epochs", "lr", "head_lr", "max_grad_norm"):
             v = getattr(self, k)
             if k in ("head_lr", "max_grad_norm") and v is None:

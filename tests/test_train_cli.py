@@ -333,6 +333,10 @@ def test_cli_weight_decay_and_warmup(tmp_path):
             main(common + ["--weight-decay", bad])
     with pytest.raises(SystemExit, match=r"--warmup-ratio is a share of the steps in \[0, 1\)"):
         main(common + ["--warmup-ratio", "1"])
+    for bad in (dict(weight_decay=-1.0), dict(weight_decay=float("nan")), dict(warmup_ratio=1.0),
+                dict(warmup_ratio=-0.1)):  # the API refuses what the CLI refuses
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TrainConfig(**bad)
     main(common + ["--weight-decay", "0.01", "--warmup-ratio", "0.1", "--schedule", "cosine"])
     rec = json.loads((tmp_path / "minilm-tiny_banking77_lora-r8_pelib_s0.json").read_text())
     assert rec["config"]["weight_decay"] == 0.01 and rec["config"]["warmup_ratio"] == 0.1
