@@ -336,7 +336,10 @@ for mode, rows_ in [("train mode (fp32 in both)", None), ("eval mode", 64)]:
 # (39.1 vs 55.7 GB); SoRA slightly above LoRA (86.52 vs 86.44); AdaLoRA below LoRA (82.37). The
 # comparisons below are computed from the table of section 1 and the ledger of section 3 (this
 # notebook has no AdaLoRA row, so it says nothing about AdaLoRA). With one seed, differences of
-# about 0.01 F1 are inside the noise.
+# about 0.01 F1 are inside the noise. Over three seeds at full size (docs/benchmarks.md; seed 0
+# in fp32, seeds 1 and 2 in bf16 on a later day), LoRA and QLoRA both average 0.912 macro-F1 and
+# SoRA 0.905, below LoRA in every seed: the seed's "SoRA slightly above LoRA" does not reproduce
+# on SmolLM2 after one epoch.
 
 # %%
 f1 = {v["method"]: v["f1"] for v in rows.values()}
