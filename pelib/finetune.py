@@ -66,6 +66,9 @@ def add_arguments(f: argparse.ArgumentParser) -> None:
     f.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"],
                    help="the lr after the warm-up: linear decay to 0 (default), half a cosine "
                         "down to 0, or constant")
+    f.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="cross-entropy against a target with 1 - eps on the label and eps spread "
+                        "over all classes (default 0)")
     f.add_argument("--layer-decay", type=float, default=1.0,
                    help="layer-wise lr decay: layer l of L at lr * d**(L - l), the embeddings "
                         "one step lower (default 1: every layer at --lr)")
@@ -160,6 +163,9 @@ def check(args) -> None:
         raise ValueError(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
     if not 0 <= args.warmup_ratio < 1:
         raise ValueError(f"--warmup-ratio is a share of the steps in [0, 1), got {args.warmup_ratio}")
+    if not 0 <= args.label_smoothing < 1:
+        raise ValueError(f"--label-smoothing is a share of the target in [0, 1), got "
+                         f"{args.label_smoothing}")
     if not 0 < args.layer_decay <= 1:
         raise ValueError(f"--layer-decay must be in (0, 1] (1: no decay), got {args.layer_decay}")
     if args.r <= 0:
@@ -327,7 +333,7 @@ def _finetune(args, out: Path, name: str) -> dict:
                       checkpoint_every=args.checkpoint_every,
                       max_grad_norm=args.max_grad_norm, head_init=args.head_init,
                       weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
-                      schedule=args.schedule,
+                      schedule=args.schedule, label_smoothing=args.label_smoothing,
                       layer_decay=args.layer_decay,
                       run={k: v for k, v in options(args).items() if k not in NOT_NUMBERS})
     model, tokenizer, data, hooks = build(args, cfg)

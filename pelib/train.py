@@ -49,6 +49,9 @@ class TrainConfig:
     # (Loshchilov & Hutter 2017), or stays at lr (constant).
     schedule: str = "linear"
     weight_decay: float = 0.0
+    # Label smoothing (Szegedy et al. 2016): the target puts 1 - eps on the label and eps / K on
+    # every one of the K classes. 0: plain cross-entropy, the model's own loss.
+    label_smoothing: float = 0.0
     # Layer-wise lr decay (ULMFiT's discriminative fine-tuning; Sun et al. 2019 and ELECTRA for
     # BERT): layer l of L learns at lr * layer_decay ** (L - l), the embeddings one step lower,
     # the head at its own lr. 1.0: every layer at lr.
@@ -88,6 +91,9 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio is a share of the steps in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing is a share of the target in [0, 1), got "
+                             f"{self.label_smoothing}")
         for k in ("epochs", "lr", "head_lr", "max_grad_norm"):
             v = getattr(self, k)
             if k in ("head_lr", "max_grad_norm") and v is None:
@@ -242,7 +248,8 @@ def total_steps(n_examples: int, cfg: TrainConfig) -> int:
 
 # What decides the numbers of a run: a checkpoint is only resumed under the same values.
 _RUN_KEYS = ("epochs", "lr", "head_lr", "batch_size", "grad_accum", "max_length", "warmup_ratio",
-             "schedule", "weight_decay", "layer_decay", "bf16", "seed", "head_init", "run")
+             "schedule", "weight_decay", "label_smoothing", "layer_decay", "bf16", "seed",
+             "head_init", "run")
 
 
 def save_checkpoint(path, model, optimizer, scheduler, hooks, loop: dict, cfg: TrainConfig) -> None:
@@ -428,7 +435,15 @@ def train(model: nn.Module, tokenizer, train_data, eval_data, cfg: TrainConfig,
                     if trunk is not None:  # the head alone, on the cached features
                         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                             logits = trunk[1](feats[torch.tensor(shard, device=device)])
-                        loss = nn.functional.cross_entropy(logits.float(), y)
+                        loss = nn.functional.cross_entropy(logits.float(), y,
+                                                           label_smoothing=cfg.label_smoothing)
+                    elif cfg.label_smoothing:  # the loss from the logits (fp32 under autocast)
+                        batch = {n: t.to(device) for n, t in
+                                 collate(ids, shard, tokenizer.pad_token_id).items()}
+                        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                            logits = runner(**batch).logits
+                        loss = nn.functional.cross_entropy(logits.float(), y,
+                                                           label_smoothing=cfg.label_smoothing)
                     else:
                         batch = {n: t.to(device) for n, t in
                                  collate(ids, shard, tokenizer.pad_token_id).items()}

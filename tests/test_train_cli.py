@@ -424,3 +424,45 @@ def test_cli_layer_decay(tmp_path):
     main(common + ["--layer-decay", "0.8"])
     rec = json.loads((tmp_path / "minilm-tiny_banking77_full_pelib_s0.json").read_text())
     assert rec["config"]["layer_decay"] == 0.8
+
+
+class LossAndLogits:
+    """A hook and a forward hook: the loop's loss, and the batch's logits and labels, per step."""
+    def __init__(self, model, label_of):
+        self.losses, self.seen = [], []
+        model.register_forward_hook(self.forward, with_kwargs=True)
+        self.label_of = label_of
+
+    def forward(self, module, args, kwargs, out):
+        ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+        rows = [tuple(i[m.bool()].tolist()) for i, m in zip(ids, mask)]
+        self.seen.append((out.logits.detach().float(), torch.tensor([self.label_of[r] for r in rows])))
+
+    def loss(self, model, loss):
+        self.losses.append(loss.item())
+        return loss
+
+
+def test_label_smoothing_is_the_smoothed_cross_entropy():
+    """With eps, the loop's loss is (1 - eps) * (-log p_y) + eps * mean_k(-log p_k), the formula
+    of Szegedy et al. (2016), computed here by hand from the logits the model produced."""
+    from pelib.train import encode
+
+    data = pelib.load_nlu("banking77", "train", limit=32)
+    for eps in (0.0, 0.2):
+        model, tok = pelib.tiny_backbone("minilm", 77)
+        label_of = {tuple(ids): y for ids, y in zip(encode(tok, data.texts, 64), data.labels)}
+        hook = LossAndLogits(model, label_of)
+        train(model, tok, data, data, TrainConfig(epochs=1, lr=1e-3, batch_size=8, progress=False,
+                                                  label_smoothing=eps), hooks=[hook])
+        assert len(hook.losses) == 4  # the training steps; the evaluation's forwards come after
+        for loss, (logits, y) in zip(hook.losses, hook.seen[:4]):
+            logp = logits.log_softmax(-1)
+            nll, uniform = -logp[torch.arange(len(y)), y], -logp.mean(-1)
+            assert loss == pytest.approx(((1 - eps) * nll + eps * uniform).mean().item(), rel=1e-5)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        TrainConfig(label_smoothing=1.0)
+    common = ["finetune", "--tiny", "--train-limit", "32", "--eval-limit", "16", "--epochs", "1",
+              "--no-progress"]
+    with pytest.raises(SystemExit, match=r"--label-smoothing is a share of the target in \[0, 1\)"):
+        main(common + ["--label-smoothing", "-0.1"])
