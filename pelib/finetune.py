@@ -20,7 +20,7 @@ from pathlib import Path
 from . import distributed
 from .backbone import DEFAULT_TARGETS, POOLINGS
 from .files import atomic_write, writable_dir
-from .methods import HEAD_LR, METHODS, Run
+from .methods import HEAD_LR, LABEL_SMOOTHING, METHODS, Run
 
 IMPLS = ("pelib", "peft")
 
@@ -66,9 +66,9 @@ def add_arguments(f: argparse.ArgumentParser) -> None:
     f.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"],
                    help="the lr after the warm-up: linear decay to 0 (default), half a cosine "
                         "down to 0, or constant")
-    f.add_argument("--label-smoothing", type=float, default=0.0,
+    f.add_argument("--label-smoothing", type=float, default=LABEL_SMOOTHING,
                    help="cross-entropy against a target with 1 - eps on the label and eps spread "
-                        "over all classes (default 0)")
+                        f"over all classes (default {LABEL_SMOOTHING:g}; 0: plain cross-entropy)")
     f.add_argument("--layer-decay", type=float, default=1.0,
                    help="layer-wise lr decay: layer l of L at lr * d**(L - l), the embeddings "
                         "one step lower (default 1: every layer at --lr)")
@@ -119,6 +119,9 @@ def options(args) -> dict:
     return {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
 
 
+# The value an option had before its default changed: a record written without it ran at that.
+BEFORE = {"label_smoothing": 0.0}
+
 # Options that do not change a run's numbers: where it writes, whether it shows progress.
 NOT_NUMBERS = {"no_progress", "resume", "checkpoint_every", "command", "out", "name", "overwrite"}
 
@@ -127,7 +130,8 @@ def same_run(a: dict | None, b: dict) -> bool:
     """Do two option sets give the same numbers? (None: unknown, so no)"""
     if a is None:
         return False
-    defaults = options(parse([]))  # an option added since a record was written: its default
+    # an option added since a record was written: its default then (BEFORE), else its default
+    defaults = {**options(parse([])), **BEFORE}
     a, b = {**defaults, **a}, {**defaults, **b}
     return ({k: v for k, v in a.items() if k not in NOT_NUMBERS}
             == {k: v for k, v in b.items() if k not in NOT_NUMBERS})

@@ -268,3 +268,15 @@ def test_where_results_go_does_not_make_a_run_different():
     a = options(parse(["--tiny", "--out", "results"]))
     b = options(parse(["--tiny", "--out", "/abs/path/results", "--no-progress"]))
     assert same_run(a, b) and not same_run(a, options(parse(["--tiny", "--lr", "0.1"])))
+
+
+def test_a_record_from_before_a_default_changed_ran_at_the_old_value():
+    """Label smoothing became 0.1 by default; a record written before the option existed ran at
+    0, so it is the same run as `--label-smoothing 0` and not the same as today's default."""
+    from pelib.finetune import options, parse, same_run
+
+    old = options(parse(["--tiny"]))
+    del old["label_smoothing"]
+    assert parse(["--tiny"]).label_smoothing == 0.1
+    assert same_run(old, options(parse(["--tiny", "--label-smoothing", "0"])))
+    assert not same_run(old, options(parse(["--tiny"])))

@@ -1,6 +1,7 @@
 """Checkers for notebook 01's exercises: adapter parameter counts (against pelib's adapters on a
-tiny BERT, counted tensor by tensor), a parallel adapter (against its formula) and a cosine
-learning-rate schedule (against transformers' own)."""
+tiny BERT, counted tensor by tensor), a parallel adapter (against its formula), a cosine
+learning-rate schedule (against transformers' own) and a label-smoothed cross-entropy (against
+torch's own)."""
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -83,3 +84,25 @@ def exercise_3(cosine_factor):
         print(f"exercise_3: S={S}, w={w}: all {S} factors equal transformers' cosine schedule "
               "after the warm-up")
     print("exercise_3: correct")
+
+
+def exercise_4(smoothed_cross_entropy):
+    """smoothed_cross_entropy(logits, labels, eps) -> scalar: the mean over rows of the
+    cross-entropy against a target with 1 - eps on the label and eps / K on each of K classes."""
+    torch.manual_seed(0)
+    for B, K in [(8, 77), (5, 3)]:
+        logits, labels = 3 * torch.randn(B, K), torch.randint(0, K, (B,))   # (B, K), (B,)
+        for eps in (0.0, 0.1, 0.5):
+            want = F.cross_entropy(logits, labels, label_smoothing=eps)
+            got = smoothed_cross_entropy(logits, labels, eps)
+            assert torch.is_tensor(got) and got.shape == (), f"return a scalar tensor, not {got!r}"
+            assert abs(got.item() - want.item()) < 1e-5, (
+                f"B={B}, K={K}, eps={eps}: you say {got.item():.6f}, torch says {want.item():.6f}"
+                + (" (eps / K goes to every class, the label's own included)" if eps else ""))
+    logits = torch.randn(4, 5, requires_grad=True)
+    smoothed_cross_entropy(logits, torch.arange(4), 0.1).backward()
+    target = 0.9 * F.one_hot(torch.arange(4), 5) + 0.1 / 5
+    grad = (logits.softmax(-1) - target) / 4                        # d loss / d logits
+    assert torch.allclose(logits.grad, grad, atol=1e-6), "the gradient is not softmax - target"
+    print("exercise_4: equals torch's label_smoothing at eps 0, 0.1, 0.5; gradient softmax - "
+          "target. correct")

@@ -59,5 +59,22 @@ def cosine_factor_from_zero(s, S, w):
     return (s + 1) / w if s < w else 0.5 * (1 + math.cos(math.pi * s / S))
 
 
-SOLUTIONS = {1: houlsby_trainable, 2: ParallelAdapter, 3: cosine_factor}
-WRONG = {1: houlsby_trainable_no_bias, 2: SequentialAdapter, 3: cosine_factor_from_zero}
+def smoothed_cross_entropy(logits, labels, eps):
+    logp = logits.log_softmax(-1)                                   # (B, K)
+    nll = -logp.gather(-1, labels[:, None]).squeeze(-1)             # (B,) -log p_y
+    uniform = -logp.mean(-1)                                        # (B,) mean_k -log p_k
+    return ((1 - eps) * nll + eps * uniform).mean()
+
+
+def smoothed_cross_entropy_wrong_classes(logits, labels, eps):
+    """Wrong: spreads eps over the K - 1 other classes only (another convention, not torch's)."""
+    logp = logits.log_softmax(-1)
+    K = logits.shape[-1]
+    nll = -logp.gather(-1, labels[:, None]).squeeze(-1)
+    others = (-logp.sum(-1) - nll) / (K - 1)
+    return ((1 - eps) * nll + eps * others).mean()
+
+
+SOLUTIONS = {1: houlsby_trainable, 2: ParallelAdapter, 3: cosine_factor, 4: smoothed_cross_entropy}
+WRONG = {1: houlsby_trainable_no_bias, 2: SequentialAdapter, 3: cosine_factor_from_zero,
+         4: smoothed_cross_entropy_wrong_classes}
