@@ -483,6 +483,9 @@ def train(model: nn.Module, tokenizer, train_data, eval_data, cfg: TrainConfig,
                                 cfg.bf16, group)
                 entry.update({f"dev_{k}": v for k, v in
                               classification_metrics(dev_data.labels, preds).items()})
+                # as if dev were class-balanced like Banking77's test split (pelib.metrics)
+                entry["dev_f1_balanced"] = classification_metrics(dev_data.labels, preds,
+                                                                  balanced=True)["f1"]
                 loop["eval_seconds"] += time.perf_counter() - t0
             result.history.append(entry)
             loop["rng"], loop["rng_after"] = None, rng.getstate()  # the epoch is done

@@ -31,3 +31,24 @@ def test_against_loop_definition():
     assert classification_metrics(t, p)["f1"] == pytest.approx(sum(f1s) / len(f1s))
     with pytest.raises(ValueError, match="shape"):
         classification_metrics([1, 2], [1])
+
+
+def test_balanced_metrics_equal_the_metrics_of_a_balanced_copy():
+    """balanced=True scores an imbalanced split as the split would score if every class had the
+    same count: here, each row repeated lcm / count of its class, then the plain metrics."""
+    import math
+
+    g = torch.Generator().manual_seed(1)
+    t = torch.tensor([0] * 2 + [1] * 3 + [2] * 6 + [3] * 4)               # counts 2, 3, 6, 4
+    p = torch.where(torch.rand(len(t), generator=g) < 0.6, t, torch.randint(0, 5, t.shape, generator=g))
+    counts = torch.bincount(t)
+    lcm = math.lcm(*counts.tolist())
+    reps = torch.tensor([lcm // counts[c] for c in t.tolist()])
+    balanced_copy = classification_metrics(t.repeat_interleave(reps), p.repeat_interleave(reps))
+    got = classification_metrics(t, p, balanced=True)
+    assert got == pytest.approx(balanced_copy)
+    assert got["recall"] == pytest.approx(classification_metrics(t, p)["recall"])  # unchanged
+    assert got["precision"] != pytest.approx(classification_metrics(t, p)["precision"])
+    even = torch.arange(12) % 4                                              # already balanced
+    assert classification_metrics(even, p[:12], balanced=True) == pytest.approx(
+        classification_metrics(even, p[:12]))

@@ -55,6 +55,12 @@ def test_loop_learns_and_calls_hooks():
     assert res.trainable_params == pelib.trainable_parameters(model)
     assert res.peak_memory_mb > 50 and res.train_seconds > 0
     assert set(res.metrics) == {"accuracy", "precision", "recall", "f1"}
+    # the dev split's scores after each epoch, plain and as if class-balanced (pelib.metrics)
+    from pelib.metrics import classification_metrics
+    preds = pelib.train.predict(model, pelib.train.encode(tok, data.texts, 64), tok.pad_token_id)
+    assert res.history[-1]["dev_f1"] == pytest.approx(res.metrics["f1"])  # dev = eval data here
+    assert res.history[-1]["dev_f1_balanced"] == pytest.approx(
+        classification_metrics(data.labels, preds, balanced=True)["f1"])
 
 
 class GradNorms:
