@@ -437,18 +437,15 @@ def train(model: nn.Module, tokenizer, train_data, eval_data, cfg: TrainConfig,
                             logits = trunk[1](feats[torch.tensor(shard, device=device)])
                         loss = nn.functional.cross_entropy(logits.float(), y,
                                                            label_smoothing=cfg.label_smoothing)
-                    elif cfg.label_smoothing:  # the loss from the logits (fp32 under autocast)
-                        batch = {n: t.to(device) for n, t in
-                                 collate(ids, shard, tokenizer.pad_token_id).items()}
-                        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                            logits = runner(**batch).logits
-                        loss = nn.functional.cross_entropy(logits.float(), y,
-                                                           label_smoothing=cfg.label_smoothing)
                     else:
                         batch = {n: t.to(device) for n, t in
                                  collate(ids, shard, tokenizer.pad_token_id).items()}
+                        smooth = cfg.label_smoothing > 0  # then the loss from the logits, in fp32
                         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                            loss = runner(**batch, labels=y).loss
+                            out = runner(**batch, labels=None if smooth else y)
+                        loss = (nn.functional.cross_entropy(out.logits.float(), y,
+                                                            label_smoothing=cfg.label_smoothing)
+                                if smooth else out.loss)
                     if weight != 1:
                         loss = loss * weight
                     for h in hooks:
