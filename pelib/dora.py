@@ -4,8 +4,8 @@ DoRA splits a weight into a magnitude and a direction (weight normalisation, Sal
 2016), trains the magnitude directly and the direction through LoRA. In the paper's notation,
 with W0 of shape (d, k) and ||.||_c the norm of each column (one per output unit):
 
-    W0 = m ||W0||_c^-1 W0 = ||W0||_c (W0 / ||W0||_c)              (eq. 2: magnitude x direction)
-    W' = m (W0 + B A) / ||W0 + B A||_c                             (eq. 5: m trains, V = W0 + BA)
+    W0 = m V / ||V||_c,  m = ||W0||_c,  V = W0           (eq. 2: magnitude times direction)
+    W' = m (W0 + B A) / ||W0 + B A||_c                    (eq. 5: m trains, V = W0 + BA)
 
 In torch's (out, in) layout the paper's columns are our rows, so m has shape (out,) and
 ||V||_c = ||V_j,:|| over the input dim. With LoRA's `scaling` s on the update and x: (..., in),
@@ -169,10 +169,10 @@ def save_dora(model: nn.Module, path: str | os.PathLike, **kwargs) -> Path:
 def load_dora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a peft DoRA adapter folder (LORA with `use_dora: true`) into a fresh base model,
     or into a model that already has the same DoRA layers."""
-    return io.load_with(model, path, ("LORA",), dora_from_config, _check_dora_file)
+    return io.load_with(model, path, ("LORA",), dora_from_config, check_dora_file)
 
 
-def _check_dora_file(config: dict, tensors: dict, source: str) -> None:
+def check_dora_file(config: dict, tensors: dict, source: str) -> None:
     if not config.get("use_dora"):
         raise ValueError(f"{source}: adapter_config.json has no `use_dora: true`, so it is a "
                          "plain LoRA adapter; load it with pelib.load_adapter")

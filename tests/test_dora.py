@@ -275,6 +275,9 @@ def test_files_that_do_not_fit_are_refused(tmp_path):
     with pytest.raises(ValueError, match="no `use_dora: true`"):
         load_dora(tiny(), tmp_path / "lora")
     ours = apply_dora(tiny(), ["query"], r=4)
+    save_dora(ours, tmp_path / "dora")
+    with pytest.raises(ValueError, match="other settings.*'r': \\(2, 4\\)"):
+        load_dora(apply_dora(tiny(), ["query"], r=2), tmp_path / "dora")
     tensors = dora_state_dict(ours)
     key = next(k for k in tensors if k.endswith("lora_magnitude_vector"))
     with pytest.raises(ValueError, match="missing from the file"):
