@@ -42,7 +42,7 @@
 # notebook imports `pelib.kernels` and asserts that the package computes what we built here.
 #
 # On a machine without a GPU, Triton runs kernels in its **interpreter** (numpy, one program at
-# a time, about 3 ms each): correct, never fast. It must be switched on before `triton` is
+# a time): correct, never fast. It must be switched on before `triton` is
 # imported, so that is the first thing we do.
 
 # %%
@@ -79,8 +79,8 @@ def limit_us(nbytes, flops=0):
 # `triton.testing.do_bench` (it warms up, flushes the L2 cache between runs and returns a
 # median in ms). It prints the three numbers every benchmark here prints: ours, torch's, the
 # limit, and what ours achieves in GB/s and TFLOP/s. On a CPU it prints that timing is skipped:
-# the interpreter runs each program instance in numpy (about 3 ms each), so its times measure
-# Python, not the kernel: it is a correctness tool. Every call is recorded in `BENCH` for the
+# the interpreter runs each program instance in numpy, one after the other, so its times
+# measure Python, not the kernel: it is a correctness tool (section 11 times what a CPU can). Every call is recorded in `BENCH` for the
 # roofline figure of section 10.
 #
 # On a GPU these cells run unchanged: the same code launches compiled kernels (no interpreter
@@ -974,7 +974,7 @@ def swiglu_ref(g, u):                                                    # secti
 
 
 N_C, H_C, M_C = (64, 256, 512) if FAST else (4096, 2048, 5632)          # tokens, hidden, MLP width
-src = torch.randn(1 << 18 if FAST else 1 << 26)                         # 1 MB / 268 MB of fp32
+src = torch.randn(1 << 22 if FAST else 1 << 26)                         # 17 MB / 268 MB of fp32
 dst = torch.empty_like(src)
 BW_CPU = 2 * src.numel() * 4 / median_s(lambda: dst.copy_(src))         # bytes/s, read + write
 xc, wc = torch.randn(N_C, H_C), torch.rand(H_C) + 0.5                   # (N, H), (H,)
