@@ -22,17 +22,17 @@
 # * **everything between them**: dequantising the 4-bit weights, RMSNorm, RoPE, the SwiGLU gate,
 #   the loss. A few FLOPs per byte: their time is set by **memory traffic**.
 #
-# The numbers for one H200, the GPU this course was measured on:
+# The limits below are those of one NVIDIA H200, from its spec sheet (an H100 SXM: 3.35 TB/s, the
+# same matmul peak):
 #
-# | | spec sheet | measured on the project's device machine |
-# |---|---|---|
-# | HBM3e bandwidth | 4.8 TB/s | about 4.3 TB/s (a device-to-device copy) |
-# | dense bf16 matmul | about 989 TFLOP/s | about 790 TFLOP/s (a large cuBLAS matmul) |
+# | H200, spec sheet | |
+# |---|---|
+# | HBM3e bandwidth | 4.8 TB/s |
+# | dense bf16 matmul | about 989 TFLOP/s |
 #
-# The spec is the bound no kernel can beat, so **"the limit" below always uses the spec**; the
-# measured column is what good code achieves (about 90% of the bandwidth, 80% of the peak), and
-# the roofline figure in section 10 draws both. For every kernel we count bytes read and written
-# and FLOPs, and compute its speed limit:
+# The spec is the bound no kernel can beat, so **"the limit" below always uses the spec**; real
+# code reaches a fraction of it, and on a GPU the timing cells print that fraction. For every
+# kernel we count bytes read and written and FLOPs, and compute its speed limit:
 #
 # $$ t \;\ge\; \max\Big(\frac{\text{bytes moved}}{\text{bandwidth}},\; \frac{\text{FLOPs}}{\text{peak FLOP/s}}\Big). $$
 #
@@ -42,7 +42,7 @@
 # notebook imports `pelib.kernels` and asserts that the package computes what we built here.
 #
 # On a machine without a GPU, Triton runs kernels in its **interpreter** (numpy, one program at
-# a time, about 3 ms each): correct, never fast. It must be switched on before `triton` is
+# a time): correct, never fast. It must be switched on before `triton` is
 # imported, so that is the first thing we do.
 
 # %%
@@ -63,7 +63,6 @@ FAST = os.environ.get("PELIB_FAST") == "1"                    # CI: tiny sizes
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERP = DEVICE == "cpu"
 HBM, PEAK = 4.8e12, 989e12                       # H200 spec sheet: bytes/s, dense bf16 FLOP/s
-HBM_MEASURED, PEAK_MEASURED = 4.3e12, 790e12     # achieved on the project's device machine
 torch.manual_seed(0)
 print("device", DEVICE, "| triton", triton.__version__, "| interpreter" if INTERP else "")
 
@@ -80,12 +79,13 @@ def limit_us(nbytes, flops=0):
 # `triton.testing.do_bench` (it warms up, flushes the L2 cache between runs and returns a
 # median in ms). It prints the three numbers every benchmark here prints: ours, torch's, the
 # limit, and what ours achieves in GB/s and TFLOP/s. On a CPU it prints that timing is skipped:
-# the interpreter runs each program instance in numpy (about 3 ms each), so its times measure
-# Python, not the kernel: it is a correctness tool. Every call is recorded in `BENCH` for the
+# the interpreter runs each program instance in numpy, one after the other, so its times
+# measure Python, not the kernel: it is a correctness tool (section 11 times what a CPU can). Every call is recorded in `BENCH` for the
 # roofline figure of section 10.
 #
 # On a GPU these cells run unchanged: the same code launches compiled kernels (no interpreter
-# switch, no upcasts; `bench/gpu.sh` times pelib's kernels the same way on the device machine).
+# switch, no upcasts; `bench/gpu.sh` times pelib's kernels the same way on a GPU). On a CPU,
+# section 11 measures the same lesson with torch on the processor you have.
 # Section 2 quantises with bitsandbytes, which a GPU machine without it gets as a wheel.
 
 # %%
@@ -197,7 +197,7 @@ args = tuple(t.to(DEVICE) if torch.is_tensor(t) else t for t in args_cpu)   # wh
 # the launch passes `enable_fp_fusion=False` to stay bit-exact.
 #
 # Traffic per element: read 1/2 byte + 1/64 byte (the uint8 block index), write 2 bytes in
-# fp16. A 4096 x 14336 MLP weight: 148 MB, **31 us** at 4.8 TB/s (34 us at the measured 4.3).
+# fp16. A 4096 x 14336 MLP weight: 148 MB, **31 us** at the spec's 4.8 TB/s.
 
 # %%
 @triton.jit
@@ -245,7 +245,7 @@ timed("NF4 dequant 4096x14336 -> fp16", n_w // 2 + n_w // 64 + 2 * n_w, 3 * n_w,
 # %% [markdown]
 # **Version 2 (pelib's)** works on bytes instead of outputs: each program loads `BLOCK` bytes
 # once, looks up both nibbles, and interleaves them with `tl.join(even, odd)` reshaped to
-# `(2 BLOCK,)`. Same bytes moved; half the loads and no parity arithmetic. Section 11 prints it
+# `(2 BLOCK,)`. Same bytes moved; half the loads and no parity arithmetic. Section 12 prints it
 # beside this one.
 #
 # ## 3. RMSNorm: one row per program, a reduction inside
@@ -727,8 +727,8 @@ timed("fused LoRA fwd 8192x4096->4096 r16 fp16", 2 * (Nt * d_in + d_out * d_in +
 # ### Why pelib's fused LoRA keeps cuBLAS for the big matmuls
 #
 # For an MLP projection with 8192 tokens, h = 4096, m = 14336 the $xW^\top$ product is
-# $2 \cdot 8192 \cdot 4096 \cdot 14336 = 0.96$ TFLOP: 0.97 ms at the spec's 989 TFLOP/s (1.2 ms
-# at the measured 790), against about 0.09 ms to read W and x and write y. It is compute-bound,
+# $2 \cdot 8192 \cdot 4096 \cdot 14336 = 0.96$ TFLOP: 0.97 ms at the spec's 989 TFLOP/s, against
+# about 0.09 ms to read W and x and write y at 4.8 TB/s. It is compute-bound,
 # and cuBLAS is already near the peak. What the kernel above fuses away is memory traffic: the
 # (N, r) $xA^\top$ and one (N, out) temporary, a few percent of the matmul's time at best; it
 # pays 12.5% extra FLOPs for it, and a hand-written Triton matmul matches cuBLAS only with
@@ -892,8 +892,9 @@ timed("autotuned matmul 4096^3 fp16", 3 * 2 * 4096 * 4096, 2 * 4096 ** 3, make_m
 # Left, the roofline: a kernel of arithmetic intensity $I$ FLOP/byte can reach at most
 # $\min(\text{peak}, I \cdot \text{bandwidth})$ FLOP/s. Everything but the matmuls sits far left
 # on the bandwidth slope, where only fewer bytes (fusion, 4-bit weights, bf16 gradients written
-# in place) make it faster. Hollow markers are the limits; filled ones (on a GPU only) what
-# `do_bench` measured. Right, the same as times: the limit, ours and torch's.
+# in place) make it faster. The line is the spec sheet's; hollow markers are the limits, filled
+# ones (on a GPU only) what `do_bench` measured on the GPU running this notebook. Right, the
+# same as times: the limit, ours and torch's.
 
 # %%
 import matplotlib.pyplot as plt
@@ -901,16 +902,14 @@ import numpy as np
 
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
 ai = np.logspace(-1.5, 3.5, 200)                                        # FLOP per byte
-for bw, pk, ls, lab in ((HBM, PEAK, "-", "spec: 4.8 TB/s, 989 TFLOP/s"),
-                        (HBM_MEASURED, PEAK_MEASURED, ":", "measured: 4.3 TB/s, 790 TFLOP/s")):
-    ax1.loglog(ai, np.minimum(pk, ai * bw) / 1e12, "k" + ls, lw=1, label=lab)
+ax1.loglog(ai, np.minimum(PEAK, ai * HBM) / 1e12, "k-", lw=1, label="H200 spec: 4.8 TB/s, 989 TFLOP/s")
 for i, b in enumerate(BENCH):
     intensity = b["flops"] / b["nbytes"]
     mark = "osD^v<>ph*"[i % 10]
     ax1.plot(intensity, b["flops"] / b["limit"] / 1e6, mark, mfc="none", color=f"C{i}", ms=8, label=b["name"])
     if b["us"]:
         ax1.plot(intensity, b["flops"] / b["us"] / 1e6, mark, color=f"C{i}", ms=6)
-ax1.set(xlabel="arithmetic intensity (FLOP / byte)", ylabel="TFLOP/s", title="roofline, H200")
+ax1.set(xlabel="arithmetic intensity (FLOP / byte)", ylabel="TFLOP/s", title="roofline, H200 spec sheet")
 ax1.legend(fontsize=6.5, loc="lower right")
 y = np.arange(len(BENCH))
 ax2.barh(y - (0 if INTERP else 0.27), [b["limit"] for b in BENCH], 0.27, color="0.7", label="limit (spec)")
@@ -927,11 +926,109 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# ## 11. Check: pelib computes what we built
+# ## 11. The same lesson on the CPU you have
+#
+# Triton's interpreter cannot time a kernel, but the lesson of this notebook holds on any
+# processor: an elementwise or row-wise op runs at the speed of the bytes it moves, and fusion
+# removes bytes. We measure it here, with torch alone, on this machine's CPU:
+#
+# * **the limit**: this CPU's memory bandwidth, measured by copying a large fp32 tensor
+#   (STREAM's "copy": read 4n bytes, write 4n bytes). It plays the role of the spec's 4.8 TB/s;
+# * **eager torch**: `rmsnorm_ref` of section 3 and `silu(g) * u` of section 4 as written. Each
+#   operation is its own pass over memory and writes a full-size temporary: RMSNorm makes about
+#   six passes (square, mean, scale, weight), SwiGLU five (silu writes $g$'s size, the product
+#   reads it back), against the two and three the fused kernels need;
+# * **`torch.compile`**: inductor fuses each op into one loop (C++ with vector instructions on a
+#   CPU) that reads every input once and writes the output once, as our Triton kernels do.
+#
+# For each we print the time, the **useful bytes** (inputs read once, output written once)
+# divided by that time, and that as a share of the copy's bandwidth. In FAST mode the sizes are
+# tiny (they fit in the cache, so the shares mean little) and `torch.compile` is skipped: its
+# first call generates and builds C++ code, slow next to everything else here.
+
+# %%
+import time
+
+
+def median_s(f, reps=7):
+    """Median wall time of f() in seconds, after one warm-up call (CPU: no cache flush)."""
+    f()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t0)
+    return sorted(ts)[len(ts) // 2]
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "this CPU"
+
+
+def swiglu_ref(g, u):                                                    # section 4's definition
+    return torch.nn.functional.silu(g) * u
+
+
+N_C, H_C, M_C = (64, 256, 512) if FAST else (4096, 2048, 5632)          # tokens, hidden, MLP width
+src = torch.randn(1 << 22 if FAST else 1 << 26)                         # 17 MB / 268 MB of fp32
+dst = torch.empty_like(src)
+BW_CPU = 2 * src.numel() * 4 / median_s(lambda: dst.copy_(src))         # bytes/s, read + write
+xc, wc = torch.randn(N_C, H_C), torch.rand(H_C) + 0.5                   # (N, H), (H,)
+gc, uc = torch.randn(N_C, M_C), torch.randn(N_C, M_C)                   # (N, M) each
+cpu_cases = [("RMSNorm fwd", rmsnorm_ref, (xc, wc), 4 * (2 * xc.numel() + wc.numel())),   # read x, w; write y
+             ("SwiGLU fwd", swiglu_ref, (gc, uc), 4 * 3 * gc.numel())]                    # read g, u; write h
+print(f"{cpu_name()}, {torch.get_num_threads()} threads; copy {src.numel() * 4 / 1e6:.0f} MB: "
+      f"{BW_CPU / 1e9:.1f} GB/s, the limit below")
+CPU_BENCH = []
+for name, fn, inputs, nbytes in cpu_cases:
+    t_eager = median_s(lambda: fn(*inputs))
+    row = dict(name=name, eager=nbytes / t_eager / BW_CPU, compiled=None)
+    line = (f"{name:12s} ({nbytes / 1e6:6.1f} MB useful) eager {1e3 * t_eager:8.3f} ms "
+            f"= {nbytes / t_eager / 1e9:6.1f} GB/s, {100 * row['eager']:3.0f}% of copy")
+    if not FAST:
+        fused = torch.compile(fn)
+        assert torch.allclose(fused(*inputs), fn(*inputs), atol=1e-5, rtol=1e-5)   # compiles here
+        t_fused = median_s(lambda: fused(*inputs))
+        row["compiled"] = nbytes / t_fused / BW_CPU
+        line += (f" | compiled {1e3 * t_fused:8.3f} ms = {nbytes / t_fused / 1e9:6.1f} GB/s, "
+                 f"{100 * row['compiled']:3.0f}% of copy ({t_eager / t_fused:.1f}x eager)")
+    CPU_BENCH.append(row)
+    print(line)
+if FAST:
+    print("FAST mode (PELIB_FAST=1): tiny sizes that fit in the cache, and torch.compile skipped; "
+          "run with PELIB_FAST=0 for the comparison")
+
+# %%
+fig, ax = plt.subplots(figsize=(6, 2.6))
+yy = np.arange(len(CPU_BENCH))
+ax.barh(yy - 0.2, [100 * r["eager"] for r in CPU_BENCH], 0.4, label="eager torch")
+if not FAST:
+    ax.barh(yy + 0.2, [100 * r["compiled"] for r in CPU_BENCH], 0.4, label="torch.compile (fused)")
+ax.axvline(100, color="k", lw=1, label="this CPU's copy bandwidth")
+ax.set_yticks(yy, [r["name"] for r in CPU_BENCH])
+ax.invert_yaxis()
+ax.set(xlabel="useful bytes / time, % of the copy bandwidth",
+       title="fusion on this CPU" + (" (FAST: tiny sizes, nothing compiled)" if FAST else ""))
+ax.legend(fontsize=7, loc="lower right")
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# The bars say how close each version comes to moving only the bytes it needs at the speed this
+# CPU can move bytes at all. Eager torch pays for its extra passes over memory; a fused loop
+# does not, and that is what the Triton kernels of sections 3 and 4 remove on a GPU. On a busy
+# machine every bar moves; the ratios within one run are what to read.
+
+# %% [markdown]
+# ## 12. Check: pelib computes what we built
 #
 # `pelib.kernels` holds the finished versions: one file per kernel, its `_ref` beside it,
 # backward passes for all of them. `python -m pelib bench kernels` times them against torch and
-# prints these limits; `bench/gpu.sh` runs it at full size on the device machine, and
+# prints these limits; `bench/gpu.sh` runs it at full size on a GPU, and
 # `pelib.patch.patch(model)` puts them into a transformers model (its tests check that the loss
 # and every LoRA gradient stay the same with the kernels on and off).
 #
@@ -1009,60 +1106,64 @@ print("pelib.kernels computes what this notebook built")
 # %% [markdown]
 # ## Exercises
 #
-# Each exercise has a stub to replace and a checker that compares your answer with plain torch
-# at small odd shapes (it runs in the interpreter in seconds: keep blocks large and grids small).
-# Solutions: `notebooks/solutions/nb09.py`.
+# Each exercise asks for a kernel this notebook did not write. Replace the stub; the checker
+# compares your answer with plain torch at small odd shapes (it runs in the interpreter in
+# seconds: keep blocks large and grids small), and it rejects an answer that launches no
+# `@triton.jit` kernel or calls the torch function it compares against. Solutions:
+# `notebooks/solutions/nb09.py`.
 #
-# **Exercise 1: RMSNorm's dW alone.** A LoRA run freezes the norm weights, but full fine-tuning
-# trains them. Write a Triton kernel and its launcher `rmsnorm_dw(dy, x, eps)` that returns only
-# $dw$ (H,) for $y = w \odot x\,r$, with $r_i = (\tfrac1H\sum_j x_{ij}^2 + \epsilon)^{-1/2}$:
+# **Exercise 1: LayerNorm forward (a mean, then a variance).** BERT-style models (MiniLM of the
+# earlier notebooks) normalise with LayerNorm, not RMSNorm: per row $x \in \mathbb{R}^H$,
 #
-# $$ dw_j = \sum_i dy_{ij}\, x_{ij}\, r_i . $$
+# $$ \mu = \tfrac1H \textstyle\sum_j x_j,\qquad \sigma^2 = \tfrac1H \textstyle\sum_j (x_j - \mu)^2,
+#    \qquad y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} \odot w + b . $$
 #
-# The sum runs over rows, across programs: give each program a share of the rows (a grid-stride
-# loop over tiles of `BLOCK_R` rows), keep an fp32 (BLOCK_H,) partial in registers, write one row
-# of partials per program and sum the rows in torch. dy, x: (rows, H) fp32, contiguous.
+# Write `layernorm(x, w, b, eps)` for x (rows, H) fp32 contiguous, one row per program as in
+# section 3, with two reductions. Mind the padding: `BLOCK_H` is a power of two, the masked
+# lanes load 0, and $0 - \mu$ is not 0. The checker uses H = 100, 33 and 1000 with rows whose
+# mean is far from 0 (a kernel that lets the padding into $\sigma^2$ fails) and compares with
+# `F.layer_norm`.
 
 # %%
-def rmsnorm_dw(dy, x, eps=1e-6):
-    """dy, x (rows, H) -> dw (H,): a Triton kernel writing per-program partial sums, then a torch sum."""
+def layernorm(x, w, b, eps=1e-5):
+    """x (rows, H), w (H,), b (H,) -> y (rows, H): one Triton program per row."""
     raise NotImplementedError
 
 # %%
 from checks import attempt
-from checks.nb09 import exercise_1
+from checks.nb09 import exercise_1, exercise_2, exercise_3
 
-attempt(exercise_1, rmsnorm_dw)
+attempt(exercise_1, layernorm)
 
 # %% [markdown]
-# **Exercise 2: a masked tiled matmul for any tile size.** Write `matmul_tiled(a, b, BLOCK_M,
-# BLOCK_N, BLOCK_K)`: $C = AB$ for a (M, K), b (K, N) fp32, contiguous, each program one
-# `BLOCK_M x BLOCK_N` tile of C accumulating `tl.dot` over K in steps of `BLOCK_K`:
+# **Exercise 2: GeGLU, SwiGLU's sibling.** T5 v1.1 and Gemma gate the MLP with GELU instead of
+# SiLU, in its tanh approximation:
 #
-# $$ C_{[m, n]} = \sum_{k_0 = 0,\, B_K,\, 2B_K, \dots < K} A_{[m,\; k_0 : k_0 + B_K]}\; B_{[k_0 : k_0 + B_K,\; n]} . $$
+# $$ h = \mathrm{gelu}(g)\,u,\qquad \mathrm{gelu}(g) = \tfrac12\, g\,\big(1 + \tanh z\big),\quad
+#    z = \sqrt{2/\pi}\,\big(g + 0.044715\, g^3\big). $$
 #
-# The checker uses tiles that divide none of M, N, K (e.g. 37 x 45 @ 45 x 29 in 16 x 16 x 16
-# tiles): every load needs a mask, and the last K step too. Tile sizes are at least 16.
+# The interpreter has no `tanh` (it lives in `libdevice`): write it with `tl.exp` so that it
+# cannot overflow for large $|z|$ (hint: $e^{-2|z|} \le 1$). Write `geglu(g, u)` for g, u of the
+# same shape, fp32, contiguous. The checker compares with `F.gelu(g, approximate="tanh") * u` at
+# values up to about $|g| = 12$.
 
 # %%
-def matmul_tiled(a, b, BLOCK_M, BLOCK_N, BLOCK_K):
-    """a (M, K) @ b (K, N) -> (M, N) fp32, with the given tile sizes."""
+def geglu(g, u):
+    """g, u (..., M) -> h = gelu_tanh(g) * u: one elementwise Triton kernel."""
     raise NotImplementedError
 
 # %%
-from checks.nb09 import exercise_2
-
-attempt(exercise_2, matmul_tiled)
+attempt(exercise_2, geglu)
 
 # %% [markdown]
-# **Exercise 3: the SwiGLU backward kernel.** Section 4 wrote the forward $h = \mathrm{silu}(g)\,u$.
-# Write one elementwise Triton kernel and its launcher `swiglu_bwd(dh, g, u)` returning
-# `(dg, du)`, with $\sigma = \sigma(g)$:
+# **Exercise 3: the SwiGLU backward kernel.** Section 4 wrote the forward $h = \mathrm{silu}(g)\,u$
+# and stated its derivative. Write one elementwise Triton kernel and its launcher
+# `swiglu_bwd(dh, g, u)` returning `(dg, du)`, with $\sigma = \sigma(g)$:
 #
 # $$ du = dh\,g\,\sigma, \qquad dg = dh\,u\,\sigma\,\big(1 + g\,(1 - \sigma)\big). $$
 #
-# It reads 3 and writes 2 tensors: 5 x 2 bytes per element in bf16, the 245 us of section 4 for
-# 8192 x 14336. dh, g, u: same shape, fp32, contiguous.
+# It reads 3 and writes 2 tensors: 5 x 2 bytes per element in bf16, section 4's backward limit.
+# dh, g, u: same shape, fp32, contiguous. The checker compares with torch autograd.
 
 # %%
 def swiglu_bwd(dh, g, u):
@@ -1070,6 +1171,4 @@ def swiglu_bwd(dh, g, u):
     raise NotImplementedError
 
 # %%
-from checks.nb09 import exercise_3
-
 attempt(exercise_3, swiglu_bwd)

@@ -17,10 +17,10 @@
 # # 10 · A real fine-tune, end to end: SmolLM2-135M with QLoRA and SoRA
 #
 # Notebooks 01-08 each built one idea from its equations; `pelib` holds the finished code. This
-# notebook uses only `pelib` and does what the seed study of this course did (the **58.com
-# TEG-AI Lab article on parameter-efficient fine-tuning methods**: LoRA, QLoRA, AdaLoRA, SoRA
-# and Unsloth's kernels): fine-tune one pretrained model on one data set with several methods
-# under the same loop, and read quality against what each method costs. Here: **SmolLM2-135M**
+# notebook uses only `pelib` and does what the **58.com TEG-AI Lab article on parameter-efficient
+# fine-tuning methods** (LoRA, QLoRA, AdaLoRA, SoRA and Unsloth's kernels) did: fine-tune one
+# pretrained model on one data set with several methods under the same loop, and read quality
+# against what each method costs. Here: **SmolLM2-135M**
 # (Llama, 30 layers) as a Banking77 intent classifier (77 classes), all 9,003 training rows, one
 # epoch, with
 #
@@ -33,7 +33,7 @@
 # bitsandbytes, and the two must predict the same labels.
 #
 # The runs come from `pelib.compare`, the runner behind `python -m pelib compare`. Its presets
-# (`pelib/compare.py`; times: measured, see README):
+# (`pelib/compare.py`):
 #
 # | preset | what |
 # |---|---|
@@ -46,8 +46,9 @@
 #
 # Each run is its own process, checkpointed: the runner skips runs whose record already exists
 # in `results/` and resumes a cut-off one. So `python -m pelib compare --preset llm` and this
-# notebook share their runs; whichever runs first does the work (about an hour a run on 2 CPU
-# cores), the other reads it. With `PELIB_FAST=1` the notebook runs the four SmolLM2 rows of the
+# notebook share their runs; whichever runs first does the work, the other reads it (the
+# table of section 1 prints what each run cost: its training time and seconds per step, read
+# from its record). With `PELIB_FAST=1` the notebook runs the four SmolLM2 rows of the
 # `smoke` preset instead: tiny random models, and every number printed is a TOY NUMBER.
 
 # %%
@@ -108,15 +109,17 @@ def plain(x, _=None):  # 2.5M, 360k: plain units, never a 1e6 offset
 by_method = {r["args"]["method"]: r for r in records}  # one seed, one run per method
 rows = {r["label"]: dict(method=r["args"]["method"], f1=r["metrics"]["f1"], acc=r["metrics"]["accuracy"],
                          trainable=r["trainable_params"], share=r["trainable_params"] / r["total_params"],
-                         rss_mb=r["peak_memory_mb"], s_per_step=r["seconds_per_step"])
+                         rss_mb=r["peak_memory_mb"], s_per_step=r["seconds_per_step"],
+                         train_s=r["train_seconds"])
         for r in records}
 r0 = records[0]
 print(f"SmolLM2{'-tiny' if FAST else ''} on Banking77{TOY}: {r0['train_rows']} train rows, "
       f"{r0['eval_rows']} {r0['eval_split']} rows, batch {r0['args']['batch_size']}")
-print(f"{'method':22s} {'F1':>7s} {'acc':>7s} {'trainable':>10s} {'share':>7s} {'RSS MB':>7s} {'s/step':>7s}")
+print(f"{'method':22s} {'F1':>7s} {'acc':>7s} {'trainable':>10s} {'share':>7s} {'RSS MB':>7s} {'s/step':>7s} "
+      f"{'train s':>8s}")
 for label, v in rows.items():
     print(f"{label:22s} {v['f1']:7.4f} {v['acc']:7.4f} {plain(v['trainable']):>10s} "
-          f"{100 * v['share']:6.2f}% {v['rss_mb']:7.0f} {v['s_per_step']:7.3f}")
+          f"{100 * v['share']:6.2f}% {v['rss_mb']:7.0f} {v['s_per_step']:7.3f} {v['train_s']:8.0f}")
 
 # %% [markdown]
 # ## 2. Quality against trainable parameters
@@ -124,11 +127,32 @@ for label, v in rows.items():
 # The floor (only the head trains) is a dashed line: a method is worth its adapter only by how
 # far above that line it sits. The x axis counts what AdamW holds (8 bytes of state each).
 #
-# SmolLM2's floor is far below MiniLM's (about 0.78 against 0.92 on the test split): the last
-# token's state of a causal LM is trained to predict the next token, not to summarise the query,
-# and a few of its dimensions are outliers (rms near 20 against 2 overall), which an Adam-trained
-# head handles worse than a probe fitted on standardised features (L-BFGS: test 0.818,
-# docs/benchmarks.md). Fine-tuning is worth much more here than on MiniLM.
+# How high is the floor? The cell below reads the full-size floors from the course's result
+# tables (`docs/tables/`, three epochs for MiniLM, one for SmolLM2), with the L-BFGS probe (a
+# linear classifier fitted on standardised frozen features) beside the head trained by Adam.
+
+# %%
+import csv  # noqa: E402
+
+
+def course_table(name):  # {method: row} of one result table in docs/tables
+    with open(ROOT / "docs" / "tables" / name) as f:
+        return {r["method"]: r for r in csv.DictReader(f)}
+
+
+minilm, smol = course_table("banking77_minilm.csv"), course_table("smollm2_banking77.csv")
+print(f"{'test macro-F1 at full size':28s} {'MiniLM':>8s} {'SmolLM2':>8s}")
+for m in ("head", "probe", "lora"):
+    print(f"{minilm[m]['label']:28s} {float(minilm[m]['test_f1_mean']):8.4f} {float(smol[m]['test_f1_mean']):8.4f}")
+
+# %% [markdown]
+# SmolLM2's floor sits far below MiniLM's. The last token's state of a causal LM is trained to
+# predict the next token, not to summarise the query, and a few of its dimensions are outliers
+# far larger than the rest, which an Adam-trained head handles worse than a probe fitted on
+# standardised features. So fine-tuning is worth much more here than on MiniLM: compare the
+# gap from the head to LoRA in the two columns.
+
+# %%
 
 # %%
 fig, ax = plt.subplots(figsize=(6.5, 4.2))
@@ -304,8 +328,7 @@ print("wrote", sorted(p.name for p in adapter_dir.iterdir()))
 peft_model = PeftModel.from_pretrained(pelib.peers.quantized_4bit(backbone()[0]), adapter_dir)
 assert not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in qlora_model.modules())
 
-# 1,024 seeded test rows in full mode: bitsandbytes' CPU path makes all 3,080 take ~10 minutes
-# (on 2026-12-01 all 3,080 agreed: identical labels, max |logit difference| 0; docs/benchmarks.md)
+# a seeded subset of the test rows in full mode: bitsandbytes' CPU path is slow
 test = pelib.load_nlu("banking77", "test", limit=64 if FAST else 1024, seed=0)
 test_ids = pelib.train.encode(tok, test.texts, r0["args"]["max_length"])
 
@@ -329,17 +352,15 @@ for mode, rows_ in [("train mode (fp32 in both)", None), ("eval mode", 64)]:
           f"max |logit difference| {agreement[mode][1]:.2e}{TOY}")
 
 # %% [markdown]
-# ## 6. Against the seed study
+# ## 6. Against the article
 #
 # The 58.com TEG-AI Lab article reported, on its own data and hardware: LoRA close to full
 # fine-tuning (86.44 F1); QLoRA costing little quality while using 0.70 of LoRA's GPU memory
 # (39.1 vs 55.7 GB); SoRA slightly above LoRA (86.52 vs 86.44); AdaLoRA below LoRA (82.37). The
 # comparisons below are computed from the table of section 1 and the ledger of section 3 (this
 # notebook has no AdaLoRA row, so it says nothing about AdaLoRA). With one seed, differences of
-# about 0.01 F1 are inside the noise. Over three seeds at full size (docs/benchmarks.md; seed 0
-# in fp32, seeds 1 and 2 in bf16 on a later day), LoRA and QLoRA both average 0.912 macro-F1 and
-# SoRA 0.905, below LoRA in every seed: the seed's "SoRA slightly above LoRA" does not reproduce
-# on SmolLM2 after one epoch.
+# about 0.01 F1 are inside the noise; the second cell reads the three-seed means at full size
+# from `docs/tables/smollm2_banking77.csv`, where the seed-to-seed spread is printed beside them.
 
 # %%
 f1 = {v["method"]: v["f1"] for v in rows.values()}
@@ -351,10 +372,20 @@ def versus(a, b):
 
 
 for line in [versus("lora", "head"), versus("qlora", "lora"), versus("sora", "lora"),
-             f"memory: QLoRA's frozen weights {frozen_ratio:.2f} of LoRA's (ledger); the seed's "
+             f"memory: QLoRA's frozen weights {frozen_ratio:.2f} of LoRA's (ledger); the article's "
              f"whole-GPU ratio was 0.70; peak RSS here {rss['qlora'] / rss['lora']:.2f}",
              f"SoRA ends with {final['live_ranks_total']} of {final['initial_ranks_total']} ranks live"]:
     print(line + TOY)
+
+# %%
+print("SmolLM2 / Banking77 at full size, 1 epoch (docs/tables/smollm2_banking77.csv):")
+for m in ("lora", "qlora", "sora"):
+    row = smol[m]
+    sd = f" ± {float(row['test_f1_sd']):.4f}" if row["test_f1_sd"] else ""
+    print(f"  {row['label']:24s} test macro-F1 {float(row['test_f1_mean']):.4f}{sd} over {row['seeds']} seed(s)")
+gap = float(smol["sora"]["test_f1_mean"]) - float(smol["lora"]["test_f1_mean"])
+print(f"  SoRA - LoRA = {gap:+.4f}: the article's 'SoRA slightly above LoRA' "
+      f"{'holds' if gap > 0 else 'does not hold'} here")
 
 # %% [markdown]
 # ## 7. Check against pelib
@@ -409,32 +440,45 @@ print("pelib's summary, ledger, qlora_nbytes and metrics == this notebook's; the
 #
 # Solutions: `notebooks/solutions/nb10.py`.
 #
-# **1 (easy).** A new row: the cheapest baseline, training **only the classification head**.
-# Write `head_only(model)` that freezes every parameter except the head (`model.classifier`
-# for BERT) and returns the model. The checker trains it with `pelib.train.train` on a toy run
-# and checks the run's record: `trainable_params` equals the head's size
-# ($77 \cdot h + 77$), the encoder is bit for bit unchanged, the head moved.
+# **1. Measure the activations yourself.** Section 3 read $M_{act}$ from `pelib.measure`. Design
+# that measurement: write `activation_bytes(model, batch)` that runs one training-mode forward
+# (`model(**batch)`, the loss included) and returns the bytes autograd keeps for the backward.
+# `torch.autograd.graph.saved_tensors_hooks(pack, unpack)` calls `pack(t)` on every tensor saved
+# for backward. Two traps: a saved tensor may be a view of another (a transpose, a reshape), so
+# count each **storage** once (`t.untyped_storage()`, its `data_ptr()` and `nbytes()`), and a
+# linear layer saves its frozen weight for $dx$, which is a weight, not an activation (leave the
+# model's parameters and buffers out). Do not call backward or an optimizer: the forward is
+# enough. The checker runs a tiny SmolLM2 with LoRA at two sequence lengths and compares with
+# `pelib.measure.memory_ledger`, which it hides while your function runs. With it, the cell
+# prints how the activations grow with the number of tokens: the term checkpointing shrinks.
 
 # %%
 from checks import attempt  # noqa: E402
 from checks.nb10 import exercise_1, exercise_2  # noqa: E402
 
 
-def head_only(model):
+def activation_bytes(model, batch):
     raise NotImplementedError
 
 
-attempt(exercise_1, head_only)
+if attempt(exercise_1, activation_bytes):
+    for k in (1, 2):  # section 3's batch, then each sequence repeated twice over: twice the tokens
+        longer = dict(batch, **{key: batch[key].repeat(1, k) for key in ("input_ids", "attention_mask")})
+        n = activation_bytes(built["lora"], longer)
+        print(f"LoRA, batch {tuple(longer['input_ids'].shape)}: {n / MiB:.2f} MiB saved for backward{TOY}")
 
 # %% [markdown]
-# **2 (medium).** Which methods are worth their parameters? Write `pareto(rows)` that takes
+# **2. Which methods are worth their parameters?** Write `pareto(rows)` that takes
 # `{label: {"trainable": int, "f1": float}}` and returns the set of labels no other row
 # dominates (another row dominates if it has no more trainable parameters and no lower F1, and
-# is strictly better in one of the two). Run it on the table of section 1.
+# is strictly better in one of the two). The checker runs it on the course's two full-size
+# result tables (`docs/tables/`: MiniLM and SmolLM2 on Banking77) and on random tables with ties;
+# the cell then prints the front of section 1's table.
 
 # %%
 def pareto(rows):
     raise NotImplementedError
 
 
-attempt(exercise_2, pareto)
+if attempt(exercise_2, pareto):
+    print("the front of section 1's table:", sorted(pareto(rows)))

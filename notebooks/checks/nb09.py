@@ -1,6 +1,14 @@
 """Checkers for notebook 09 (Triton). Each compares the learner's kernel with plain torch at small
-odd shapes (fast in Triton's interpreter) and prints what it checked."""
+odd shapes (fast in Triton's interpreter) and prints what it checked.
+
+A pure-torch answer computes the same numbers, so every checker also counts the @triton.jit
+launches the answer makes (none: rejected), and poisons the torch function it compares against
+while the answer runs.
+"""
 import torch
+import torch.nn.functional as F
+
+from checks._guard import forbidden, triton_launches
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -12,28 +20,36 @@ def _close(name, got, want, atol, rtol):
     return err
 
 
-def exercise_1(rmsnorm_dw):
-    """rmsnorm_dw(dy, x, eps) -> dw (H,) == autograd's dw of y = w * x * rsqrt(mean(x^2) + eps)."""
+def _run_as_kernel(name, answer, *args, poison=()):
+    """answer(*args) with the references poisoned; it must launch a Triton kernel."""
+    with forbidden(*poison), triton_launches() as n:
+        out = answer(*args)
+    assert n[0] > 0, f"{name}: no @triton.jit kernel was launched; write the computation as a Triton kernel"
+    return out
+
+
+def exercise_1(layernorm):
+    """layernorm(x, w, b, eps) == F.layer_norm over the last dim, one row per program."""
     g = torch.Generator().manual_seed(1)
-    for rows, H in ((37, 100), (5, 33), (130, 17)):
-        x = torch.randn(rows, H, generator=g).to(DEVICE)
-        dy = torch.randn(rows, H, generator=g).to(DEVICE)
-        w = torch.ones(H, device=DEVICE, requires_grad=True)
-        y = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
-        (dw_ref,) = torch.autograd.grad(y, (w,), dy)
-        err = _close(f"dw at {rows}x{H}", rmsnorm_dw(dy, x, 1e-6), dw_ref, 1e-4, 1e-4)
-        print(f"exercise_1: dw at {rows}x{H} == torch autograd (max |error| {err:.1e})")
+    poison = ((F, "layer_norm"), (torch, "layer_norm"), (torch, "var_mean"), (torch, "var"))
+    for rows, H in ((37, 100), (5, 33), (3, 1000)):                   # H never a power of two
+        x = (3 + 2 * torch.randn(rows, H, generator=g)).to(DEVICE)      # a mean far from 0
+        w = (1 + 0.1 * torch.randn(H, generator=g)).to(DEVICE)
+        b = (0.1 * torch.randn(H, generator=g)).to(DEVICE)
+        y = _run_as_kernel("exercise_1", layernorm, x, w, b, 1e-5, poison=poison)
+        err = _close(f"LayerNorm at {rows}x{H}", y, F.layer_norm(x, (H,), w, b, 1e-5), 1e-5, 1e-4)
+        print(f"exercise_1: LayerNorm at {rows}x{H} == F.layer_norm (max |error| {err:.1e})")
 
 
-def exercise_2(matmul_tiled):
-    """matmul_tiled(a, b, BLOCK_M, BLOCK_N, BLOCK_K) == a @ b with ragged tiles in M, N and K."""
-    g = torch.Generator().manual_seed(2)
-    tol = dict(atol=1e-4, rtol=1e-4) if DEVICE == "cpu" else dict(atol=5e-2, rtol=1e-2)  # TF32 on a GPU
-    for (M, K, N), tiles in (((37, 45, 29), (16, 16, 16)), ((37, 45, 29), (32, 16, 32)), ((70, 100, 33), (64, 32, 64))):
-        a = torch.randn(M, K, generator=g).to(DEVICE)
-        b = torch.randn(K, N, generator=g).to(DEVICE)
-        err = _close(f"{M}x{K} @ {K}x{N} in {tiles} tiles", matmul_tiled(a, b, *tiles), a @ b, **tol)
-        print(f"exercise_2: {M}x{K} @ {K}x{N} in tiles {tiles} == torch (max |error| {err:.1e})")
+def exercise_2(geglu):
+    """geglu(g, u) == gelu_tanh(g) * u, elementwise."""
+    gen = torch.Generator().manual_seed(2)
+    for shape in ((37, 100), (3, 1001)):
+        g = (3 * torch.randn(*shape, generator=gen)).to(DEVICE)
+        u = torch.randn(*shape, generator=gen).to(DEVICE)
+        h = _run_as_kernel("exercise_2", geglu, g, u, poison=((F, "gelu"), (torch, "tanh")))
+        err = _close(f"GeGLU at {shape}", h, F.gelu(g, approximate="tanh") * u, 1e-5, 1e-4)
+        print(f"exercise_2: GeGLU at {shape} == F.gelu(g, approximate='tanh') * u (max |error| {err:.1e})")
 
 
 def exercise_3(swiglu_bwd):
@@ -43,8 +59,9 @@ def exercise_3(swiglu_bwd):
         g = (2 * torch.randn(*shape, generator=gen)).to(DEVICE).requires_grad_()
         u = torch.randn(*shape, generator=gen).to(DEVICE).requires_grad_()
         dh = torch.randn(*shape, generator=gen).to(DEVICE)
-        dg_ref, du_ref = torch.autograd.grad(torch.nn.functional.silu(g) * u, (g, u), dh)
-        dg, du = swiglu_bwd(dh, g.detach(), u.detach())
+        dg, du = _run_as_kernel("exercise_3", swiglu_bwd, dh, g.detach(), u.detach(),
+                                poison=((torch.autograd, "grad"), (F, "silu")))
+        dg_ref, du_ref = torch.autograd.grad(F.silu(g) * u, (g, u), dh)
         e1 = _close(f"dg at {shape}", dg, dg_ref, 1e-5, 1e-4)
         e2 = _close(f"du at {shape}", du, du_ref, 1e-5, 1e-4)
         print(f"exercise_3: dg, du at {shape} == torch autograd (max |error| {max(e1, e2):.1e})")

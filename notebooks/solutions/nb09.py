@@ -16,77 +16,70 @@ import triton.language as tl  # noqa: E402
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# Exercise 1: dw_j = sum_i dy_ij x_ij r_i, per-program partials, then a torch sum.
-# Traffic: read dy and x once (8 bytes per element in fp32), write P x H partials.
+# Exercise 1: LayerNorm forward, one row per program. Traffic: read x, write y (+ w, b once).
+# The masked-off lanes load 0, so x - mean is -mean there: mask it before squaring.
 @triton.jit
-def _rmsnorm_dw_kernel(dy_ptr, x_ptr, dw_part_ptr, n_rows, H, eps,
-                       BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, USE_R: tl.constexpr):
-    pid, P = tl.program_id(0), tl.num_programs(0)
-    cols = tl.arange(0, BLOCK_H)
-    cm = cols < H
-    dw = tl.zeros((BLOCK_H,), tl.float32)                              # this program's partial
-    for r0 in range(pid * BLOCK_R, n_rows, P * BLOCK_R):               # grid-stride over row tiles
-        rows = r0 + tl.arange(0, BLOCK_R)
-        m = (rows[:, None] < n_rows) & cm[None, :]
-        offs = rows[:, None] * H + cols[None, :]                       # (BLOCK_R, BLOCK_H)
-        x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        if USE_R:
-            x = x / tl.sqrt(tl.sum(x * x, axis=1) / H + eps)[:, None]  # xhat = x r
-        dw += tl.sum(dy * x, axis=0)
-    tl.store(dw_part_ptr + pid * H + cols, dw, mask=cm)
+def _layernorm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, H, eps, BLOCK_H: tl.constexpr, MASK_CENTRED: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_H)                                       # (BLOCK_H,)
+    m = cols < H
+    x = tl.load(x_ptr + row * H + cols, mask=m, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / H
+    xc = tl.where(m, x - mean, 0.0) if MASK_CENTRED else x - mean     # wrong variant: padding adds mean^2
+    var = tl.sum(xc * xc, axis=0) / H                                  # biased, as torch
+    rstd = 1.0 / tl.sqrt(var + eps)
+    w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=m, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * H + cols, (xc * rstd * w + b).to(y_ptr.dtype.element_ty), mask=m)
 
 
-def _rmsnorm_dw(dy, x, eps, use_r):
-    n_rows, H = x.shape
-    BLOCK_H = triton.next_power_of_2(H)
-    BLOCK_R = max(1, min((1 << 14 if INTERP else 4096) // BLOCK_H, triton.next_power_of_2(n_rows)))
-    P = min(triton.cdiv(n_rows, BLOCK_R), 4 if INTERP else 512)
-    part = torch.empty(P, H, device=x.device, dtype=torch.float32)
-    _rmsnorm_dw_kernel[(P,)](dy, x, part, n_rows, H, eps, BLOCK_R=BLOCK_R, BLOCK_H=BLOCK_H, USE_R=use_r)
-    return part.sum(0)
+def _layernorm(x, w, b, eps, mask_centred):
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    _layernorm_kernel[(x.shape[0],)](x, w, b, y, x.shape[1], eps, BLOCK_H=triton.next_power_of_2(x.shape[1]),
+                                     MASK_CENTRED=mask_centred)
+    return y
 
 
-def rmsnorm_dw(dy, x, eps=1e-6):
-    return _rmsnorm_dw(dy, x, eps, True)
+def layernorm(x, w, b, eps=1e-5):
+    return _layernorm(x, w, b, eps, True)
 
 
-def rmsnorm_dw_without_r(dy, x, eps=1e-6):  # wrong: sums dy * x, forgetting the 1/rms factor
-    return _rmsnorm_dw(dy, x, eps, False)
+def layernorm_unmasked_padding(x, w, b, eps=1e-5):  # wrong: the padded lanes enter the variance
+    return _layernorm(x, w, b, eps, False)
 
 
-# Exercise 2: a masked tiled matmul. Per K step: (BM + BN) BK elements in, 2 BM BN BK FLOPs.
+# Exercise 2: GeGLU, h = gelu_tanh(g) * u; tanh(z) = sign(z) (1 - e^{-2|z|}) / (1 + e^{-2|z|}), no libdevice.
 @triton.jit
-def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TAIL: tl.constexpr):
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_end = K if TAIL else (K // BLOCK_K) * BLOCK_K                   # wrong variant: drops the last partial step
-    for k0 in range(0, k_end, BLOCK_K):
-        kk = k0 + rk
-        a = tl.load(a_ptr + rm[:, None] * K + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-        b = tl.load(b_ptr + kk[:, None] * N + rn[None, :], mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
-        acc += tl.dot(a, b)
-    tl.store(c_ptr + rm[:, None] * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+def _geglu_kernel(g_ptr, u_ptr, h_ptr, n, BLOCK: tl.constexpr, TANH: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    g = tl.load(g_ptr + i, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + i, mask=m, other=0.0).to(tl.float32)
+    if TANH:
+        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)            # sqrt(2/pi) (g + 0.044715 g^3)
+        e = tl.exp(-2.0 * tl.abs(z))                                   # in (0, 1]: never overflows
+        tanh = tl.where(z >= 0, 1.0, -1.0) * (1.0 - e) / (1.0 + e)
+        gelu = 0.5 * g * (1.0 + tanh)
+    else:                                                              # wrong variant: g sigmoid(1.702 g)
+        gelu = g / (1.0 + tl.exp(-1.702 * g))
+    tl.store(h_ptr + i, (gelu * u).to(h_ptr.dtype.element_ty), mask=m)
 
 
-def _matmul(a, b, BLOCK_M, BLOCK_N, BLOCK_K, tail):
-    a, b = a.contiguous(), b.contiguous()
-    (M, K), N = a.shape, b.shape[1]
-    c = torch.empty(M, N, device=a.device, dtype=torch.float32)
-    _matmul_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))](
-        a, b, c, M, N, K, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, TAIL=tail)
-    return c
+def _geglu(g, u, tanh):
+    g, u = g.contiguous(), u.contiguous()
+    h = torch.empty_like(g)
+    BLOCK = 1 << 16 if INTERP else 1024
+    _geglu_kernel[(triton.cdiv(g.numel(), BLOCK),)](g, u, h, g.numel(), BLOCK=BLOCK, TANH=tanh)
+    return h
 
 
-def matmul_tiled(a, b, BLOCK_M, BLOCK_N, BLOCK_K):
-    return _matmul(a, b, BLOCK_M, BLOCK_N, BLOCK_K, True)
+def geglu(g, u):
+    return _geglu(g, u, True)
 
 
-def matmul_tiled_no_k_tail(a, b, BLOCK_M, BLOCK_N, BLOCK_K):  # wrong: assumes BLOCK_K divides K
-    return _matmul(a, b, BLOCK_M, BLOCK_N, BLOCK_K, False)
+def geglu_sigmoid_approx(g, u):  # wrong: the other, cruder GELU approximation
+    return _geglu(g, u, False)
 
 
 # Exercise 3: SwiGLU backward. Reads dh, g, u; writes dg, du: 5 tensors, ~10 FLOPs per element.
@@ -119,5 +112,5 @@ def swiglu_bwd_sigma_only(dh, g, u):  # wrong: treats silu'(g) as sigma(g)
     return _swiglu_bwd(dh, g, u, False)
 
 
-SOLUTIONS = {1: rmsnorm_dw, 2: matmul_tiled, 3: swiglu_bwd}
-WRONG = {1: rmsnorm_dw_without_r, 2: matmul_tiled_no_k_tail, 3: swiglu_bwd_sigma_only}
+SOLUTIONS = {1: layernorm, 2: geglu, 3: swiglu_bwd}
+WRONG = {1: layernorm_unmasked_padding, 2: geglu_sigmoid_approx, 3: swiglu_bwd_sigma_only}
