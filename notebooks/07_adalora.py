@@ -302,7 +302,8 @@ class Allocator(Importance):
 # MiniLM on Banking77 (a tiny random BERT under `PELIB_FAST=1`). Every `nn.Linear` of the
 # encoder gets an SVD adapter; `pelib.train.train` calls the allocator's hooks at each step.
 # Forgetting the allocator's step is the classic way to train plain LoRA by accident with peft
-# (peft issues #1801, #1327); here the budget curve shows it ran.
+# (two reports on peft's GitHub: [1801](https://github.com/huggingface/peft/issues/1801),
+# [1327](https://github.com/huggingface/peft/issues/1327)); here the budget curve shows it ran.
 
 # %%
 import pelib
