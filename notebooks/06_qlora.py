@@ -446,8 +446,9 @@ plt.show()
 #   cost that shrinks as the batch grows, since the matmuls grow with the batch and the
 #   dequantisation does not. On a CPU it runs as a few general PyTorch ops (a table lookup and
 #   a scale, notebook 05) with no fused kernel, and the CPU's memory bandwidth is a small
-#   fraction of a GPU's. So on a CPU expect QLoRA to be slower a step than LoRA, as the line
-#   above prints for this run; the ratio depends on the batch and the machine.
+#   fraction of a GPU's. So on a CPU the extra dequantisations weigh more in a step; compare the
+#   two seconds-a-step figures the line above prints (the ratio depends on the batch, the
+#   model and the machine).
 #
 # The numbers that matter for a decision come from the machine you will train on: measure
 # seconds a step and peak memory there, with the batch you will use. docs/benchmarks.md
