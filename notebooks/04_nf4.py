@@ -297,21 +297,20 @@ print(f"NF4 inner levels on N(0,1) blocks: {100 * inner.min():.1f}% to {100 * in
 assert inner.max() / inner.min() > 2                                # far from equal use
 
 # %% [markdown]
-# What the table says (full sizes; the cell below asserts the NF4 figures there):
+# What the table and the figure say (the assertions in the next cell hold them to it):
 #
-# * NF4 has the lowest mean absolute error (about 0.0728) and about 20.7 dB SQNR, within
-#   0.5 dB of Lloyd-Max (about 21.2 dB), which is the limit for any 16-level code on this data.
-# * Lloyd-Max wins on squared error but loses on absolute error: it optimises the MSE.
-# * NF4 does **not** use its levels equally (the dashed line is 1/16): its inner levels take
-#   between 3.6% and 9.2% of the weights (full size). The quantile argument assumes the
-#   quantiser sees $N(0,1)$, but after absmax normalisation it sees $N(0,1)$ divided by each
-#   block's maximum, a distribution squeezed toward 0 whose shape depends on the blocksize.
-#   Yoshida (2023, "NF4 isn't information theoretically optimal (and that's good)",
-#   arXiv:2306.06965) makes this point and proposes a code chosen for the normalised values
-#   instead. The end levels $\pm 1$ are hit about once per
-#   block, by the block maximum itself.
-# * FP4 spends two levels on $\pm 0.0052$, next to zero, and leaves a gap up to $\pm 0.167$
-#   where much of the mass is: the worst of the four.
+# * NF4 has the lowest mean absolute error of the three fixed tables, and its SQNR is within
+#   0.6 dB of Lloyd-Max, which is the limit for any 16-level code on this data.
+# * Lloyd-Max wins on squared error but can lose on absolute error: it optimises the MSE.
+# * NF4 does **not** use its levels equally (the dashed line is 1/16; the line under the figure
+#   prints the range of its inner levels). The quantile argument assumes the quantiser sees
+#   $N(0,1)$, but after absmax normalisation it sees $N(0,1)$ divided by each block's maximum,
+#   a distribution squeezed toward 0 whose shape depends on the blocksize. Yoshida (2023, "NF4
+#   isn't information theoretically optimal (and that's good)", arXiv:2306.06965) makes this
+#   point and proposes a code chosen for the normalised values instead. The end levels $\pm 1$
+#   are hit about once per block, by the block maximum itself.
+# * FP4 spends two levels next to zero ($\pm 0.0625/12$, in the FP4 table printed above) and
+#   leaves a gap up to $\pm 2/12$ where much of the mass is: the worst of the four.
 # * The uniform int4 grid sits in between.
 #
 # On heavier tails every code loses SQNR (the block maximum is further out relative to the
@@ -351,9 +350,10 @@ print("pelib == this notebook == bitsandbytes")
 # %% [markdown]
 # ## Exercises
 # Each stub raises `NotImplementedError` until you fill it in; the cell after it then checks
-# your answer. Solutions: `notebooks/solutions/nb04.py`.
+# your answer. A checker compares with an independent reference and fails if your answer just
+# calls that reference. Solutions: `notebooks/solutions/nb04.py`.
 #
-# **Exercise 1 (easy): blockwise absmax quantisation, end to end.** Write
+# **Exercise 1 (warm-up): blockwise absmax quantisation, end to end.** Write
 # `absmax_quantise(W, code, blocksize)` returning $\tilde W$ with $W$'s shape: cut the flattened
 # $W$ into blocks of `blocksize` consecutive values, divide each block by its absmax, snap every
 # value to the nearest entry of `code` (a (16,) table, not necessarily sorted: FP4 is in
@@ -362,12 +362,14 @@ print("pelib == this notebook == bitsandbytes")
 # $$\tilde W_i = \mathrm{code}_{q_i} \cdot \mathrm{absmax}_{b(i)}, \qquad
 #   q_i = \arg\min_k \left| W_i / \mathrm{absmax}_{b(i)} - \mathrm{code}_k \right|.$$
 #
-# The checker compares with bitsandbytes' `quantize_4bit` + `dequantize_4bit` (NF4 and FP4,
-# several blocksizes) on a weight whose rows have very different scales.
+# This is section 4's `quantise_dequantise` with the code and blocksize as arguments. The
+# checker compares with bitsandbytes' bytes (NF4 and FP4, several blocksizes) on a weight whose
+# rows have very different scales; bitsandbytes' and pelib's quantisers are switched off while
+# your function runs.
 
 # %%
 from checks import attempt
-from checks.nb04 import exercise_1, exercise_2
+from checks.nb04 import exercise_1, exercise_2, exercise_3
 
 
 def absmax_quantise(W, code, blocksize):
@@ -377,7 +379,7 @@ def absmax_quantise(W, code, blocksize):
 attempt(exercise_1, absmax_quantise)
 
 # %% [markdown]
-# **Exercise 2 (medium): the paper's equation, made finite.** Evaluate the equation of
+# **Exercise 2 (new): the paper's equation, made finite.** Evaluate the equation of
 # section 2 on $2^k + 1$ evenly spaced probabilities from $1 - \delta$ to $\delta$ with
 # $\delta = 0.9677083$ (instead of $i/(2^k+1)$, whose first quantile is $-\infty$): take the
 # quantiles $Q_X(p_j)$, average neighbours to get $2^k$ levels, divide by the largest $|q_i|$,
@@ -391,3 +393,33 @@ def nf4_from_equation(k, offset):
 
 
 attempt(exercise_2, nf4_from_equation)
+
+# %% [markdown]
+# **Exercise 3 (new): NF3 and NF2, and what a bit buys.** The NF4 construction works for any
+# number of bits $k$: $2^{k-1}$ positive quantiles, $2^{k-1} - 1$ negative ones and a zero, from
+# float32 probabilities spaced evenly from the offset down to $0.5$, then sorted and divided by
+# the maximum. Two functions:
+#
+# * `nf_offset(k)`: the offset by the argument of section 2, generalised. With $2^k$ levels,
+#   the bins that argument averages over are $m = 2^k - 1$ and $m = 2^k$:
+#   $p_{\max} = \tfrac12\left[(1 - \tfrac{1}{2(2^k - 1)}) + (1 - \tfrac{1}{2 \cdot 2^k})\right]$.
+#   For $k = 4$ it must give bitsandbytes' $0.9677083$ (to its seven digits).
+# * `nf_code(k, offset)`: the sorted float32 table of $2^k$ levels in $[-1, 1]$.
+#   `nf_code(4, 0.9677083)` must equal bitsandbytes' NF4 bit for bit.
+#
+# The checker compares both with its own construction for $k = 2, 3, 4, 5$ (bitsandbytes' and
+# pelib's NF4 builders are switched off while yours run), then quantises a $N(0,1)$ weight in
+# blocks of 64 with your NF2 ... NF5 and prints the SQNR of each. Before you run it, predict:
+# the rule of thumb for a uniform quantiser is about 6 dB a bit. Which step breaks it, and why?
+# (Hint: how many of NF2's four levels can a value that is not a block maximum use?)
+
+# %%
+def nf_offset(k):
+    raise NotImplementedError                                        # -> float
+
+
+def nf_code(k, offset):
+    raise NotImplementedError                                        # -> (2**k,) float32, sorted
+
+
+attempt(exercise_3, (nf_offset, nf_code))

@@ -197,14 +197,14 @@ print(f"naive {median_ms(lambda: dequantize_naive(packed, absmax, n)):.1f} ms, "
 #
 # Which 8-bit code? The QLoRA paper says *8-bit floats* for the constants; its code
 # (bitsandbytes' `quantize_4bit(compress_statistics=True)`) uses the 8-bit **dynamic map**,
-# and so do we, since the bytes are the point here. Both are floats in spirit (a sign, an
-# exponent, a fraction); the dynamic map spends its bits differently:
+# and so do we, since the bytes are the point here. Both are floats in spirit: a sign, an
+# exponent, a fraction. (Exercise 2 tries a true 8-bit float, FP8 E4M3, and compares.)
 #
-# The 8-bit code is the **dynamic map** (Dettmers 2016,
-# [arXiv:1511.04561](https://arxiv.org/abs/1511.04561)). After the sign bit, a run of $e$ zero
-# bits sets a decimal exponent $10^{-e}$, a 1 bit ends the run, and the remaining $6 - e$ bits
-# are a linear fraction: the centres of $2^{6-e}$ equal bins of $[0.1, 1]$. Small values get
-# range, large ones precision. With 0 and 1.0 added: $127 + 127 + 2 = 256$ values.
+# The **dynamic map** (Dettmers 2016, [arXiv:1511.04561](https://arxiv.org/abs/1511.04561))
+# spends its bits differently. After the sign bit, a run of $e$ zero bits sets a decimal
+# exponent $10^{-e}$, a 1 bit ends the run, and the remaining $6 - e$ bits are a linear
+# fraction: the centres of $2^{6-e}$ equal bins of $[0.1, 1]$. Small values get range, large
+# ones precision. With 0 and 1.0 added: $127 + 127 + 2 = 256$ values.
 
 # %%
 levels = []
@@ -251,7 +251,8 @@ plt.show()
 
 # %% [markdown]
 # bitsandbytes agrees on the offset and on `absmax2`, and on all but a few `qabsmax` bytes:
-# its CPU kernel rounds the scales slightly differently from the nearest level (appendix A).
+# its CPU kernel rounds the scales slightly differently from the nearest level (appendix A,
+# which notebook 06 also relies on).
 
 # %%
 _, b_state_dq = bnbF.quantize_4bit(W, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True)
@@ -333,6 +334,9 @@ for name, cfg in models.items():
     totals[name] = dict(params=p, bf16=2 * p, nf4=nf4_b, nf4_dq=dq_b)
     print(f"{name:14s}{p:>15,}{2 * p / 1e6:>11.1f}{nf4_b / 1e6:>10.1f}{dq_b / 1e6:>11.1f}"
           f"{(nf4_b - dq_b) / 1e6:>13.1f}{8 * dq_b / p:>8.4f}")
+saved_bits = 8 * (totals["Llama-7B"]["nf4"] - totals["Llama-7B"]["nf4_dq"]) / totals["Llama-7B"]["params"]
+print(f"double quantisation saves {saved_bits:.3f} bits a parameter; at that rate a 65B model "
+      f"saves {65e9 * saved_bits / 8 / 1e9:.1f} GB")
 
 fig, axes = plt.subplots(1, 2, figsize=(10, 3))
 for ax, (name, t) in zip(axes, totals.items()):
@@ -342,8 +346,8 @@ for ax, (name, t) in zip(axes, totals.items()):
 plt.show()
 
 # %% [markdown]
-# Double quantisation saves about 0.37 bits a parameter: some 300 MB on a 7B model's linear
-# layers, and about 3 GB on a 65B model, the figure QLoRA quotes.
+# The lines above print what double quantisation saves, per parameter and for a whole model;
+# for a 65B model it is the "about 3 GB" the QLoRA paper quotes.
 #
 # ## 5. Check against pelib (and bitsandbytes)
 #
@@ -418,48 +422,66 @@ print("pelib's default dq_rounding='bnb': the same bytes as bitsandbytes'")
 # %% [markdown]
 # ## Exercises
 #
-# Each checker compares your answer with an independent reference (pelib's ledger,
-# bitsandbytes) and prints what it verified. Solutions: `notebooks/solutions/nb05.py`.
+# Each checker compares your answer with an independent reference and prints what it verified;
+# the library functions that would solve the task (pelib's and bitsandbytes' quantisers and
+# ledger) are switched off while your answer runs. Solutions: `notebooks/solutions/nb05.py`.
 #
-# **1 (easy).** The bits a weight costs, for blocksize $B$ and a large tensor (ignore the
-# one offset): $4 + 32/B$ without double quantisation, $4 + 8/B + 32/(256\,B)$ with it. Write
-# `bits_per_weight(B, double_quant)`.
+# **1 (warm-up).** Decode double-quantised scales: given `qabsmax` (n_blocks,) uint8 indices into
+# `code2`, `absmax2` (ceil(n_blocks/256),) and `offset`, return
+# $\mathrm{absmax}_b = \mathrm{code2}[\mathrm{qabsmax}_b]\cdot\mathrm{absmax2}_{\lfloor b/256\rfloor} + c$
+# (section 3's last equation).
 
 # %%
 from checks import attempt  # noqa: E402
 from checks.nb05 import exercise_1, exercise_2, exercise_3  # noqa: E402
 
 
-def bits_per_weight(B: int, double_quant: bool) -> float:
-    raise NotImplementedError
-
-
-attempt(exercise_1, bits_per_weight)
-
-# %% [markdown]
-# **2 (medium).** Decode double-quantised scales: given `qabsmax` (n_blocks,) uint8 indices into
-# `code2`, `absmax2` (ceil(n_blocks/256),) and `offset`, return
-# $\mathrm{absmax}_b = \mathrm{code2}[\mathrm{qabsmax}_b]\cdot\mathrm{absmax2}_{\lfloor b/256\rfloor} + c$.
-
-# %%
 def decode_scales(qabsmax, absmax2, offset, code2):  # -> (n_blocks,) fp32
     raise NotImplementedError
 
 
-attempt(exercise_2, decode_scales)
+attempt(exercise_1, decode_scales)
 
 # %% [markdown]
-# **3 (harder).** The ledger of a 70B model. Llama-2-70B has 80 decoder blocks, hidden size
-# $h = 8192$, MLP size $i = 28672$, 64 query heads of $d = 128$ and **8** key/value heads
-# (grouped-query attention). Each of its $80 \cdot 7$ linear weights is quantised on its own
-# (blocksize 64, scales in blocks of 256, one fp32 offset per tensor). Write
-# `ledger_70b()` returning a dict with `params` (linear weights only), `nf4_bytes` (fp32 absmax)
-# and `nf4_dq_bytes` (double quantised): count the bytes stored, tensor by tensor. How many GB
-# does double quantisation save on this model?
+# **2 (new): the constants in FP8, as the paper words it.** The QLoRA paper says the scales
+# are quantised to *8-bit floats*; bitsandbytes uses the dynamic map. Try the paper's wording
+# with PyTorch's `torch.float8_e4m3fn` (E4M3: sign, 4 exponent bits, 3 mantissa bits, largest
+# finite value 448). Same layout as section 3: subtract the mean $c$ of the fp32 `absmax`, cut
+# the centred values into blocks of 256 (zero-pad the last), and give each block the scale
+# $s_j = \max_{i \in j} |x_i| / 448$ so that its largest value lands on 448. Store
+# $q_i = \mathrm{fp8}(x_i / s_j)$ (the cast rounds to the nearest E4M3 value) and decode
+#
+# $$\widehat{\mathrm{absmax}}_i = q_i\, s_{\lfloor i/256 \rfloor} + c .$$
+#
+# Write `fp8_double_quant(absmax)` returning the decoded (n_blocks,) fp32 scales. It costs the
+# same 8 bits a scale as the dynamic map. Predict first: E4M3 has 8 levels per binade at every
+# magnitude; the dynamic map has 64 equal steps in $[0.1, 1]$ of its range, then fewer and
+# finer steps below. The centred scales fill the range fairly evenly: which code do you expect
+# to have the smaller error? The checker compares with its own E4M3 decoding and prints both
+# codes' mean relative error on the scales of a heavy-tailed weight.
 
 # %%
-def ledger_70b() -> dict:
+def fp8_double_quant(absmax):  # (n_blocks,) fp32 -> (n_blocks,) fp32, decoded
     raise NotImplementedError
 
 
-attempt(exercise_3, ledger_70b)
+attempt(exercise_2, fp8_double_quant)
+
+# %% [markdown]
+# **3 (new): what double quantisation buys is a smaller block.** Section 1's figure traded
+# blocksize against bits with fp32 scales. With 8-bit scales the same bits buy a smaller block.
+# Write `dq_tradeoff(W, blocksizes)` returning `{B: (bits_per_param, mean_abs_err)}` for NF4
+# with double-quantised scales (section 3: offset, blocks of 256 scales, the nearest level of
+# `code2`) at each blocksize $B$. Count the bits from the tensors you would store (packed
+# bytes, uint8 `qabsmax`, fp32 `absmax2`, the fp32 offset) as in section 4, and the error from
+# the weight you decode from them. The notebook's `quantize_blockwise`, `dequantize_blockwise`,
+# `pack` and `nbytes` are all you need. The checker compares with pelib at $B = 32 \dots 256$
+# and then answers the question: is NF4 + DQ at some $B < 64$ both smaller and more accurate
+# than QLoRA's format without double quantisation at $B = 64$?
+
+# %%
+def dq_tradeoff(W, blocksizes):  # -> {B: (bits/param, mean |W - W~|)}
+    raise NotImplementedError
+
+
+attempt(exercise_3, dq_tradeoff)

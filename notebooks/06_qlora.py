@@ -31,9 +31,7 @@
 # 3. the memory ledger: 4.127-bit weights, fp32 LoRA, Adam;
 # 4. a short training run, QLoRA beside LoRA;
 # 5. merging: $\tilde W + sBA$ has no exact 4-bit form. Three ways out, measured;
-# 6. a check that `pelib.quant.apply_qlora` is what we built here;
-#
-# and an appendix on how bitsandbytes' CPU kernel rounds the scales.
+# 6. a check that `pelib.quant.apply_qlora` is what we built here.
 
 # %%
 import copy
@@ -64,8 +62,8 @@ BLOCKSIZE, BLOCKSIZE2 = 64, 256
 #
 # The NF4 code (normal quantiles, notebook 04), the 8-bit dynamic code for the scales
 # (notebook 05), blockwise quantisation to the nearest level, packing two indices a byte.
-# For the scales we round as bitsandbytes' CPU kernel does (`bin_table`, explained in the
-# appendix), so that every byte equals the peer's.
+# For the scales we round as bitsandbytes' CPU kernel does (`bin_table`: notebook 05,
+# appendix A, explains it), so that every byte equals the peer's.
 
 # %%
 v_pos = norm.ppf(torch.linspace(0.9677083, 0.5, 9)[:-1].numpy())
@@ -140,7 +138,7 @@ print("bytes, scales and dequantised weight identical to bitsandbytes'")
 # own linear weights. One caveat: the packaged SmolLM2 is a Q4_1 GGUF file, so its weights were
 # *already* rounded to 16 levels of an affine grid per block of 32 (count the distinct values
 # below). They are still the weights we train on. FAST mode looks at two matrices, the full run
-# at all 210 of the decoder blocks.
+# at all 210 linear layers of the 30 decoder blocks (seven in each).
 
 # %%
 from pelib.quant import create_fp4_map, create_int4_map  # noqa: E402  (the tables of notebook 04)
@@ -376,8 +374,7 @@ plt.show()
 # `pelib.train.train` (the loop notebook 01 builds) on Banking77, with QLoRA and, beside it, LoRA
 # on the unquantised model. QLoRA needs no hook: the loop trains whatever requires a gradient.
 # FAST mode: MiniLM, three steps (toy numbers: it barely learns). The full run: SmolLM2-135M as
-# a sequence classifier, one pass over 256 examples (about a minute for each model on two idle
-# cores).
+# a sequence classifier, one pass over 256 examples.
 
 # %%
 NAME = "minilm" if FAST else "smollm2"
@@ -429,8 +426,33 @@ plt.show()
 
 # %% [markdown]
 # The two curves follow each other: the 4-bit base perturbs each weight by about a tenth of its
-# scale (20 dB), and the adapter learns on top of the perturbed model. QLoRA is slower a step on
-# this CPU: every layer dequantises twice per step. (It buys memory, not speed.)
+# scale (the SQNR of section 1, about 20 dB), and the adapter learns on top of the perturbed
+# model. The line above the figure prints the seconds a step of each.
+#
+# ### Where a CPU differs from a GPU
+#
+# QLoRA buys **memory**, and pays for it in **time**: every 4-bit layer dequantises its weight
+# in the forward and again in the backward (section 2), work plain LoRA never does. How the
+# two sides of that bargain look depends on the machine.
+#
+# * *Memory.* On a GPU the weights must fit in the device's memory (tens of GB), next to the
+#   activations, and for a large model the linear weights are almost all of it: cutting them
+#   from 16 to about 4.13 bits is what decides whether a fine-tune fits on one card at all
+#   (the paper fits a 65B model on one 48 GB GPU). On a CPU the weights live in main memory,
+#   which is usually far larger; at 135M parameters the embeddings and the activations
+#   weigh more (section 3), so the 4-bit base removes only part of the peak.
+# * *Time.* On a GPU the dequantisation is one fused kernel that reads half a byte and writes
+#   two bytes a weight at memory bandwidth, next to matmuls on tensor cores; it is a modest
+#   cost that shrinks as the batch grows, since the matmuls grow with the batch and the
+#   dequantisation does not. On a CPU it runs as a few general PyTorch ops (a table lookup and
+#   a scale, notebook 05) with no fused kernel, and the CPU's memory bandwidth is a small
+#   fraction of a GPU's. So on a CPU the extra dequantisations weigh more in a step; compare the
+#   two seconds-a-step figures the line above prints (the ratio depends on the batch, the
+#   model and the machine).
+#
+# The numbers that matter for a decision come from the machine you will train on: measure
+# seconds a step and peak memory there, with the batch you will use. docs/benchmarks.md
+# records the runs made so far, each with its machine.
 #
 # ## 5. Merging
 #
@@ -570,70 +592,81 @@ print(f"pelib's QLoRA == this notebook's: bytes, logits and merges; {8 * stored 
 
 
 # %% [markdown]
-# ## Appendix. How bitsandbytes' CPU kernel rounds the scales
-#
-# Section 1 rounded the centred scales through `bin_table` rather than to the nearest level of
-# the 8-bit code. bitsandbytes' CPU kernel (0.50.2) does not search for the nearest code: it
-# rounds a value $v \in [-1, 1]$ into one of 65536 bins, $\lfloor \tfrac{v+1}{2}\cdot 65535 +
-# \tfrac12 \rfloor$, and reads the code nearest that bin's centre. A value within a bin
-# ($3\cdot10^{-5}$) of a midpoint between two codes lands one level off. Nearest-level rounding
-# (what the equations say, pelib's `dq_rounding="nearest"`) differs from the peer on a few bytes:
-
-# %%
-from pelib.quant import quantize_4bit  # noqa: E402
-
-W_a = torch.randn(2048, 1024) * 0.02  # 32768 blocks of 64: 128 blocks of scales
-_, absmax_a = scaled_blocks(W_a, BLOCKSIZE)
-v_a, _ = scaled_blocks(absmax_a - absmax_a.mean(), BLOCKSIZE2)  # (128, 256) in [-1, 1]
-q_nearest = torch.bucketize(v_a.view(-1), (code2[:-1] + code2[1:]) / 2)  # nearest of the 256 codes
-q_table = bin_table[(((v_a + 1) * 0.5) * 65535 + 0.5).long()].view(-1)
-_, b_state_a = bnbF.quantize_4bit(W_a, blocksize=64, quant_type="nf4", compress_statistics=True)
-print(f"{int((q_nearest != q_table).sum())} of {q_table.numel()} scale bytes differ between nearest "
-      "level and the bin table")
-assert torch.equal(q_table.to(torch.uint8), b_state_a.absmax)  # the table is the peer's rule
-_, p_state_a = quantize_4bit(W_a, 64, "nf4", double_quant=True, dq_rounding="nearest")
-assert torch.equal(p_state_a.qabsmax.long(), q_nearest)  # pelib offers both
-print("bitsandbytes' bytes == the bin table; pelib's dq_rounding='nearest' == nearest level")
-
-# %% [markdown]
 # ## Exercises
 #
-# Solutions: `notebooks/solutions/nb06.py`.
+# Each checker compares with an independent reference and prints what it verified; library
+# functions that would solve the task are switched off while your answer runs. Solutions:
+# `notebooks/solutions/nb06.py`.
 #
-# **1 (medium).** Write the frozen 4-bit linear as an `autograd.Function`,
-# $y = x\,\tilde W^\top$ with $\tilde W = $ `pelib.quant.dequantize_4bit(packed, state)`, whose
-# backward returns $\partial L/\partial x = \partial L/\partial y\;\tilde W$ and which saves for
-# the backward **nothing but `packed`** (the `QuantState` can ride on `ctx` as an attribute). The
-# checker compares your gradient with a dense `F.linear` and counts the bytes autograd saves with
-# `torch.autograd.graph.saved_tensors_hooks`: at most the packed bytes.
+# **1 (new): the QLoRA layer as one `autograd.Function`.** Section 2 wrote the frozen 4-bit
+# linear by hand and left LoRA to autograd. Write the whole layer by hand:
+#
+# $$ y = x\,\tilde W^\top + s\,(x A^\top) B^\top, \qquad x\ (\dots, d_{in}),\ A\ (r, d_{in}),\
+#    B\ (d_{out}, r),\ \tilde W = \mathrm{dequant}(W_{\mathrm{NF4}})\ (d_{out}, d_{in}). $$
+#
+# Derive $\partial L/\partial x$, $\partial L/\partial A$ and $\partial L/\partial B$ from
+# $g = \partial L/\partial y$ (the batch dimensions sum out of the two weight gradients), then
+# implement `forward(ctx, x, A, B, packed, state, scaling)` and its `backward`, with
+# $\tilde W$ = `pelib.quant.dequantize_4bit(packed, state)` reshaped to $(d_{out}, d_{in})$.
+# Save for the backward only `packed`, `x`, `A`, `B` and, if you like, $h = x A^\top$: never
+# $\tilde W$. The checker compares $y$ and the three gradients with autograd on a dense copy,
+# and counts the bytes your function saves with `saved_tensors_hooks` (pelib's own 4-bit
+# `autograd.Function` is switched off while yours runs).
 
 # %%
 from checks import attempt  # noqa: E402
-from checks.nb06 import exercise_1, exercise_2  # noqa: E402
+from checks.nb06 import exercise_1, exercise_2, exercise_3  # noqa: E402
 
 
-class MyLinear4bit(torch.autograd.Function):
+class QLoRAFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, packed, state):  # x (..., in), packed (ceil(out*in/2),) uint8 -> (..., out)
+    def forward(ctx, x, A, B, packed, state, scaling):  # -> (..., out)
         raise NotImplementedError
 
     @staticmethod
-    def backward(ctx, grad_y):  # (..., out) -> grads for (x, packed, state)
+    def backward(ctx, grad_y):  # (..., out) -> grads for (x, A, B, packed, state, scaling)
         raise NotImplementedError
 
 
-attempt(exercise_1, MyLinear4bit.apply)
+attempt(exercise_1, QLoRAFunction.apply)
 
 # %% [markdown]
-# **2 (medium).** The training ledger before activations, in bytes, for LoRA rank $r$ on a list
+# **2 (new): LoftQ, an initialisation that knows about the quantisation.** QLoRA starts from
+# $B = 0$, so at step 0 the model is $\tilde W$, with all of the quantisation error
+# $W - \tilde W$. LoftQ (Li et al. 2023, [arXiv:2310.08659](https://arxiv.org/abs/2310.08659))
+# chooses the 4-bit weight and the adapter together, so that $Q + BA \approx W$ from the start.
+# It alternates, starting from $R_0 = 0$:
+#
+# $$ Q_t = \mathrm{dequant}(\mathrm{quant}(W - R_{t-1})), \qquad
+#    U S V^\top = \mathrm{svd}(W - Q_t), \qquad
+#    B_t = U_{:, :r} S_{:r}^{1/2}, \quad A_t = S_{:r}^{1/2} V^\top_{:r, :}, \quad R_t = B_t A_t. $$
+#
+# Write `loftq_init(W, r, steps)` returning `(Q, B, A)` after `steps` rounds: `Q` the
+# dequantised (out, in) fp32 weight (quantise with `pelib.quant.quantize_4bit(.., 64, "nf4")`,
+# its defaults otherwise, and `dequantize_4bit`), `B` (out, r), `A` (r, in). (In a layer with
+# scale $s$, the adapter would start at $B/s$ and $A$.) The checker compares
+# $\|W - Q - BA\|_F$ with its own LoftQ and prints it beside QLoRA's $\|W - \tilde W\|_F$: how
+# much of the quantisation error can a rank-8 adapter absorb before training starts? (peft's
+# own LoftQ is switched off while yours runs.)
+
+# %%
+def loftq_init(W, r, steps):  # W (out, in) -> Q (out, in), B (out, r), A (r, in)
+    raise NotImplementedError
+
+
+attempt(exercise_2, loftq_init)
+
+# %% [markdown]
+# **3 (warm-up).** The training ledger before activations, in bytes, for LoRA rank $r$ on a list
 # of linear shapes `[(out, in), ...]`: the frozen weights in NF4 + DQ (blocksize 64, each tensor
 # on its own: packed bytes, one uint8 per block, one fp32 per 256 blocks, one fp32 offset), and
 # the fp32 LoRA weights $A$ $(r, \mathrm{in})$ and $B$ $(\mathrm{out}, r)$ with their gradients
-# and AdamW's two moments. Return `dict(frozen=..., lora=...)`.
+# and AdamW's two moments. Return `dict(frozen=..., lora=...)`. (Section 3 and notebook 05's
+# ledger have every piece; pelib's ledger is switched off while yours runs.)
 
 # %%
 def qlora_training_bytes(shapes, r):
     raise NotImplementedError
 
 
-attempt(exercise_2, qlora_training_bytes)
+attempt(exercise_3, qlora_training_bytes)

@@ -57,9 +57,16 @@ torch.manual_seed(0)
 # so $|\lambda_i|$ no longer says how much triplet i matters, and the singular values of ΔW
 # are not the $|\lambda_i|$.
 #
-# AdaLoRA therefore adds a regulariser to the loss (peft: weight 0.5, averaged over all matrices):
+# AdaLoRA therefore adds a regulariser to the loss. The paper (eq. 4) writes it with
+# **squared** Frobenius norms, $\|P^\top P - I\|_F^2 + \|Q Q^\top - I\|_F^2$. peft's code, and
+# so pelib and this notebook, use the **plain** norms, averaged over all the $P$ and $Q$ of the
+# model and weighted by 0.5 (peft's `orth_reg_weight`):
 #
 # $$ R(P, Q) = \|P^\top P - I\|_F + \|Q Q^\top - I\|_F. $$
+#
+# Both vanish exactly at orthonormal factors. They differ in how hard they pull: the squared
+# norm's gradient shrinks as the factors approach orthonormality, the plain norm's keeps a
+# constant size (it is the gradient of a distance), so the plain norm pushes all the way.
 
 # %%
 d_out, d_in, r = 48, 40, 6
@@ -204,13 +211,17 @@ def budget(t, init_bgt, target_bgt, tinit, tfinal, T):
     return int((init_bgt - target_bgt) * c**3 + target_bgt)
 
 
-sched = dict(init_bgt=37 * 12, target_bgt=37 * 8, tinit=85, tfinal=254, T=846)  # MiniLM, r 12 -> 8
+# MiniLM: 6 layers x 6 adapted matrices (query, key, value, attention output, intermediate,
+# output); the classifier pools by the mean, so there is no pooler to adapt. Section 5 counts.
+L_MINILM = 6 * 6
+# An illustration: 3 epochs of Banking77 at batch 32 (846 steps), t_init 10%, t_final 30%.
+sched = dict(init_bgt=L_MINILM * 12, target_bgt=L_MINILM * 8, tinit=85, tfinal=254, T=846)  # r 12 -> 8
 steps = range(1, sched["T"] + 1)
 fig, ax = plt.subplots(figsize=(6, 3))
 ax.plot(steps, [budget(t, **sched) for t in steps])
 ax.axvspan(0, sched["tinit"], alpha=0.15, label="t_init: full rank")
 ax.axvspan(sched["T"] - sched["tfinal"], sched["T"], alpha=0.15, color="C2", label="t_final: fixed pattern")
-ax.set(xlabel="step", ylabel="triplets kept", title="cubic budget, MiniLM 37 matrices, r 12 -> 8")
+ax.set(xlabel="step", ylabel="triplets kept", title=f"cubic budget, MiniLM {L_MINILM} matrices, r 12 -> 8")
 ax.legend()
 plt.show()
 
@@ -291,7 +302,8 @@ class Allocator(Importance):
 # MiniLM on Banking77 (a tiny random BERT under `PELIB_FAST=1`). Every `nn.Linear` of the
 # encoder gets an SVD adapter; `pelib.train.train` calls the allocator's hooks at each step.
 # Forgetting the allocator's step is the classic way to train plain LoRA by accident with peft
-# (peft issues #1801, #1327); here the budget curve shows it ran.
+# (two reports on peft's GitHub: [1801](https://github.com/huggingface/peft/issues/1801),
+# [1327](https://github.com/huggingface/peft/issues/1327)); here the budget curve shows it ran.
 
 # %%
 import pelib
@@ -311,6 +323,12 @@ train = pelib.load_nlu("banking77", "train", limit=N_TRAIN)
 test = pelib.load_nlu("banking77", "test", limit=128 if FAST else 500)
 targets = ["query", "key", "value", "dense"]
 model = inject(backbone, targets, r=R_INIT, alpha=2 * R_INIT)
+adapted = list(svd_modules(model))
+print(f"{len(adapted)} adapted matrices in {backbone.config.num_hidden_layers} layers; "
+      f"pooler among them: {any('pooler' in n for n in adapted)}")
+assert len(adapted) == 6 * backbone.config.num_hidden_layers  # six per layer, nothing else
+if not FAST:
+    assert len(adapted) == L_MINILM  # the count section 4's schedule used
 init_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 CFG = pelib.train.TrainConfig(epochs=EPOCHS, lr=5e-3 if FAST else 2e-3, batch_size=BS,
                               max_length=64, progress=False)
@@ -358,7 +376,20 @@ assert sum(final_ranks.values()) == alloc.target_bgt  # the budget is met exactl
 # With the tiny random model (CI) the pattern is noise. On the real MiniLM run (`PELIB_FAST`
 # unset) look for which kinds of matrix keep more than the mean; the paper found the feed-forward
 # matrices and the top layers to receive more rank on GLUE. One short run on a subset is not
-# evidence for such a claim: docs/benchmarks.md has the full Banking77 run and its rank pattern.
+# evidence for such a claim, nor is its accuracy a result. The full run (3 epochs of Banking77,
+# three seeds) is on the results page; the cell below reads its row and LoRA's.
+
+# %%
+import csv  # noqa: E402
+
+with open("../docs/tables/banking77_minilm.csv") as f:
+    table = {row["method"]: row for row in csv.DictReader(f)}
+for key in ("lora", "adalora"):
+    row = table[key]
+    print(f"{row['label']:18s} test macro-F1 {float(row['test_f1_mean']):.4f} ± {float(row['test_f1_sd']):.4f} "
+          f"({row['seeds']} seeds, {int(row['trainable']):,} trainable)  {row['command']}")
+
+# %% [markdown]
 #
 # ## 7. Check: pelib's AdaLoRA is the one we built
 # `pelib.adalora` has the same layer (`SVDLinear`, peft's names) and the allocator as a
@@ -390,9 +421,11 @@ print("pelib's AdaLoRA allocates exactly as the notebook's")
 # %% [markdown]
 # ## Exercises
 #
-# Solutions: `notebooks/solutions/nb07.py`.
+# Each checker compares with an independent reference and prints what it verified; library
+# functions that would solve the task are switched off while your answer runs. Solutions:
+# `notebooks/solutions/nb07.py`.
 #
-# **1 (easy).** Export a pruned layer as plain LoRA. Plain LoRA has no $\Lambda$: after training,
+# **1 (new): export a pruned layer as plain LoRA.** Plain LoRA has no $\Lambda$: after training,
 # a layer with triplets $(P_{\cdot i}, \lambda_i, Q_{i\cdot})$ and a mask `keep` of the ones
 # the allocator kept must become a pair $B \in \mathbb{R}^{d_{out} \times k}$,
 # $A \in \mathbb{R}^{k \times d_{in}}$ of rank $k = $ `keep.sum()` with
@@ -404,7 +437,7 @@ print("pelib's AdaLoRA allocates exactly as the notebook's")
 
 # %%
 from checks import attempt  # noqa: E402
-from checks.nb07 import exercise_1, exercise_2  # noqa: E402
+from checks.nb07 import exercise_1, exercise_2, exercise_3  # noqa: E402
 
 
 def fold(P, lam, Q, keep, scale):  # P (out, r), lam (r,), Q (r, in), keep (r,) bool
@@ -414,11 +447,12 @@ def fold(P, lam, Q, keep, scale):  # P (out, r), lam (r,), Q (r, in), keep (r,) 
 attempt(exercise_1, fold)
 
 # %% [markdown]
-# **2 (medium).** Importance by hand. The checker builds a toy with two SVD matrices and runs
-# a few optimizer steps; after each it calls your `update(state, params)` with
-# `params = {name: (p, p.grad)}` for every `lora_A`, `lora_E`, `lora_B`, and a dict `state`
-# you keep (empty at first). After the last step it calls `scores(state, modules)`, with
-# `modules` the two layer names, which must return `{module: (r,) tensor}`: the triplet scores
+# **2 (warm-up): importance by hand.** Section 3's `Importance`, as two functions. The checker
+# builds a toy with two SVD matrices and runs a few optimizer steps; after each it calls your
+# `update(state, params)` with `params = {name: (p, p.grad)}` for every `lora_A`, `lora_E`,
+# `lora_B`, and a dict `state` you keep (empty at first). After the last step it calls
+# `scores(state, modules)`, with `modules` the two layer names, which must return
+# `{module: (r,) tensor}`: the triplet scores
 # $S_i = s(\lambda_i) + \mathrm{mean}_j\, s(P_{ji}) + \mathrm{mean}_j\, s(Q_{ij})$, with
 # $s = \bar I\,\bar U$, $\beta_1 = \beta_2 = 0.85$ (eq. 9-11 above; note $\bar U$ uses the
 # *new* $\bar I$). Names are `f"{module}.lora_A"` and so on. Checked against
@@ -434,3 +468,28 @@ def scores(state, modules):
 
 
 attempt(exercise_2, (update, scores))
+
+# %% [markdown]
+# **3 (new): make the triplets an SVD without an SVD of $\Delta W$.** Section 1 showed that
+# $|\lambda_i|$ ranks the triplets correctly only when $P$ and $Q$ are orthonormal, and training
+# only pushes them there through $R$. After training you can make it exact: find
+# $P' \,(d_{out}, r)$ with orthonormal columns, $\lambda' \ge 0$ in descending order, and
+# $Q' \,(r, d_{in})$ with orthonormal rows, such that
+#
+# $$ P' \mathrm{diag}(\lambda') Q' = P \mathrm{diag}(\lambda) Q = \Delta W / s .$$
+#
+# Then $\lambda'$ are the singular values of $\Delta W / s$, and pruning the smallest removes
+# exactly $\lambda'^2_i$ of its squared norm. The catch: $\Delta W$ is $d_{out} \times d_{in}$
+# (in a 7B model, $4096 \times 11008$), but its rank is at most $r$. Use only QR
+# decompositions of the thin factors and an SVD (or eigendecomposition) of an $r \times r$
+# matrix. Hint: write $P = Q_P R_P$ and $Q^\top = Q_Q R_Q$; what is left in the middle?
+# Write `svd_triplets(P, lam, Q)` returning `(P2, lam2, Q2)`. The checker verifies the product,
+# the orthonormality and $\lambda'$ against the singular values of $\Delta W$, and refuses an
+# SVD or eigendecomposition of anything larger than $r \times r$ while your function runs.
+
+# %%
+def svd_triplets(P, lam, Q):  # P (out, r), lam (r,), Q (r, in) -> P2 (out, r), lam2 (r,), Q2 (r, in)
+    raise NotImplementedError
+
+
+attempt(exercise_3, svd_triplets)

@@ -1,15 +1,37 @@
 """Checkers for notebook 04's exercises: blockwise absmax quantisation (against bitsandbytes'
-quantize_4bit/dequantize_4bit) and the QLoRA paper's NF4 equation (against scipy's norm.ppf),
-compared with bitsandbytes' NF4 table."""
+bytes), the QLoRA paper's NF4 equation (against scipy's norm.ppf), and the NF code for k bits
+(against bitsandbytes' NF4 at k = 4 and the construction at k = 2, 3, 5), with its SQNR.
+
+While an answer runs, the library functions that would solve the task (bitsandbytes' and pelib's
+quantisers and NF4 builders) are poisoned (`checks._guard.forbidden`)."""
 import logging
+import math
 
 import torch
 from scipy.stats import norm
+
+import pelib.quant
+import pelib.quant.blockwise
+import pelib.quant.codes
+
+from ._guard import forbidden
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 import bitsandbytes.functional as bnbF  # noqa: E402
 
 OFFSET = 0.9677083
+
+# The quantisers an answer to exercise 1 must not call. pelib's `quantize_4bit` reaches its
+# `quantize_blockwise` through the module, so poisoning that also catches a name imported earlier.
+QUANTISERS = [(bnbF, "quantize_4bit"), (bnbF, "dequantize_4bit"), (bnbF, "quantize_blockwise"),
+              (bnbF, "dequantize_blockwise"), (pelib.quant, "quantize_4bit"),
+              (pelib.quant, "dequantize_4bit"), (pelib.quant, "quantize_blockwise"),
+              (pelib.quant, "dequantize_blockwise"), (pelib.quant.blockwise, "quantize_blockwise"),
+              (pelib.quant.blockwise, "dequantize_blockwise")]
+# The NF4 builders an answer to exercise 3 must not call.
+NF_BUILDERS = [(bnbF, "get_4bit_type"), (bnbF, "create_normal_map"), (pelib.quant, "create_normal_map"),
+               (pelib.quant, "get_code"), (pelib.quant.codes, "create_normal_map"),
+               (pelib.quant.codes, "get_code")]
 
 
 def decode(packed, absmax, code, blocksize):
@@ -32,7 +54,8 @@ def exercise_1(absmax_quantise):
         packed, state = bnbF.quantize_4bit(W, blocksize=blocksize, quant_type=quant_type,
                                            compress_statistics=False)
         ref = decode(packed, state.absmax, code, blocksize).reshape(shape)
-        got = absmax_quantise(W.clone(), code.clone(), blocksize)
+        with forbidden(*QUANTISERS):
+            got = absmax_quantise(W.clone(), code.clone(), blocksize)
         assert got.shape == W.shape, f"W_hat should have W's shape {tuple(W.shape)}"
         err = (got - ref).abs().max().item()
         assert err < 1e-5, f"{quant_type}, blocksize {blocksize}: max |yours - bitsandbytes| = {err:.2e}"
@@ -61,3 +84,54 @@ def exercise_2(nf4_from_equation):
     print(f"exercise_2: vs bitsandbytes' NF4: {int((diff > 1e-3).sum())} of 16 levels differ by more "
           f"than 1e-3, the largest by {diff.max():.3f} (NF4 has an exact 0, the equation has "
           f"+-{ref[8]:.4f} instead). correct")
+
+
+def _nf_code(k, offset):
+    """The NF construction for k bits: 2^(k-1) positive quantiles of float32 probabilities from
+    offset down to 0.5 (0.5 dropped), 2^(k-1) - 1 negative ones, a zero; sorted, over the max."""
+    n = 2 ** (k - 1)
+    p_pos = torch.linspace(offset, 0.5, n + 1)[:-1].numpy()
+    p_neg = torch.linspace(offset, 0.5, n)[:-1].numpy()
+    v = torch.tensor([*norm.ppf(p_pos), 0.0, *(-norm.ppf(p_neg))], dtype=torch.float32).sort().values
+    return v / v.max()
+
+
+def _sqnr(W, code, blocksize=64):
+    blocks = W.reshape(-1, blocksize)
+    absmax = blocks.abs().amax(1, keepdim=True)
+    s = code.sort().values
+    q = torch.bucketize(blocks / absmax, (s[:-1] + s[1:]) / 2)
+    return 10 * math.log10(W.square().sum() / (blocks - s[q] * absmax).square().sum())
+
+
+def exercise_3(answer):
+    """(nf_offset, nf_code): nf_offset(k) the offset from bins m = 2^k - 1 and 2^k;
+    nf_code(k, offset) the sorted float32 NF table of 2^k levels."""
+    nf_offset, nf_code = answer
+    with forbidden(*NF_BUILDERS):
+        offsets = {k: float(nf_offset(k)) for k in (2, 3, 4, 5)}
+        codes = {k: torch.as_tensor(nf_code(k, offsets[k])) for k in (2, 3, 5)}
+        nf4 = torch.as_tensor(nf_code(4, OFFSET))
+    for k, got in offsets.items():
+        a, b = 2**k - 1, 2**k
+        ref = ((1 - 1 / (2 * a)) + (1 - 1 / (2 * b))) / 2
+        assert abs(got - ref) < 1e-9, f"nf_offset({k}) = {got}, expected {ref:.9f}"
+    assert abs(offsets[4] - OFFSET) < 5e-8, f"nf_offset(4) = {offsets[4]} should round to {OFFSET}"
+    ref4 = bnbF.get_4bit_type("nf4", device="cpu")
+    assert nf4.dtype == torch.float32 and nf4.shape == (16,), \
+        f"nf_code(4, ...) must be a (16,) float32 tensor, got {tuple(nf4.shape)} {nf4.dtype}"
+    assert torch.equal(nf4, ref4), \
+        f"nf_code(4, {OFFSET}) differs from bitsandbytes' NF4 by {(nf4 - ref4).abs().max():.2e} " \
+        "(float32 probabilities? sorted? divided by the max?)"
+    for k, got in codes.items():
+        ref = _nf_code(k, offsets[k])
+        assert got.shape == ref.shape, f"nf_code({k}): {2**k} levels expected, got shape {tuple(got.shape)}"
+        err = (got.double() - ref.double()).abs().max().item()
+        assert err < 1e-6, f"nf_code({k}) differs from the NF construction by {err:.2e}"
+        assert (got == 0).sum() == 1 and got.max() == 1, f"nf_code({k}): needs one exact 0 and max 1"
+    torch.manual_seed(0)
+    W = torch.randn(256, 1024)
+    sqnr = {k: _sqnr(W, c) for k, c in {**codes, 4: nf4}.items()}
+    line = ", ".join(f"NF{k} {sqnr[k]:.1f} dB" for k in sorted(sqnr))
+    print(f"exercise_3: offsets {[round(offsets[k], 6) for k in sorted(offsets)]}; "
+          f"NF4 == bitsandbytes bit for bit; on N(0,1), blocksize 64: {line}. correct")

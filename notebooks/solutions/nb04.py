@@ -30,5 +30,22 @@ def nf4_from_equation_no_mean(k, offset):
     return (Q / Q.abs().max()).sort().values
 
 
-SOLUTIONS = {1: absmax_quantise, 2: nf4_from_equation}
-WRONG = {1: absmax_quantise_global, 2: nf4_from_equation_no_mean}
+def nf_offset(k):
+    a, b = 2**k - 1, 2**k                                          # the two bin counts averaged
+    return ((1 - 1 / (2 * a)) + (1 - 1 / (2 * b))) / 2
+
+
+def nf_offset_one_bin(k):
+    return 1 - 1 / (2 * 2**k)                                      # wrong: only m = 2^k
+
+
+def nf_code(k, offset):
+    n = 2 ** (k - 1)                                               # positive levels; n - 1 negative
+    p_pos = torch.linspace(offset, 0.5, n + 1)[:-1].numpy()        # float32, 0.5 dropped
+    p_neg = torch.linspace(offset, 0.5, n)[:-1].numpy()
+    v = torch.tensor([*norm.ppf(p_pos), 0.0, *(-norm.ppf(p_neg))], dtype=torch.float32).sort().values
+    return v / v.max()                                             # (2^k,)
+
+
+SOLUTIONS = {1: absmax_quantise, 2: nf4_from_equation, 3: (nf_offset, nf_code)}
+WRONG = {1: absmax_quantise_global, 2: nf4_from_equation_no_mean, 3: (nf_offset_one_bin, nf_code)}

@@ -35,5 +35,20 @@ def scores(state, modules):
             for m in modules}
 
 
-SOLUTIONS = {1: fold, 2: (update, scores)}
-WRONG = {1: fold_all, 2: (update_old_ibar, scores)}
+def svd_triplets(P, lam, Q):
+    Qp, Rp = torch.linalg.qr(P)  # P = Qp Rp: (out, r), (r, r)
+    Qq, Rq = torch.linalg.qr(Q.T)  # Q^T = Qq Rq: (in, r), (r, r)
+    U, S, Vh = torch.linalg.svd(Rp @ torch.diag(lam) @ Rq.T)  # the r x r core
+    return Qp @ U, S, Vh @ Qq.T  # (out, r), (r,), (r, in)
+
+
+def svd_triplets_normalised(P, lam, Q):  # unit columns and rows, the norms moved into λ: not orthogonal
+    p, q = P.norm(dim=0), Q.norm(dim=1)
+    lam2 = lam * p * q
+    order = torch.argsort(lam2.abs(), descending=True)
+    sign = torch.sign(lam2[order])
+    return (P / p)[:, order] * sign, lam2[order].abs(), (Q / q[:, None])[order]
+
+
+SOLUTIONS = {1: fold, 2: (update, scores), 3: svd_triplets}
+WRONG = {1: fold_all, 2: (update_old_ibar, scores), 3: svd_triplets_normalised}
