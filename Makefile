@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test lint test-fast lab lab-check notebooks clean
+.PHONY: install run test lint test-fast lab lab-check notebooks notebook-outputs clean
 
 install: $(STAMP)
 
@@ -52,9 +52,17 @@ lab-check: install
 	$(BIN)/python -m pip install -q $(LAB_CHECK_PKGS)
 	$(BIN)/python tools/lab_check.py
 
-# Regenerate every .ipynb from its py:percent source (outputs are not committed).
+# Regenerate every .ipynb from its py:percent source; the outputs of cells whose source did not
+# change are kept.
 notebooks: install
 	$(BIN)/jupytext --sync notebooks/*.py
+
+# Execute every notebook at full size (PELIB_FAST=0) and store its outputs, figures included, in
+# the .ipynb, so that a reader browsing the repository sees them. `make test` executes the
+# notebooks in FAST mode and compares none of these outputs (nbval-lax).
+NB ?= notebooks/[0-9][0-9]_*.py
+notebook-outputs: install
+	for nb in $(NB); do PELIB_FAST=0 $(BIN)/jupytext --sync --execute $$nb || exit 1; done
 
 clean:
 	rm -rf $(VENV) results .pytest_cache
