@@ -18,8 +18,8 @@ PELIB = Path(pelib.__file__).resolve().parent
 RANK = {"files": 0, "recipe": 0, "metrics": 0, "data": 0, "classifier": 0, "measure": 0, "kernels": 0,
         "probe": 0, "distributed": 0,
         "backbone": 1, "inject": 1, "io": 1, "lora": 2, "adapter": 2, "prefix": 2, "adalora": 3, "sora": 3,
-        "quant": 3, "train": 4, "patch": 4, "peers": 5, "methods": 6, "finetune": 7, "bench": 7,
-        "compare": 8, "__main__": 9, "__init__": 10}
+        "quant": 3, "train": 4, "peers": 5, "methods": 6, "patch": 7, "finetune": 8, "bench": 8,
+        "compare": 9, "__main__": 10, "__init__": 11}
 # kernels/ is a leaf, but fused QLoRA needs quant's state type and op (imported lazily there).
 ALLOWED = {("kernels", "quant")}
 
