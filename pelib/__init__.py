@@ -8,7 +8,8 @@ One module per technique (see the notebooks for the derivations):
     adalora  AdaLoRA (Zhang et al. 2023): P Lambda Q triplets, importance, budget (RankAllocator)
     sora     SoRA (Ding et al. 2023): gated LoRA, proximal soft-threshold, pruning to LoRA
     io       adapter files in peft's format (knows no method); files: atomic writes
-    methods  the method table: default lr, builders per implementation, loaders
+    recipe   the base of every method's config: its tuned defaults, its adapter file fields
+    methods  the registry: each method's config, builders per implementation, loaders
     peers    the peer library's (peft, bitsandbytes) builds of the same methods
     backbone the packaged pretrained models (MiniLM, SmolLM2), offline
     data     Banking77 / CLINC150 from data/
@@ -37,6 +38,10 @@ from .data import load_nlu  # noqa: E402
 from .inject import count_parameters, trainable_parameters  # noqa: E402
 from .lora import LoRALinear, apply_lora  # noqa: E402
 from .methods import METHODS, load_adapter, save_adapter  # noqa: E402
+from .train import TrainConfig  # noqa: E402
+
+# every method's recipe (pelib.LoRAConfig, pelib.SoRAConfig, ...), read from the registry
+globals().update({m.config.__name__: m.config for m in METHODS.values()})
 from .prefix import apply_prefix  # noqa: E402
 from .quant import apply_qlora, merge_qlora  # noqa: E402
 from .sora import SoRA, apply_sora  # noqa: E402

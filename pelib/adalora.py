@@ -30,13 +30,58 @@ for the same gradients (tests/test_adalora.py).
 """
 from __future__ import annotations
 
-from typing import Iterable
+from dataclasses import dataclass
+from typing import ClassVar, Iterable
 
 import torch
 from torch import nn
 
 from .inject import adapter_record, check_alpha, get_submodule_parent, inject_linears
 from .lora import LoRALinear, check_rank
+from .recipe import Recipe, option
+
+
+@dataclass(frozen=True)
+class AdaLoRAConfig(Recipe):
+    """AdaLoRA's recipe: 12 triplets a module pruned to 8 on average, alpha 2 init_r, lr 2e-3;
+    the budget is full for the first 10% of the run, fixed for the last 30%, masked every 10
+    steps in between (peft's defaults are 0, 0 and every step)."""
+
+    lr: ClassVar[float] = 2e-3
+    peft_type: ClassVar[str] = "ADALORA"
+    init_r: int = option(12, "triplets per module at start", type=int)
+    target_r: int = option(8, "average triplets at the end", type=int)
+    alpha: float | None = option(None, "alpha (default: 2*init_r)", type=float)
+    dropout: float = option(0.0, "dropout on the adapter's input", type=float)
+    targets: list[str] | None = option(None, "modules to adapt, by name suffix (default: the "
+                                             "backbone's usual set)", nargs="+")
+    tinit: int | None = option(None, "steps before pruning starts (default: 10%% of the run)",
+                               type=int)
+    tfinal: int | None = option(None, "steps at the final rank pattern (default: 30%% of the run)",
+                                type=int)
+    delta_t: int = option(10, "steps between two maskings", type=int)
+    orth_reg_weight: float = option(0.5, "weight of the orthogonal regulariser (peft's default)",
+                                    type=float)
+
+    def __post_init__(self):
+        if self.alpha is None:
+            object.__setattr__(self, "alpha", 2 * self.init_r)
+
+    def tag(self) -> str:
+        return f"-r{self.init_r}to{self.target_r}"
+
+    def schedule(self, total: int) -> tuple[int, int]:
+        """tinit, tfinal of a run of `total` steps: 10% warm-up at full rank, 30% at the final
+        pattern unless given."""
+        tinit = self.tinit if self.tinit is not None else round(0.1 * total)
+        tfinal = self.tfinal if self.tfinal is not None else round(0.3 * total)
+        if self.target_r > self.init_r:
+            raise ValueError(f"target_r {self.target_r} exceeds init_r {self.init_r}; AdaLoRA "
+                             "only prunes: lower --target-r or raise --init-r")
+        if tinit >= total - tfinal:
+            raise ValueError(f"tinit {tinit} + tfinal {tfinal} leave no steps to prune in a run "
+                             f"of {total} steps: lower them or train for more epochs")
+        return tinit, tfinal
 
 
 class SVDLinear(nn.Module):
@@ -83,13 +128,15 @@ class SVDLinear(nn.Module):
         return f"init_r={self.r}, alpha={self.alpha}"
 
 
-def apply_adalora(model: nn.Module, target_modules: str | Iterable[str], init_r: int = 12,
-                  alpha: float = 24, dropout: float = 0.0,
+def apply_adalora(model: nn.Module, target_modules: str | Iterable[str],
+                  init_r: int = AdaLoRAConfig.init_r, alpha: float | None = None,
+                  dropout: float = AdaLoRAConfig.dropout,
                   modules_to_save: Iterable[str] | None = None) -> nn.Module:
     """Wrap every targeted nn.Linear in an SVDLinear with init_r triplets; freeze the rest.
     Train with a RankAllocator as a hook of pelib.train.train (it prunes the triplets)."""
     if not isinstance(init_r, int) or isinstance(init_r, bool) or init_r <= 0:
         raise ValueError(f"init_r must be a positive integer, got {init_r!r}")
+    alpha = AdaLoRAConfig(init_r=init_r, alpha=alpha).alpha  # default 2 init_r
     check_alpha(alpha)
 
     def make(name: str, module: nn.Linear) -> nn.Module:
@@ -123,11 +170,15 @@ class RankAllocator:
     """The training-time rule of AdaLoRA as a pelib.train hook: `loss` adds the orthogonal
     regulariser, `step` (after optimizer.step, before zero_grad) updates the importance scores
     and masks triplets to the budget. State a notebook or test can read after each step:
-    `budget`, `rank_pattern` ({module: [kept?] * init_r}), `history` (step, budget, ranks)."""
+    `budget`, `rank_pattern` ({module: [kept?] * init_r}), `history` (step, budget, ranks).
+    The defaults are the recipe (AdaLoRAConfig): tinit 10% and tfinal 30% of the run (None:
+    resolved once the run's length is known), a masking every deltaT = 10 steps."""
 
-    def __init__(self, model: nn.Module, target_r: int = 8, tinit: int = 0, tfinal: int = 0,
-                 deltaT: int = 1, beta1: float = 0.85, beta2: float = 0.85,
-                 orth_reg_weight: float = 0.5, total_step: int | None = None):
+    def __init__(self, model: nn.Module, target_r: int = AdaLoRAConfig.target_r,
+                 tinit: int | None = None, tfinal: int | None = None,
+                 deltaT: int = AdaLoRAConfig.delta_t, beta1: float = 0.85, beta2: float = 0.85,
+                 orth_reg_weight: float = AdaLoRAConfig.orth_reg_weight,
+                 total_step: int | None = None):
         self.layers = dict(svd_layers(model))
         if not self.layers:
             raise ValueError("the model has no AdaLoRA layers; call pelib.adalora.apply_adalora "
@@ -137,8 +188,10 @@ class RankAllocator:
             raise ValueError(f"target_r={target_r!r} must be an integer in [0, init_r={self.init_r}]"
                              f"; lower target_r or raise init_r in apply_adalora")
         for k, v in dict(tinit=tinit, tfinal=tfinal).items():
-            if not isinstance(v, int) or v < 0:
-                raise ValueError(f"{k} must be an integer >= 0, got {v!r}")
+            if v is not None and (not isinstance(v, int) or v < 0):
+                raise ValueError(f"{k} must be an integer >= 0 (None: the recipe's share of the "
+                                 f"run), got {v!r}")
+        self.given = dict(tinit=tinit, tfinal=tfinal)
         if not isinstance(deltaT, int) or deltaT < 1:
             raise ValueError(f"deltaT must be an integer >= 1, got {deltaT!r}")
         if not (0 < beta1 < 1 and 0 < beta2 < 1):
@@ -154,7 +207,7 @@ class RankAllocator:
             self.set_total_step(total_step)
         self.model_config = getattr(model, "pelib_adapter", None)
         if self.model_config is not None:  # peft's AdaLoraConfig fields, for save_adapter
-            self.model_config.update(target_r=target_r, tinit=tinit, tfinal=tfinal, deltaT=deltaT,
+            self.model_config.update(target_r=target_r, tinit=self.tinit, tfinal=self.tfinal, deltaT=deltaT,
                                      beta1=beta1, beta2=beta2, orth_reg_weight=orth_reg_weight,
                                      total_step=self.total_step)
             if self.total_step is not None:
@@ -166,6 +219,10 @@ class RankAllocator:
     def set_total_step(self, total_step: int) -> None:
         if not isinstance(total_step, int) or total_step <= 0:
             raise ValueError(f"total_step must be a positive integer, got {total_step!r}")
+        # the recipe's shares of the run, where not given (AdaLoRAConfig.schedule)
+        self.tinit = self.given["tinit"] if self.given["tinit"] is not None else round(0.1 * total_step)
+        self.tfinal = self.given["tfinal"] if self.given["tfinal"] is not None else \
+            round(0.3 * total_step)
         if total_step - self.tfinal < 2:  # the final allocation needs scores from a step before
             raise ValueError(f"tfinal={self.tfinal} leaves no step to score importance before the "
                              f"final allocation in a run of total_step={total_step}: lower tfinal "

@@ -28,12 +28,14 @@ sequence with the rest of the layer (notebook 01 measures it).
 """
 from __future__ import annotations
 
-from typing import Iterable
+from dataclasses import dataclass
+from typing import ClassVar, Iterable
 
 import torch
 from torch import nn
 
 from .inject import inject
+from .recipe import Recipe, option
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 KINDS = ("houlsby", "pfeiffer")
@@ -82,6 +84,19 @@ class AdapterLinear(nn.Module):
         return self.adapter(self.base_layer(x))         # (B, T, d)
 
 
+@dataclass(frozen=True)
+class AdapterConfig(Recipe):
+    """The adapters' recipe: Houlsby's placement, m = 64, lr 1e-3 (chosen on the Banking77 dev
+    split). No adapter file: peft has no bottleneck adapters to follow."""
+
+    lr: ClassVar[float] = 1e-3
+    adapter_kind: str = option("houlsby", "where the adapters go", choices=("houlsby", "pfeiffer"))
+    bottleneck: int = option(64, "adapter width m", type=int)
+
+    def tag(self) -> str:
+        return f"-{self.adapter_kind}-m{self.bottleneck}"
+
+
 def adapter_parameters(d: int, m: int) -> int:
     """Parameters of one adapter: W_down, b_down, W_up, b_up."""
     return d * m + m + m * d + d
@@ -91,7 +106,8 @@ def model_type(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "model_type", None)
 
 
-def apply_adapters(model: nn.Module, kind: str = "houlsby", bottleneck: int = 64,
+def apply_adapters(model: nn.Module, kind: str = AdapterConfig.adapter_kind,
+                   bottleneck: int = AdapterConfig.bottleneck,
                    activation: str = "relu",
                    modules_to_save: Iterable[str] | None = None) -> nn.Module:
     """Insert bottleneck adapters after the projections that `kind` names, freeze everything

@@ -24,63 +24,81 @@ import json
 import statistics
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from .files import atomic_write, writable_dir
 from .finetune import options, parse, run_name, same_run
 from .methods import METHODS
 
-# (label, finetune arguments). One learning rate per method: pelib.methods.METHODS[m].lr,
-# chosen on the Banking77 dev split (`--preset lr`, docs/benchmarks.md); DATA_EXTRA below for
-# the ones that CLINC150's dev split moved.
-PELIB_METHODS = [
-    ("head only (floor)", ["--method", "head"]),  # the frozen backbone: every row is read against it
-    ("full fine-tuning", ["--method", "full"]),
-    ("LoRA r=8", ["--method", "lora", "--r", "8"]),
-    ("QLoRA r=8 (NF4+DQ)", ["--method", "qlora", "--r", "8"]),
-    ("AdaLoRA r 12->8", ["--method", "adalora"]),
-    ("SoRA r=8", ["--method", "sora", "--r", "8"]),
-    ("LoRA r=2", ["--method", "lora", "--r", "2"]),
-    ("Houlsby adapter m=64", ["--method", "adapter"]),
-    ("Pfeiffer adapter m=64", ["--method", "adapter", "--adapter-kind", "pfeiffer"]),
-    ("prefix tuning L=16", ["--method", "prefix"]),
-]
-# The same runs through the peer library. peft has no SoRA and no Houlsby or Pfeiffer adapters, and its
-# prefix tuning refuses BERT under transformers 5 ("Model does not support past key values"),
-# so MiniLM has no peft prefix row (`--method prefix --impl peft` works on SmolLM2).
-PEFT_METHODS = [
-    ("LoRA r=8", ["--method", "lora", "--r", "8", "--impl", "peft"]),
-    ("QLoRA r=8 (NF4+DQ)", ["--method", "qlora", "--r", "8", "--impl", "peft"]),
-    ("AdaLoRA r 12->8", ["--method", "adalora", "--impl", "peft"]),
-]
-LLM_METHODS = [
-    # SmolLM2's last-token states have outlier dimensions (rms up to 20 against 2 overall): its
-    # head learns best at 1e-2, not MiniLM's 3e-2 (dev 0.789 vs 0.785, docs/benchmarks.md)
-    ("head only (floor)", ["--method", "head", "--lr", "1e-2"]),
-    ("LoRA r=8", ["--method", "lora", "--r", "8"]),
-    ("QLoRA r=8 (NF4+DQ)", ["--method", "qlora", "--r", "8"]),
-    ("SoRA r=8", ["--method", "sora", "--r", "8"]),
-]
+
+@dataclass(frozen=True)
+class Row:
+    """One row of a table: its label, the registry entry it trains, the finetune options it
+    adds to the method's recipe, and the implementation (pelib or the peer library)."""
+
+    label: str
+    method: str  # a key of pelib.methods.METHODS
+    options: tuple[str, ...] = ()
+    impl: str = "pelib"
+
+    def argv(self) -> list[str]:
+        return ["--method", self.method, *self.options] + \
+            (["--impl", self.impl] if self.impl != "pelib" else [])
+
+
+# Every row the presets draw from, by name. One learning rate per method: its recipe's
+# (pelib.methods.METHODS[m].config.lr, chosen on the Banking77 dev split, docs/benchmarks.md);
+# DATA_EXTRA below for the ones that CLINC150's dev split moved.
+ROWS = {
+    "head": Row("head only (floor)", "head"),  # the frozen backbone: every row is read against it
+    "full": Row("full fine-tuning", "full"),
+    "lora": Row("LoRA r=8", "lora", ("--r", "8")),
+    "qlora": Row("QLoRA r=8 (NF4+DQ)", "qlora", ("--r", "8")),
+    "adalora": Row("AdaLoRA r 12->8", "adalora"),
+    "sora": Row("SoRA r=8", "sora", ("--r", "8")),
+    "lora-r2": Row("LoRA r=2", "lora", ("--r", "2")),
+    "houlsby": Row("Houlsby adapter m=64", "adapter"),
+    "pfeiffer": Row("Pfeiffer adapter m=64", "adapter", ("--adapter-kind", "pfeiffer")),
+    "prefix": Row("prefix tuning L=16", "prefix"),
+    # The same runs through the peer library. peft has no SoRA and no Houlsby or Pfeiffer
+    # adapters, and its prefix tuning refuses BERT under transformers 5 ("Model does not support
+    # past key values"), so MiniLM has no peft prefix row (`--impl peft` works on SmolLM2).
+    "peft-lora": Row("LoRA r=8", "lora", ("--r", "8"), "peft"),
+    "peft-qlora": Row("QLoRA r=8 (NF4+DQ)", "qlora", ("--r", "8"), "peft"),
+    "peft-adalora": Row("AdaLoRA r 12->8", "adalora", (), "peft"),
+    # SmolLM2's last-token states have outlier dimensions: its head learns best at a lower lr
+    # than MiniLM's, chosen on the dev split (docs/benchmarks.md)
+    "llm-head": Row("head only (floor)", "head", ("--lr", "1e-2")),
+}
+PELIB_ROWS = ("head", "full", "lora", "qlora", "adalora", "sora", "lora-r2", "houlsby",
+              "pfeiffer", "prefix")
+PEFT_ROWS = ("peft-lora", "peft-qlora", "peft-adalora")
+LLM_ROWS = ("llm-head", "lora", "qlora", "sora")
 # `make run`: the floor, full fine-tuning, the four LoRA family methods and one peft twin.
-WORKSHOP_METHODS = PELIB_METHODS[:6] + PEFT_METHODS[:1]
+WORKSHOP_ROWS = ("head", "full", "lora", "qlora", "adalora", "sora", "peft-lora")
+
+
+def rows(names) -> list[tuple[str, list[str]]]:
+    """(label, argv) of the named rows."""
+    return [(ROWS[n].label, ROWS[n].argv()) for n in names]
+
 
 # Every training row, batch 32, max length 64. `make run` trains one epoch, starting each
 # fine-tune's head from the linear probe (LP-FT, pelib.probe), the head at lr 2e-3: a random head
-# spends most of one epoch catching up (LoRA r=8 test F1 0.9206 -> 0.9261; head lr 2e-3 chosen
-# over 1e-2 on dev, docs/benchmarks.md). The full study trains three epochs from a random head.
+# spends most of one epoch catching up (head lr chosen on dev, docs/benchmarks.md). The full
+# study trains three epochs from a random head.
 WORKSHOP_SIZE = ["--epochs", "1"]
 LPFT = ["--head-init", "probe", "--head-lr", "2e-3"]
 FULL_SIZE = ["--epochs", "3"]
 LLM_SIZE = ["--epochs", "1", "--batch-size", "16"]
 # Per-method extras: the floor's head trains 3 epochs (the frozen encoder only runs forward);
 # prefix tuning clips its gradient norm at 1: without it its loss spiked at the peak lr and the
-# run ended below the floor (dev 0.903 vs 0.932 clipped, docs/benchmarks.md).
+# run ended below the floor (docs/benchmarks.md).
 EXTRA = {"head": ["--epochs", "3"], "prefix": ["--max-grad-norm", "1"]}
 # A learning rate chosen on another data set's own dev split, where it differs from Banking77's
-# (`--preset lr-clinc150`, docs/benchmarks.md): prefix tuning on CLINC150 at half its lr (dev
-# 0.9622 vs 0.9559 after one epoch; 0.9713 vs 0.9631 after three, over three seeds), and the
-# floor's head at half its lr (dev 0.9671 vs 0.9639; 7.5e-3 0.9658): a higher floor; SoRA at
-# half its lr (dev 0.9680 vs 0.9647 after one epoch, 0.9728 vs 0.9688 after three, seed 0).
+# (`--preset lr-clinc150`, docs/benchmarks.md): prefix tuning, the floor's head and SoRA on
+# CLINC150, each at half its lr.
 DATA_EXTRA = {("clinc150", "prefix"): ["--lr", "1.5e-3"], ("clinc150", "head"): ["--lr", "1.5e-2"],
               ("clinc150", "sora"): ["--lr", "1e-3"]}
 
@@ -90,9 +108,14 @@ def _extra(argv: list[str], data: str = "banking77") -> list[str]:
     return EXTRA.get(method, []) + DATA_EXTRA.get((data, method), [])
 
 
+def _floor(method: str) -> bool:
+    """Does the method train the head alone (its config has no head lr of its own)?"""
+    return METHODS[method].config.head_lr is None
+
+
 def _lpft(methods):
     """The fine-tunes start from the probe head (the floor's head is what it trains)."""
-    return [(label, argv if argv[argv.index("--method") + 1] == "head" else argv + LPFT)
+    return [(label, argv if _floor(argv[argv.index("--method") + 1]) else argv + LPFT)
             for label, argv in methods]
 
 
@@ -110,16 +133,16 @@ def preset(name: str) -> list[tuple[str, list[str]]]:
         common = ["--tiny", "--train-limit", "64", "--eval-limit", "32", "--epochs", "1",
                   "--batch-size", "16", "--max-length", "32"]
         # (not peft's QLoRA: bitsandbytes' CPU eval path needs rows that are multiples of 64)
-        peft = [m for m in PEFT_METHODS if "qlora" not in m[1]]
-        add("minilm", "banking77", PELIB_METHODS + peft, [0], common, extra=False)
-        add("smollm2", "banking77", LLM_METHODS, [0], common, extra=False)
+        peft = [n for n in PEFT_ROWS if ROWS[n].method != "qlora"]
+        add("minilm", "banking77", rows(PELIB_ROWS + tuple(peft)), [0], common, extra=False)
+        add("smollm2", "banking77", rows(LLM_ROWS), [0], common, extra=False)
     elif name == "workshop":  # `make run`: full size, one seed, ~25 minutes on 2 cores
-        add("minilm", "banking77", _lpft(WORKSHOP_METHODS), [0], WORKSHOP_SIZE)
+        add("minilm", "banking77", _lpft(rows(WORKSHOP_ROWS)), [0], WORKSHOP_SIZE)
     elif name == "seeds":  # the workshop rows over seeds 0-2 (seed 0 is reused)
-        add("minilm", "banking77", _lpft(WORKSHOP_METHODS), [0, 1, 2], WORKSHOP_SIZE)
+        add("minilm", "banking77", _lpft(rows(WORKSHOP_ROWS)), [0, 1, 2], WORKSHOP_SIZE)
     elif name in ("lr", "lr-clinc150"):  # the dev-split grid: each method at 1/2, 1, 2x its lr
         data = "banking77" if name == "lr" else "clinc150"
-        for label, argv in PELIB_METHODS:
+        for label, argv in rows(PELIB_ROWS):
             method = argv[argv.index("--method") + 1]
             extra = DATA_EXTRA.get((data, method), [])  # the lr this data set's dev chose
             lr = float(extra[extra.index("--lr") + 1]) if "--lr" in extra else METHODS[method].lr
@@ -128,10 +151,10 @@ def preset(name: str) -> list[tuple[str, list[str]]]:
                 runs.append((f"{label} lr={lr * f:.2g}", base + argv + WORKSHOP_SIZE +
                              EXTRA.get(method, []) + ["--lr", f"{lr * f:.2g}"]))
     elif name == "full":  # every method, both data sets, 3 epochs, 3 seeds
-        add("minilm", "banking77", PELIB_METHODS + PEFT_METHODS, [0, 1, 2], FULL_SIZE)
-        add("minilm", "clinc150", PELIB_METHODS + PEFT_METHODS, [0, 1, 2], FULL_SIZE)
+        add("minilm", "banking77", rows(PELIB_ROWS + PEFT_ROWS), [0, 1, 2], FULL_SIZE)
+        add("minilm", "clinc150", rows(PELIB_ROWS + PEFT_ROWS), [0, 1, 2], FULL_SIZE)
     elif name == "llm":  # SmolLM2-135M on all Banking77 rows, one epoch (about an hour a run here)
-        add("smollm2", "banking77", LLM_METHODS, [0], LLM_SIZE)
+        add("smollm2", "banking77", rows(LLM_ROWS), [0], LLM_SIZE)
     else:
         raise SystemExit(f"pelib: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return runs
@@ -266,7 +289,7 @@ def figures(records, out: Path, tag: str = "") -> list[Path]:
         for (label, impl), rs in rows.items():
             f1 = statistics.fmean(r["metrics"]["f1"] for r in rs)
             name = f"{label}{' (peft)' if impl == 'peft' else ''}"
-            if rs[0]["args"]["method"] == "head":  # the floor: a line every method is read against
+            if _floor(rs[0]["args"]["method"]):  # the floor: a line every method is read against
                 ax.axhline(f1, color="grey", linestyle="--", linewidth=1, label=f"{name}: {f1:.3f}")
                 continue
             # a legend, not labels at the points: methods with equal counts would stack them

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -20,7 +21,8 @@ from pathlib import Path
 from . import distributed
 from .backbone import DEFAULT_TARGETS, POOLINGS
 from .files import atomic_write, writable_dir
-from .methods import HEAD_LR, LABEL_SMOOTHING, METHODS, Run
+from .methods import METHODS, Run
+from .recipe import HEAD_LR, LABEL_SMOOTHING, flags_of
 
 IMPLS = ("pelib", "peft")
 
@@ -37,18 +39,15 @@ def add_arguments(f: argparse.ArgumentParser) -> None:
     f.add_argument("--impl", default="pelib", choices=IMPLS,
                    help="build the model with pelib or with the peer library peft (methods: "
                         + ", ".join(k for k, m in METHODS.items() if "peft" in m.build) + ")")
-    # --lora-r: under torchrun, whose own parser reads "--r" as a prefix of its --rdzv-* options
-    f.add_argument("--r", "--lora-r", type=int, default=8, help="the LoRA rank")
-    f.add_argument("--alpha", type=float, default=None, help="default: 2*r")
-    f.add_argument("--rslora", action="store_true")
-    f.add_argument("--dropout", type=float, default=0.0)
-    f.add_argument("--targets", nargs="+", default=None, help="default: the backbone's usual set")
     f.add_argument("--epochs", type=float, default=3)
     f.add_argument("--lr", type=float, default=None,
                    help="default per method: " + ", ".join(f"{k} {m.lr:g}" for k, m in METHODS.items()))
     f.add_argument("--head-lr", type=float, default=None,
                    help=f"the classification head's own lr (default {HEAD_LR:g}; with --method "
                         "head, --lr is the head's lr)")
+    f.add_argument("--label-smoothing", type=float, default=None,
+                   help="cross-entropy against a target with 1 - eps on the label and eps spread "
+                        f"over all classes (default {LABEL_SMOOTHING:g}; 0: plain cross-entropy)")
     f.add_argument("--head-init", default="random", choices=["random", "probe"],
                    help="probe: fit the head as a linear probe on the frozen features before "
                         "fine-tuning (LP-FT, pelib.probe)")
@@ -66,9 +65,6 @@ def add_arguments(f: argparse.ArgumentParser) -> None:
     f.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"],
                    help="the lr after the warm-up: linear decay to 0 (default), half a cosine "
                         "down to 0, or constant")
-    f.add_argument("--label-smoothing", type=float, default=LABEL_SMOOTHING,
-                   help="cross-entropy against a target with 1 - eps on the label and eps spread "
-                        f"over all classes (default {LABEL_SMOOTHING:g}; 0: plain cross-entropy)")
     f.add_argument("--layer-decay", type=float, default=1.0,
                    help="layer-wise lr decay: layer l of L at lr * d**(L - l), the embeddings "
                         "one step lower (default 1: every layer at --lr)")
@@ -98,13 +94,33 @@ def add_arguments(f: argparse.ArgumentParser) -> None:
                         "exists (removed once the results are written)")
     f.add_argument("--checkpoint-every", type=int, default=50,
                    help="optimizer steps between checkpoints")
-    owners = {}
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for dest, (field, owners) in method_options().items():
+        g = groups.get(owners[0]) or groups.setdefault(
+            owners[0], f.add_argument_group(f"options of --method {owners[0]}"))
+        kw = dict(field.metadata["argparse"])
+        if isinstance(field.default, bool):
+            kw["action"] = "store_true"
+        shown = "" if field.default is None or isinstance(field.default, bool) else \
+            f"; default {field.default:g}" if isinstance(field.default, float) else \
+            f"; default {field.default}"
+        g.add_argument(*flags_of(field), dest=dest, default=None,
+                       help=f"{field.metadata['help']} (--method {', '.join(owners)}{shown})", **kw)
+
+
+def method_options() -> dict[str, tuple[dataclasses.Field, list[str]]]:
+    """Every method option: its config field and the methods whose configs have it (the
+    registry's configs are the only source of these options)."""
+    out: dict[str, tuple[dataclasses.Field, list[str]]] = {}
     for name, m in METHODS.items():
-        if m.options is not None:
-            g = f.add_argument_group(f"--method {name}")
-            m.options(g)
-            owners.update({a.dest: name for a in g._group_actions})
-    f.set_defaults(_owners=owners)
+        for field in m.config.options():
+            out.setdefault(field.name, (field, []))[1].append(name)
+    return out
+
+
+def config_of(args):
+    """The method's config: the options given, the recipe for the rest."""
+    return METHODS[args.method].config.from_options(vars(args))
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -126,23 +142,37 @@ BEFORE = {"label_smoothing": 0.0}
 NOT_NUMBERS = {"no_progress", "resume", "checkpoint_every", "command", "out", "name", "overwrite"}
 
 
+def numbers(opts: dict) -> dict:
+    """What decides a run's numbers: the common options and the method's config, resolved (an
+    option left out and the recipe's value are the same run; another method's options are not
+    part of it). An option added since a record was written takes its value then (BEFORE)."""
+    opts = {**options(parse([])), **BEFORE, **opts}
+    config = METHODS[opts["method"]].config
+    resolved = config.from_options(opts)
+    out = {k: v for k, v in opts.items() if k not in NOT_NUMBERS and k not in method_options()}
+    out["lr"] = config.lr if opts["lr"] is None else opts["lr"]
+    out["head_lr"] = opts["head_lr"] if opts["head_lr"] is not None else config.head_lr or out["lr"]
+    if out["label_smoothing"] is None:
+        out["label_smoothing"] = config.label_smoothing
+    return dict(out, config=dataclasses.asdict(resolved))
+
+
 def same_run(a: dict | None, b: dict) -> bool:
-    """Do two option sets give the same numbers? (None: unknown, so no)"""
-    if a is None:
+    """Do two option sets give the same numbers? (None or an unknown method: unknown, so no)"""
+    if a is None or a.get("method") not in METHODS:
         return False
-    # an option added since a record was written: its default then (BEFORE), else its default
-    defaults = {**options(parse([])), **BEFORE}
-    a, b = {**defaults, **a}, {**defaults, **b}
-    return ({k: v for k, v in a.items() if k not in NOT_NUMBERS}
-            == {k: v for k, v in b.items() if k not in NOT_NUMBERS})
+    try:
+        return numbers(a) == numbers(b)
+    except (TypeError, ValueError):  # a record whose options no config takes: not this run
+        return False
 
 
 def run_name(args) -> str:
     if args.name:
         return args.name
     model = args.model + ("-tiny" if args.tiny else "") + (f"-{args.pooling}" if args.pooling else "")
-    return "_".join([model, args.data,
-                     args.method + METHODS[args.method].tag(args), args.impl, f"s{args.seed}"])
+    return "_".join([model, args.data, args.method + config_of(args).tag(), args.impl,
+                     f"s{args.seed}"])
 
 
 def check(args) -> None:
@@ -152,13 +182,14 @@ def check(args) -> None:
         peft = [k for k, m in METHODS.items() if args.impl in m.build]
         raise ValueError(f"--impl {args.impl} is only for --method {', '.join(peft)}, "
                          f"not {args.method}")
-    defaults = parse([])
-    for dest, owner in getattr(args, "_owners", {}).items():
-        if owner != args.method and getattr(args, dest) != getattr(defaults, dest):
-            flag = "--" + dest.replace("_", "-")
-            raise ValueError(f"{flag} is an option of --method {owner}, not {args.method}")
-    if args.method == "head" and args.head_lr is not None:
-        raise ValueError("--method head trains only the head: set its lr with --lr, not --head-lr")
+    own = {f.name for f in method.config.options()}
+    for dest, (field, owners) in method_options().items():
+        if dest not in own and getattr(args, dest, None) is not None:
+            raise ValueError(f"{flags_of(field)[0]} is an option of --method {', '.join(owners)}, "
+                             f"not {args.method}")
+    if method.config.head_lr is None and args.head_lr is not None:
+        raise ValueError(f"--method {args.method} trains only the head: set its lr with --lr, "
+                         "not --head-lr")
     if args.pooling is not None:
         if args.pooling not in POOLINGS[args.model]:
             raise ValueError(f"--pooling {args.pooling} is not one of {args.model}'s "
@@ -167,12 +198,12 @@ def check(args) -> None:
         raise ValueError(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
     if not 0 <= args.warmup_ratio < 1:
         raise ValueError(f"--warmup-ratio is a share of the steps in [0, 1), got {args.warmup_ratio}")
-    if not 0 <= args.label_smoothing < 1:
+    if args.label_smoothing is not None and not 0 <= args.label_smoothing < 1:
         raise ValueError(f"--label-smoothing is a share of the target in [0, 1), got "
                          f"{args.label_smoothing}")
     if not 0 < args.layer_decay <= 1:
         raise ValueError(f"--layer-decay must be in (0, 1] (1: no decay), got {args.layer_decay}")
-    if args.r <= 0:
+    if getattr(args, "r", None) is not None and args.r <= 0:
         raise ValueError(f"--r must be a positive integer, got {args.r}")
     for flag in ("train_limit", "eval_limit"):
         v = getattr(args, flag)
@@ -259,9 +290,10 @@ def build(args, cfg):
         torch.manual_seed(args.seed)  # the new classification head
         model, tokenizer = load_backbone(args.model, num_labels=n_labels, pooling=args.pooling)
     device = device_of(args)
-    run = Run(targets=args.targets or DEFAULT_TARGETS[args.model],
+    config = config_of(args)
+    run = Run(targets=getattr(config, "targets", None) or DEFAULT_TARGETS[args.model],
               total_steps=total_steps(len(data.texts), cfg), device=device)
-    model, hooks = METHODS[args.method].build[args.impl](model, args, run)
+    model, hooks = METHODS[args.method].build[args.impl](model, config, run)
     model.to(device)
     if uses_kernels(args):
         from .patch import patch
@@ -327,19 +359,18 @@ def _finetune(args, out: Path, name: str) -> dict:
             raise ValueError(f"{previous} holds a run with other options; pass --name to keep "
                              "both, or --overwrite to replace it")
     ckpt = out / f"{name}.ckpt" if args.resume else None
-    method = METHODS[args.method]
-    lr = method.lr if args.lr is None else args.lr
-    head_lr = lr if args.method == "head" else HEAD_LR if args.head_lr is None else args.head_lr
-    cfg = TrainConfig(epochs=args.epochs, lr=lr, head_lr=head_lr,
-                      batch_size=args.batch_size, grad_accum=args.grad_accum,
-                      max_length=args.max_length, bf16=uses_bf16(args), seed=args.seed,
-                      progress=not args.no_progress, checkpoint=ckpt and str(ckpt),
-                      checkpoint_every=args.checkpoint_every,
-                      max_grad_norm=args.max_grad_norm, head_init=args.head_init,
-                      weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
-                      schedule=args.schedule, label_smoothing=args.label_smoothing,
-                      layer_decay=args.layer_decay,
-                      run={k: v for k, v in options(args).items() if k not in NOT_NUMBERS})
+    method, config = METHODS[args.method], config_of(args)
+    label_smoothing = config.label_smoothing if args.label_smoothing is None else \
+        args.label_smoothing
+    cfg = TrainConfig.of(config, lr=args.lr, head_lr=args.head_lr, label_smoothing=label_smoothing,
+                         epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                         max_length=args.max_length, bf16=uses_bf16(args), seed=args.seed,
+                         progress=not args.no_progress, checkpoint=ckpt and str(ckpt),
+                         checkpoint_every=args.checkpoint_every,
+                         max_grad_norm=args.max_grad_norm, head_init=args.head_init,
+                         weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
+                         schedule=args.schedule, layer_decay=args.layer_decay,
+                         run=numbers(options(args)))
     model, tokenizer, data, hooks = build(args, cfg)
     evaluation = load_nlu(args.data, args.eval_split, limit=args.eval_limit, seed=args.seed)
     dev = load_nlu(args.data, "dev", limit=args.eval_limit, seed=args.seed)
@@ -350,7 +381,7 @@ def _finetune(args, out: Path, name: str) -> dict:
                   kernels=uses_kernels(args))
     if distributed.rank() != 0:
         return record  # the same weights and metrics as rank 0's, which writes them
-    report = method.report(model, hooks, args, result.steps) if method.report else None
+    report = method.report(model, hooks, config, result.steps) if method.report else None
     if report:
         record[args.method] = report
     atomic_write(out / f"{name}.json",

@@ -27,12 +27,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .files import atomic_write
+from .recipe import peft_fields
 
 PREFIX = "base_model.model."
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
-# Fields that must agree when a file is loaded into a model that already has its layers.
-SHAPE_FIELDS = ("peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "rank_pattern",
-                "alpha_pattern")
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -127,24 +125,16 @@ def existing_modules(model: nn.Module, names) -> list[str] | None:
     return [n for n in names if n in have] or None
 
 
-def _normalised(config: dict) -> dict:
-    out = {k: config.get(k) for k in SHAPE_FIELDS}
-    for k in ("rank_pattern", "alpha_pattern"):
-        out[k] = out[k] or {}
-    out["use_rslora"] = bool(out["use_rslora"])
-    if isinstance(out["target_modules"], list):
-        out["target_modules"] = sorted(set(out["target_modules"]))
-    return out
-
-
-def check_same_adapter(model: nn.Module, config: dict, source: str) -> None:
+def check_same_adapter(model: nn.Module, config: dict, source: str,
+                       match: tuple[str, ...] = ("peft_type",)) -> None:
     """Loading into a model that has its layers already: the file must describe those layers
-    (same type, rank, alpha, targets, patterns), else its weights would run at another scale."""
+    (the method config's MATCH fields: type, rank, alpha, targets, patterns), else its weights
+    would run at another scale."""
     if any(getattr(m, "merged", False) for m in model.modules()):
         raise ValueError(f"cannot load {source} into a merged model (its base weights already "
                          "hold an update); load into a fresh base model instead")
-    have, want = _normalised(model.pelib_adapter), _normalised(config)
-    diff = {k: (have[k], want[k]) for k in SHAPE_FIELDS if have[k] != want[k]}
+    have, want = peft_fields(model.pelib_adapter, match), peft_fields(config, match)
+    diff = {k: (have[k], want[k]) for k in match if have[k] != want[k]}
     if diff:
         raise ValueError(f"{source} was trained with other settings than this model's adapter "
                          f"(model vs file: {diff}); load it into a fresh base model instead")
@@ -152,10 +142,12 @@ def check_same_adapter(model: nn.Module, config: dict, source: str) -> None:
 
 def load_with(model: nn.Module, path: str | os.PathLike, peft_types: tuple[str, ...],
               from_config: Callable[[nn.Module, dict, list | None], object],
-              check: Callable[[dict, dict, str], None] | None = None) -> nn.Module:
+              check: Callable[[dict, dict, str], None] | None = None,
+              match: tuple[str, ...] = ("peft_type",)) -> nn.Module:
     """The one loader: read the folder, inject the layers the config describes with
     `from_config(model, config, modules_to_save)` (or check that the model's own layers match
-    it), then copy the weights in. `check(config, tensors, source)` may refuse a file first."""
+    it in the `match` fields), then copy the weights in. `check(config, tensors, source)` may
+    refuse a file first."""
     config, tensors = read_adapter(path)
     path = Path(path)
     if config.get("peft_type") not in peft_types:
@@ -171,7 +163,7 @@ def load_with(model: nn.Module, path: str | os.PathLike, peft_types: tuple[str, 
     if getattr(model, "pelib_adapter", None) is None:
         from_config(model, config, existing_modules(model, config.get("modules_to_save")))
     else:
-        check_same_adapter(model, config, str(path))
+        check_same_adapter(model, config, str(path), match)
     load_adapter_weights(model, tensors, source=str(path))
     return model
 

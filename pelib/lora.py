@@ -19,12 +19,55 @@ the same order as peft's, which makes the two bitwise equal.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Iterable
 
 import torch
 from torch import nn
 
 from .inject import adapter_record, check_alpha, inject_linears
+from .recipe import Recipe, option
+
+
+@dataclass(frozen=True)
+class LowRank(Recipe):
+    """The options every LoRA-family method has: rank, alpha (default 2r), dropout, targets."""
+
+    r: int = option(8, "the LoRA rank", flags=("--r", "--lora-r"), type=int)
+    # alpha = 2r: the scaling alpha/r stays 2 whatever the rank (the tables' setting)
+    alpha: float | None = option(None, "alpha (default: 2*r)", type=float)
+    dropout: float = option(0.0, "dropout on the adapter's input", type=float)
+    targets: list[str] | None = option(None, "modules to adapt, by name suffix (default: the "
+                                             "backbone's usual set)", nargs="+")
+
+    def __post_init__(self):
+        if self.alpha is None:
+            object.__setattr__(self, "alpha", 2 * self.r)
+
+    def tag(self) -> str:
+        return f"-r{self.r}"
+
+
+@dataclass(frozen=True)
+class LoRAConfig(LowRank):
+    """LoRA's recipe: r 8, alpha 2r, lr 2e-3 (chosen on the Banking77 dev split)."""
+
+    lr: ClassVar[float] = 2e-3
+    peft_type: ClassVar[str] = "LORA"
+    MATCH: ClassVar[tuple[str, ...]] = ("peft_type", "r", "lora_alpha", "use_rslora",
+                                        "target_modules", "rank_pattern", "alpha_pattern")
+    rslora: bool = option(False, "scaling alpha/sqrt(r) (rsLoRA) instead of alpha/r")
+
+    def to_peft(self) -> dict:
+        return dict(peft_type=self.peft_type, r=self.r, lora_alpha=self.alpha,
+                    lora_dropout=self.dropout, use_rslora=self.rslora)
+
+    @classmethod
+    def from_peft(cls, config: dict) -> "LoRAConfig":
+        return cls(r=config["r"], alpha=config["lora_alpha"],
+                   dropout=config.get("lora_dropout", 0.0),
+                   rslora=bool(config.get("use_rslora", False)),
+                   targets=config["target_modules"])
 
 
 class LoRALinear(nn.Module):
@@ -100,19 +143,21 @@ def _pattern(pattern: dict, name: str, default):
     return next((v for k, v in pattern.items() if name == k or name.endswith("." + k)), default)
 
 
-def apply_lora(model: nn.Module, target_modules: str | Iterable[str], r: int = 8,
-               alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False,
+def apply_lora(model: nn.Module, target_modules: str | Iterable[str], r: int = LoRAConfig.r,
+               alpha: float | None = None, dropout: float = LoRAConfig.dropout,
+               use_rslora: bool = LoRAConfig.rslora,
                modules_to_save: Iterable[str] | None = None,
                rank_pattern: dict[str, int] | None = None,
                alpha_pattern: dict[str, float] | None = None,
                base_wrap: Callable[[nn.Linear], nn.Module] | None = None) -> nn.Module:
     """Wrap every targeted nn.Linear in a LoRALinear, freeze the rest (a classification head,
     or `modules_to_save`, stays trainable). `rank_pattern` / `alpha_pattern` map a name suffix
-    to its own r / alpha (peft's fields of the same names).
+    to its own r / alpha (peft's fields of the same names); alpha defaults to 2r (LoRAConfig).
     `base_wrap`, if given, turns each target into the frozen base first (QLoRA quantises it:
     pelib.quant.apply_qlora)."""
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise ValueError(f"r must be a positive integer, got {r!r}")
+    alpha = LoRAConfig(r=r, alpha=alpha).alpha
     rank_pattern, alpha_pattern = dict(rank_pattern or {}), dict(alpha_pattern or {})
     for a in [alpha, *alpha_pattern.values()]:
         check_alpha(a)
@@ -133,9 +178,9 @@ def apply_lora(model: nn.Module, target_modules: str | Iterable[str], r: int = 8
 def lora_from_config(model: nn.Module, config: dict, modules_to_save=None, **kwargs) -> nn.Module:
     """Inject the LoRA layers a peft LORA config describes (pelib.load_adapter's job for LORA
     files); `kwargs` go to apply_lora (QLoRA passes its base_wrap this way)."""
-    return apply_lora(model, config["target_modules"], r=config["r"], alpha=config["lora_alpha"],
-                      dropout=config.get("lora_dropout", 0.0),
-                      use_rslora=config.get("use_rslora", False), modules_to_save=modules_to_save,
+    c = LoRAConfig.from_peft(config)
+    return apply_lora(model, c.targets, r=c.r, alpha=c.alpha, dropout=c.dropout,
+                      use_rslora=c.rslora, modules_to_save=modules_to_save,
                       rank_pattern=config.get("rank_pattern") or None,
                       alpha_pattern=config.get("alpha_pattern") or None, **kwargs)
 

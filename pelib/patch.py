@@ -12,7 +12,9 @@ What is replaced (transformers 5.x, models.llama.modeling_llama):
     LlamaMLP.forward        per instance -> down_proj(swiglu(gate_proj(x), up_proj(x))): the
                             three projections are still called as modules, only the
                             silu(g) * u between them is fused
-    LoRALinear.forward      per instance (pelib.lora), when its base layer is an nn.Linear (dense
+    LoRALinear.forward      per instance, for the exact layer types the registry lists as fusable
+                            (pelib.methods: LoRA's and QLoRA's LoRALinear; not SoRA's gated
+                            subclass, whose gate the kernel lacks), when its base layer is an nn.Linear (dense
                             W) or a pelib.quant.Linear4bit (NF4/FP4 W) -> lora_linear(x, W, A, B,
                             scaling, bias): one autograd node per projection that saves x, A, B and
                             the 4-bit bytes, never a 16-bit W (see lora.py)
@@ -123,10 +125,14 @@ def _llama():
 
 def patch(model):
     """Use pelib's kernels in a transformers Llama model (in place); returns the model.
-    A causal LM's loss goes to the chunked cross-entropy kernel; a classifier keeps its loss."""
+    A causal LM's loss goes to the chunked cross-entropy kernel; a classifier keeps its loss.
+    Adapter layers run on the fused LoRA kernel only where the registry lists their exact type
+    (pelib.methods.fusable_layers): a subclass may compute something else (SoRA's gate, which
+    the kernel does not have), so it keeps its own forward."""
     llama = _llama()
-    from .lora import LoRALinear
+    from .methods import fusable_layers
 
+    fusable = fusable_layers()
     if getattr(model, "_pelib_patched", False):
         return model
     swaps = []                                                                  # (module, new forward)
@@ -137,7 +143,7 @@ def patch(model):
             if m.config.hidden_act not in ("silu", "swish"):
                 raise ValueError(f"SwiGLU kernel needs hidden_act='silu', got {m.config.hidden_act!r}")
             swaps.append((m, _mlp_forward))
-        elif isinstance(m, LoRALinear) and _lora_weight(m.base_layer) is not None:
+        elif type(m) in fusable and _lora_weight(m.base_layer) is not None:
             swaps.append((m, _lora_forward))
     # (module, the instance forward it had before, usually None)
     model._pelib_swapped = [(m, m.__dict__.get("forward")) for m, _ in swaps]

@@ -32,13 +32,28 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Iterable
+from typing import ClassVar, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .inject import inject
+from .recipe import Recipe, option
+
+
+@dataclass(frozen=True)
+class PrefixConfig(Recipe):
+    """Prefix tuning's recipe: L_p = 16 through the MLP, lr 3e-3 (chosen on the Banking77 dev
+    split, docs/benchmarks.md)."""
+
+    lr: ClassVar[float] = 3e-3
+    prefix_length: int = option(16, "prefix tuning: L_p", type=int)
+    prefix_hidden: int | None = option(None, "width of the prefix MLP (default: the model "
+                                             "width)", type=int)
+
+    def tag(self) -> str:
+        return f"-L{self.prefix_length}"
 
 # Full-name pattern of the self-attention module of each layer, per model_type.
 ATTENTION = {"bert": r".*\.layer\.\d+\.attention\.self", "llama": r".*\.layers\.\d+\.self_attn"}
@@ -177,7 +192,8 @@ def kv_geometry(config) -> tuple[int, int, int, int]:
     return config.num_hidden_layers, n_kv, head_dim, config.hidden_size
 
 
-def apply_prefix(model: nn.Module, prefix_length: int = 16, hidden: int | None = None,
+def apply_prefix(model: nn.Module, prefix_length: int = PrefixConfig.prefix_length,
+                 hidden: int | None = PrefixConfig.prefix_hidden,
                  projection: bool = True,
                  modules_to_save: Iterable[str] | None = None) -> nn.Module:
     """Give every self-attention layer a learned prefix of `prefix_length` keys and values;

@@ -26,9 +26,11 @@ from .classifier import split_head
 from .distributed import ProcessGroup, process_group
 from .files import atomic_write
 from .inject import CLASSIFIER_HEADS, count_parameters
+from .lora import LoRAConfig
 from .measure import PeakMemory
 from .metrics import classification_metrics
 from .probe import fit_probe
+from .recipe import Recipe
 
 HEAD_INITS = ("random", "probe")
 SCHEDULES = ("linear", "cosine", "constant")  # the lr's shape after the warm-up
@@ -36,11 +38,14 @@ SCHEDULES = ("linear", "cosine", "constant")  # the lr's shape after the warm-up
 
 @dataclass
 class TrainConfig:
+    """The loop's settings. lr, head_lr and label_smoothing default to LoRA's recipe
+    (pelib.lora.LoRAConfig); `TrainConfig.of(config)` takes another method's."""
+
     epochs: float = 3
-    lr: float = 2e-3
+    lr: float = LoRAConfig.lr
     # The fresh classification head's own lr (None: lr). A random 77-way head learning at an
     # adapter's lr lags the adapter; at the probe's lr it does not (docs/benchmarks.md).
-    head_lr: float | None = None
+    head_lr: float | None = LoRAConfig.head_lr
     batch_size: int = 32
     grad_accum: int = 1
     max_length: int = 64
@@ -51,7 +56,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     # Label smoothing (Szegedy et al. 2016): the target puts 1 - eps on the label and eps / K on
     # every one of the K classes. 0: plain cross-entropy, the model's own loss.
-    label_smoothing: float = 0.0
+    label_smoothing: float = LoRAConfig.label_smoothing
     # Layer-wise lr decay (ULMFiT's discriminative fine-tuning; Sun et al. 2019 and ELECTRA for
     # BERT): layer l of L learns at lr * layer_decay ** (L - l), the embeddings one step lower,
     # the head at its own lr. 1.0: every layer at lr.
@@ -74,6 +79,17 @@ class TrainConfig:
     # What else decides the run's numbers (the method's options, data subset...): a checkpoint
     # is resumed only under equal values. `pelib finetune` puts all its options here.
     run: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, config: Recipe, **settings) -> "TrainConfig":
+        """The loop's settings for a method's config: its lr, head lr and label smoothing, then
+        `settings`. A method whose config has no head lr (the floor) trains its head at lr."""
+        lr, head_lr = settings.pop("lr", None), settings.pop("head_lr", None)
+        lr = config.lr if lr is None else lr
+        head_lr = head_lr if head_lr is not None else config.head_lr or lr
+        return cls(lr=lr, head_lr=head_lr,
+                   label_smoothing=settings.pop("label_smoothing", config.label_smoothing),
+                   **settings)
 
     def __post_init__(self):
         for k in ("batch_size", "grad_accum", "max_length", "eval_batch_size"):

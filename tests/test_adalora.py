@@ -242,7 +242,7 @@ def test_fold_into_plain_lora_loads_in_peft_and_pelib(tmp_path):
     from pelib.lora import lora_layers
 
     model = apply_adalora(tiny(), TARGETS, init_r=4, alpha=8).eval()
-    alloc = RankAllocator(model, target_r=2, total_step=10)
+    alloc = RankAllocator(model, target_r=2, tinit=0, tfinal=0, deltaT=1, total_step=10)
     g = torch.Generator().manual_seed(0)
     for _, m in svd_layers(model):  # a trained-looking adapter, then the final mask
         m.lora_E.data = torch.randn(4, 1, generator=g)

@@ -15,11 +15,12 @@ from pelib.io import CONFIG_NAME, WEIGHTS_NAME
 
 PELIB = Path(pelib.__file__).resolve().parent
 # Each module may import only modules of a lower rank (its own package's modules excepted).
-RANK = {"files": 0, "metrics": 0, "data": 0, "classifier": 0, "measure": 0, "kernels": 0, "probe": 0,
-        "distributed": 0,
-        "backbone": 1, "inject": 1, "io": 1, "lora": 2, "adapter": 2, "prefix": 2, "adalora": 3, "sora": 3, "dora": 3,
-        "quant": 3, "train": 4, "patch": 4, "peers": 5, "methods": 6, "finetune": 7, "bench": 7,
-        "compare": 8, "__main__": 9, "__init__": 10}
+RANK = {"files": 0, "recipe": 0, "metrics": 0, "data": 0, "classifier": 0, "measure": 0, "kernels": 0,
+        "probe": 0, "distributed": 0,
+        "backbone": 1, "inject": 1, "io": 1, "lora": 2, "adapter": 2, "prefix": 2, "adalora": 3, "sora": 3,
+        "dora": 3,
+        "quant": 3, "train": 4, "peers": 5, "methods": 6, "patch": 7, "finetune": 8, "bench": 8,
+        "compare": 9, "__main__": 10, "__init__": 11}
 # kernels/ is a leaf, but fused QLoRA needs quant's state type and op (imported lazily there).
 ALLOWED = {("kernels", "quant")}
 
@@ -75,13 +76,26 @@ def test_layers_import_downwards_only():
 def test_a_new_method_is_one_table_entry(tmp_path, monkeypatch):
     """Add a method (train only the head) as one entry: the CLI offers it, names the run with
     its tag, takes its lr, and trains only what its builder left trainable."""
-    def head_only(model, args, run):
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from pelib.recipe import Recipe
+
+    @dataclass(frozen=True)
+    class ProbeConfig(Recipe):
+        lr: ClassVar[float] = 7e-3
+
+        def tag(self):
+            return "-head"
+
+    def head_only(model, config, run):
+        assert isinstance(config, ProbeConfig)
         for n, p in model.named_parameters():
             p.requires_grad_(n.startswith("classifier"))
         return model, []
 
     monkeypatch.setitem(methods.METHODS, "probe", methods.Method(
-        lr=7e-3, tag=lambda a: "-head", build={"pelib": head_only}, help="the head alone"))
+        ProbeConfig, build={"pelib": head_only}, help="the head alone"))
     main(["finetune", "--tiny", "--method", "probe", "--train-limit", "32", "--eval-limit", "16",
           "--epochs", "1", "--out", str(tmp_path), "--no-progress"])
     rec = json.loads((tmp_path / "minilm-tiny_banking77_probe-head_pelib_s0.json").read_text())
@@ -104,6 +118,101 @@ def test_a_new_method_is_one_table_entry(tmp_path, monkeypatch):
 def test_cli_options_that_do_not_fit_are_refused(tmp_path, argv, message):
     with pytest.raises(SystemExit, match=message):
         main(["finetune", "--tiny", "--train-limit", "8", "--out", str(tmp_path), *argv])
+
+
+@pytest.mark.parametrize("method,option", [
+    ("adapter", ["--r", "4"]), ("full", ["--r", "4"]), ("adalora", ["--r", "4"]),
+    ("head", ["--r", "4"]), ("head", ["--alpha", "8"]), ("prefix", ["--dropout", "0.1"]),
+    ("adapter", ["--dropout", "0.1"]), ("adapter", ["--targets", "query"]),
+    ("prefix", ["--targets", "query"]), ("sora", ["--rslora"]), ("adalora", ["--rslora"]),
+    ("full", ["--rslora"]), ("lora", ["--bottleneck", "8"]), ("head", ["--lora-r", "4"]),
+])
+def test_an_option_the_method_lacks_is_refused(tmp_path, method, option):
+    """The method options come from the configs' fields: one the method's config does not have
+    is an error naming the option and the method, before anything is built."""
+    flag = "--r" if option[0] == "--lora-r" else option[0]
+    with mock.patch("pelib.finetune.build", side_effect=AssertionError("built")):
+        with pytest.raises(SystemExit, match=f"^pelib: {flag} is an option of --method .*, "
+                                             f"not {method}$"):
+            main(["finetune", "--tiny", "--method", method, "--out", str(tmp_path), *option])
+
+
+def test_the_cli_options_are_the_config_fields():
+    """Every field of every registry config is a finetune option, with the recipe's default
+    when it is not given; options of no config are not method options."""
+    import dataclasses
+
+    from pelib.finetune import config_of, method_options, parse
+    from pelib.recipe import flags_of
+
+    fields = {f.name for m in methods.METHODS.values() for f in dataclasses.fields(m.config)}
+    assert set(method_options()) == fields
+    for name, m in methods.METHODS.items():
+        assert config_of(parse(["--method", name])) == m.config()  # nothing given: the recipe
+    for f, owners in method_options().values():
+        assert all(flag.startswith("--") for flag in flags_of(f)) and owners
+    c = config_of(parse(["--method", "sora", "--r", "4", "--gate-lr", "0.5"]))
+    assert (c.r, c.alpha, c.gate_lr, c.sparse_lambda) == (4, 8, 0.5, methods.SoRAConfig.sparse_lambda)
+
+
+def test_the_python_api_defaults_are_the_recipe():
+    """apply_lora, TrainConfig, RankAllocator and SoRA default to what the CLI trains."""
+    from pelib.adalora import AdaLoRAConfig, RankAllocator, apply_adalora
+    from pelib.finetune import parse
+    from pelib.lora import LoRAConfig
+    from pelib.sora import SoRA, SoRAConfig
+    from pelib.train import TrainConfig
+
+    cli = parse([])
+    model = pelib.apply_lora(tiny(), ["query"], r=2)
+    layer = pelib.lora.lora_layers(model)[0][1]
+    assert (layer.alpha, layer.scaling) == (4, 2.0)  # alpha = 2r
+    assert model.pelib_adapter["lora_alpha"] == 4
+    cfg = TrainConfig()
+    assert (cfg.lr, cfg.head_lr, cfg.label_smoothing) == (
+        methods.METHODS["lora"].lr, LoRAConfig.head_lr, LoRAConfig.label_smoothing)
+    assert (cfg.epochs, cfg.batch_size, cfg.max_length, cfg.warmup_ratio, cfg.schedule) == (
+        cli.epochs, cli.batch_size, cli.max_length, cli.warmup_ratio, cli.schedule)
+    head = TrainConfig.of(methods.METHODS["head"].config())
+    assert head.lr == head.head_lr == methods.METHODS["head"].lr  # the floor's head is the method
+    assert TrainConfig.of(methods.METHODS["full"].config()).lr == methods.FullConfig.lr
+    alloc = RankAllocator(apply_adalora(tiny(), ["query"]), total_step=100)
+    assert (alloc.tinit, alloc.tfinal, alloc.deltaT, alloc.target_r) == (
+        *AdaLoRAConfig().schedule(100), AdaLoRAConfig.delta_t, AdaLoRAConfig.target_r) == (10, 30, 10, 8)
+    hook = SoRA()
+    hook.schedule.begin(9)
+    assert [hook.schedule(s) for s in (1, 4, 7)] == pytest.approx([0.05, 0.25, 0.45])
+    assert hook.gate_lr == SoRAConfig.gate_lr == 1e-2
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "sora"])
+def test_configs_round_trip_through_peft_config(tmp_path, method):
+    """to_peft / from_peft: a config survives adapter_config.json, and peft reads a LORA one."""
+    config = methods.METHODS[method].config(r=4, dropout=0.1, targets=["query", "value"])
+    again = type(config).from_peft(dict(config.to_peft(), target_modules=["query", "value"]))
+    assert again == config and again.alpha == 8
+    if method != "sora":
+        from peft import LoraConfig
+
+        peer = LoraConfig(**{k: v for k, v in config.to_peft().items() if k != "peft_type"})
+        assert (peer.r, peer.lora_alpha, peer.lora_dropout, peer.use_rslora) == (4, 8, 0.1, False)
+
+
+def test_a_record_of_old_options_is_the_same_run():
+    """Records written when every option had its old default (r 8 for every method, SoRA's
+    schedule None) are the same runs as the new options that leave them out."""
+    from pelib.finetune import options, parse, same_run
+
+    old = dict(options(parse(["--method", "adalora"])), r=8, alpha=None, dropout=0.0,
+               rslora=False, adapter_kind="houlsby", bottleneck=64, sparse_lambda=None,
+               init_r=12, target_r=8, delta_t=10, orth_reg_weight=0.5, gate_init="ones",
+               threshold_scale="lr", prox_variant="exact", label_smoothing=0.1)
+    assert same_run(old, options(parse(["--method", "adalora"])))
+    assert not same_run(old, options(parse(["--method", "adalora", "--target-r", "4"])))
+    sora = dict(old, method="sora", init_r=12)
+    assert same_run(sora, options(parse(["--method", "sora", "--r", "8", "--gate-lr", "1e-2"])))
+    assert not same_run(sora, options(parse(["--method", "sora", "--gate-lr", "0.5"])))
+    assert not same_run(dict(old, method="gone"), options(parse([])))
 
 
 def _saved_lora(path, **kw):
@@ -198,7 +307,7 @@ def test_checkpoints_are_read_without_running_code(tmp_path, monkeypatch):
 
 def test_resume_refuses_a_checkpoint_of_other_options(tmp_path):
     """alpha, train-limit, dropout... are not TrainConfig fields, but they decide the numbers."""
-    from pelib.finetune import NOT_NUMBERS, build, options, parse
+    from pelib.finetune import build, numbers, options, parse
     from pelib.train import TrainConfig, train
 
     class Stop:
@@ -208,8 +317,7 @@ def test_resume_refuses_a_checkpoint_of_other_options(tmp_path):
 
     def cfg(args, ckpt):
         return TrainConfig(epochs=1, batch_size=8, progress=False, checkpoint=ckpt,
-                           checkpoint_every=1,
-                           run={k: v for k, v in options(args).items() if k not in NOT_NUMBERS})
+                           checkpoint_every=1, run=numbers(options(args)))
 
     ckpt = str(tmp_path / "c.ckpt")
     args = parse(["--tiny", "--train-limit", "32", "--r", "2"])

@@ -231,12 +231,11 @@ def test_cli_head_lr_and_pooling(tmp_path):
 
 
 def test_head_floor_freezes_the_backbone_and_its_dropout():
-    from pelib.finetune import parse
     from pelib.methods import METHODS, Run
 
     model, _ = pelib.tiny_backbone("minilm", 7, with_tokenizer=False, hidden_dropout_prob=0.1,
                                    attention_probs_dropout_prob=0.1)
-    model, hooks = METHODS["head"].build["pelib"](model, parse(["--method", "head"]), Run([], 10))
+    model, hooks = METHODS["head"].build["pelib"](model, METHODS["head"].config(), Run([], 10))
     drop = {n: m.p for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
     assert drop.pop("dropout") == 0.1 and drop and set(drop.values()) == {0.0}
     assert {n for n, p in model.named_parameters() if p.requires_grad} == \
@@ -266,7 +265,6 @@ def test_head_floor_on_cached_features_equals_the_full_loop(name):
     """The floor computes its frozen trunk once; training the head on those features gives the
     numbers of running the whole model every step (same batches, same head dropout draws)."""
     from pelib.distributed import ProcessGroup
-    from pelib.finetune import parse
     from pelib.methods import METHODS, Run
     from pelib.train import frozen_trunk
 
@@ -274,7 +272,7 @@ def test_head_floor_on_cached_features_equals_the_full_loop(name):
     runs = {}
     for cache in (True, False):
         model, tok = pelib.tiny_backbone(name, 77)
-        model, _ = METHODS["head"].build["pelib"](model, parse(["--method", "head"]), Run([], 10))
+        model, _ = METHODS["head"].build["pelib"](model, METHODS["head"].config(), Run([], 10))
         if name == "minilm":
             model.dropout.p = 0.3  # the head's own dropout stays live: its draws must match
         cfg = TrainConfig(epochs=2, lr=3e-2, batch_size=8, progress=False, cache_features=cache)

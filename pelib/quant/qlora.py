@@ -24,26 +24,34 @@ them on a trained model):
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 from torch import nn
 
 from ..inject import get_submodule_parent
-from ..lora import LoRALinear, apply_lora, lora_layers
+from ..lora import LoRAConfig, LoRALinear, apply_lora, lora_layers
 from .linear4bit import Linear4bit
+
+
+@dataclass(frozen=True)
+class QLoRAConfig(LoRAConfig):
+    """QLoRA's recipe: LoRA's (r 8, alpha 2r, lr 2e-3) on an NF4 + double-quantised base; it
+    writes LoRA's adapter file (loadable on the full-precision base too)."""
 
 MERGE_STRATEGIES = ("nf4", "fp32", "bf16", "separate")
 
 
-def apply_qlora(model: nn.Module, target_modules: str | Iterable[str], r: int = 8,
-                alpha: float = 16, dropout: float = 0.0, blocksize: int = 64,
+def apply_qlora(model: nn.Module, target_modules: str | Iterable[str], r: int = LoRAConfig.r,
+                alpha: float | None = None, dropout: float = LoRAConfig.dropout, blocksize: int = 64,
                 double_quant: bool = True, compute_dtype: torch.dtype = torch.float32,
                 modules_to_save: Iterable[str] | None = None, use_rslora: bool = False,
                 quant_type: str = "nf4", rank_pattern: dict[str, int] | None = None,
                 alpha_pattern: dict[str, float] | None = None) -> nn.Module:
     """Quantise every targeted nn.Linear to NF4 (+DQ), wrap it in LoRA, freeze the rest
-    (a classification head, or `modules_to_save`, trains). Modifies `model` and returns it."""
+    (a classification head, or `modules_to_save`, trains); alpha defaults to 2r. Modifies
+    `model` and returns it."""
 
     def quantise(linear: nn.Linear) -> Linear4bit:
         return Linear4bit.from_linear(linear, blocksize, quant_type, double_quant, compute_dtype)
