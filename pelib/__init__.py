@@ -13,7 +13,11 @@ One module per technique (see the notebooks for the derivations):
     peers    the peer library's (peft, bitsandbytes) builds of the same methods
     backbone the packaged pretrained models (MiniLM, SmolLM2), offline
     data     Banking77 / CLINC150 from data/
-    train    one method-agnostic training loop; metrics: P/R/F1
+    train    the training loop, which knows no method: hooks (the protocol, LP-FT's probe head,
+             the floor's feature cache), batching, optim (AdamW's groups), schedule,
+             checkpoint, evaluation, settings (one check for the API and the CLI); metrics
+    options, runs, report   the finetune options (from the registry), run identity, locks
+             and records, tables and figures: shared by finetune and compare
     probe    the linear probe fitted to convergence, and LP-FT's head initialisation
     quant    NF4/FP4 code maps, blockwise (double) quantisation, Linear4bit,
              QLoRA (apply_qlora, merge_qlora)

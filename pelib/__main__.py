@@ -15,7 +15,7 @@ import sys
 
 
 def parser() -> argparse.ArgumentParser:
-    from .finetune import add_arguments
+    from .options import add_arguments
 
     p = argparse.ArgumentParser(prog="pelib", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)

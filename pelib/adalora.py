@@ -36,6 +36,7 @@ from typing import ClassVar, Iterable
 import torch
 from torch import nn
 
+from .hooks import Hook
 from .inject import adapter_record, check_alpha, get_submodule_parent, inject_linears
 from .lora import LoRALinear, check_rank
 from .recipe import Recipe, option
@@ -166,7 +167,7 @@ def orthogonal_regularizer(model: nn.Module) -> torch.Tensor:
     return total / n
 
 
-class RankAllocator:
+class RankAllocator(Hook):
     """The training-time rule of AdaLoRA as a pelib.train hook: `loss` adds the orthogonal
     regulariser, `step` (after optimizer.step, before zero_grad) updates the importance scores
     and masks triplets to the budget. State a notebook or test can read after each step:

@@ -21,15 +21,21 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import statistics
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from .files import atomic_write, writable_dir
-from .finetune import options, parse, run_name, same_run
 from .methods import METHODS
+from .options import options, parse
+from .report import figures, floor, summary
+from .runs import read_args, read_record, run_name, same_run
+
+# what callers reach through pelib.compare (notebook 10 reads summary; the reliability tests
+# read records through the private names)
+__all__ = ["main", "preset", "run_all", "summary", "Row", "ROWS"]
+_read_args, _read_record = read_args, read_record
 
 
 @dataclass(frozen=True)
@@ -79,11 +85,6 @@ LLM_ROWS = ("llm-head", "lora", "qlora", "sora")
 WORKSHOP_ROWS = ("head", "full", "lora", "qlora", "adalora", "sora", "peft-lora")
 
 
-def rows(names) -> list[tuple[str, list[str]]]:
-    """(label, argv) of the named rows."""
-    return [(ROWS[n].label, ROWS[n].argv()) for n in names]
-
-
 # Every training row, batch 32, max length 64. `make run` trains one epoch, starting each
 # fine-tune's head from the linear probe (LP-FT, pelib.probe), the head at lr 2e-3: a random head
 # spends most of one epoch catching up (head lr chosen on dev, docs/benchmarks.md). The full
@@ -92,6 +93,8 @@ WORKSHOP_SIZE = ["--epochs", "1"]
 LPFT = ["--head-init", "probe", "--head-lr", "2e-3"]
 FULL_SIZE = ["--epochs", "3"]
 LLM_SIZE = ["--epochs", "1", "--batch-size", "16"]
+SMOKE_SIZE = ["--tiny", "--train-limit", "64", "--eval-limit", "32", "--epochs", "1",
+              "--batch-size", "16", "--max-length", "32"]
 # Per-method extras: the floor's head trains 3 epochs (the frozen encoder only runs forward);
 # prefix tuning clips its gradient norm at 1: without it its loss spiked at the peak lr and the
 # run ended below the floor (docs/benchmarks.md).
@@ -99,83 +102,72 @@ EXTRA = {"head": ["--epochs", "3"], "prefix": ["--max-grad-norm", "1"]}
 # A learning rate chosen on another data set's own dev split, where it differs from Banking77's
 # (`--preset lr-clinc150`, docs/benchmarks.md): prefix tuning, the floor's head and SoRA on
 # CLINC150, each at half its lr.
-DATA_EXTRA = {("clinc150", "prefix"): ["--lr", "1.5e-3"], ("clinc150", "head"): ["--lr", "1.5e-2"],
-              ("clinc150", "sora"): ["--lr", "1e-3"]}
+DATA_LR = {("clinc150", "prefix"): "1.5e-3", ("clinc150", "head"): "1.5e-2",
+           ("clinc150", "sora"): "1e-3"}
 
 
-def _extra(argv: list[str], data: str = "banking77") -> list[str]:
-    method = argv[argv.index("--method") + 1]
-    return EXTRA.get(method, []) + DATA_EXTRA.get((data, method), [])
+@dataclass(frozen=True)
+class Part:
+    """Runs of a preset: the named rows on one model and data set, over seeds."""
+
+    model: str
+    data: str
+    rows: tuple[str, ...]  # keys of ROWS
+    size: tuple[str, ...] | list[str]  # the finetune options every run adds
+    seeds: tuple[int, ...] = (0,)
+    lpft: bool = False  # the fine-tunes start from the probe head (LPFT)
+    extras: bool = True  # EXTRA and DATA_LR
+    lr_grid: bool = False  # each row at 1/2, 1 and 2x its lr, scored on the dev split
 
 
-def _floor(method: str) -> bool:
-    """Does the method train the head alone (its config has no head lr of its own)?"""
-    return METHODS[method].config.head_lr is None
+B77, C150 = "banking77", "clinc150"
+PRESETS = {
+    # toy-size random models: checks the whole pipeline in seconds (not peft's QLoRA:
+    # bitsandbytes' CPU eval path needs rows that are multiples of 64)
+    "smoke": (Part("minilm", B77, PELIB_ROWS + ("peft-lora", "peft-adalora"), SMOKE_SIZE,
+                   extras=False),
+              Part("smollm2", B77, LLM_ROWS, SMOKE_SIZE, extras=False)),
+    # `make run`: full size, one seed, about 25 minutes on 2 cores
+    "workshop": (Part("minilm", B77, WORKSHOP_ROWS, WORKSHOP_SIZE, lpft=True),),
+    # the workshop rows over seeds 0-2 (seed 0 is reused)
+    "seeds": (Part("minilm", B77, WORKSHOP_ROWS, WORKSHOP_SIZE, (0, 1, 2), lpft=True),),
+    # the dev-split grids: each method at 1/2, 1, 2x its lr
+    "lr": (Part("minilm", B77, PELIB_ROWS, WORKSHOP_SIZE, lr_grid=True),),
+    "lr-clinc150": (Part("minilm", C150, PELIB_ROWS, WORKSHOP_SIZE, lr_grid=True),),
+    # every method, both data sets, 3 epochs, 3 seeds
+    "full": tuple(Part("minilm", data, PELIB_ROWS + PEFT_ROWS, FULL_SIZE, (0, 1, 2))
+                  for data in (B77, C150)),
+    # SmolLM2-135M on all Banking77 rows, one epoch (about an hour a run on 2 cores)
+    "llm": (Part("smollm2", B77, LLM_ROWS, LLM_SIZE),),
+}
 
 
-def _lpft(methods):
-    """The fine-tunes start from the probe head (the floor's head is what it trains)."""
-    return [(label, argv if _floor(argv[argv.index("--method") + 1]) else argv + LPFT)
-            for label, argv in methods]
+def expand(part: Part) -> list[tuple[str, list[str]]]:
+    """The (label, finetune argv) of every run of a part."""
+    runs = []
+    for seed in part.seeds:
+        for row in (ROWS[n] for n in part.rows):
+            head = ["--model", part.model, "--data", part.data, "--seed", str(seed)]
+            argv = row.argv() + (LPFT if part.lpft and not floor(row.method) else [])
+            if part.lr_grid:
+                lr = float(DATA_LR.get((part.data, row.method), METHODS[row.method].lr))
+                runs += [(f"{row.label} lr={lr * f:.2g}",
+                          head + ["--eval-split", "dev"] + argv + list(part.size) +
+                          EXTRA.get(row.method, []) + ["--lr", f"{lr * f:.2g}"])
+                         for f in (1 / 2, 1, 2)]
+                continue
+            extra = EXTRA.get(row.method, []) + (
+                ["--lr", DATA_LR[part.data, row.method]] if (part.data, row.method) in DATA_LR
+                else [])
+            runs.append((row.label, head + argv + list(part.size) + (extra if part.extras else [])))
+    return runs
 
 
 def preset(name: str) -> list[tuple[str, list[str]]]:
     """The runs of a preset as (label, argv) pairs."""
-    runs = []
-
-    def add(model, data, methods, seeds, common, extra=True):
-        for seed in seeds:
-            for label, argv in methods:
-                runs.append((label, ["--model", model, "--data", data, "--seed", str(seed)] +
-                             argv + common + (_extra(argv, data) if extra else [])))
-
-    if name == "smoke":  # toy-size random models: checks the whole pipeline in seconds
-        common = ["--tiny", "--train-limit", "64", "--eval-limit", "32", "--epochs", "1",
-                  "--batch-size", "16", "--max-length", "32"]
-        # (not peft's QLoRA: bitsandbytes' CPU eval path needs rows that are multiples of 64)
-        peft = [n for n in PEFT_ROWS if ROWS[n].method != "qlora"]
-        add("minilm", "banking77", rows(PELIB_ROWS + tuple(peft)), [0], common, extra=False)
-        add("smollm2", "banking77", rows(LLM_ROWS), [0], common, extra=False)
-    elif name == "workshop":  # `make run`: full size, one seed, ~25 minutes on 2 cores
-        add("minilm", "banking77", _lpft(rows(WORKSHOP_ROWS)), [0], WORKSHOP_SIZE)
-    elif name == "seeds":  # the workshop rows over seeds 0-2 (seed 0 is reused)
-        add("minilm", "banking77", _lpft(rows(WORKSHOP_ROWS)), [0, 1, 2], WORKSHOP_SIZE)
-    elif name in ("lr", "lr-clinc150"):  # the dev-split grid: each method at 1/2, 1, 2x its lr
-        data = "banking77" if name == "lr" else "clinc150"
-        for label, argv in rows(PELIB_ROWS):
-            method = argv[argv.index("--method") + 1]
-            extra = DATA_EXTRA.get((data, method), [])  # the lr this data set's dev chose
-            lr = float(extra[extra.index("--lr") + 1]) if "--lr" in extra else METHODS[method].lr
-            base = ["--model", "minilm", "--data", data, "--seed", "0", "--eval-split", "dev"]
-            for f in (1 / 2, 1, 2):
-                runs.append((f"{label} lr={lr * f:.2g}", base + argv + WORKSHOP_SIZE +
-                             EXTRA.get(method, []) + ["--lr", f"{lr * f:.2g}"]))
-    elif name == "full":  # every method, both data sets, 3 epochs, 3 seeds
-        add("minilm", "banking77", rows(PELIB_ROWS + PEFT_ROWS), [0, 1, 2], FULL_SIZE)
-        add("minilm", "clinc150", rows(PELIB_ROWS + PEFT_ROWS), [0, 1, 2], FULL_SIZE)
-    elif name == "llm":  # SmolLM2-135M on all Banking77 rows, one epoch (about an hour a run here)
-        add("smollm2", "banking77", rows(LLM_ROWS), [0], LLM_SIZE)
-    else:
+    if name not in PRESETS:
         raise SystemExit(f"pelib: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return runs
-
-
-PRESETS = ("smoke", "workshop", "seeds", "lr", "lr-clinc150", "full", "llm")
-
-
-def _read_args(path: Path) -> dict | None:
-    """The options a result file was made with; None for a broken file (the run is redone)."""
-    try:
-        return json.loads(path.read_text())["args"]
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-def _read_record(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise SystemExit(f"pelib: {path} is not valid JSON ({e}); delete it and run again") from None
+    return [run for part in PRESETS[name] for run in expand(part)]
 
 
 def run_all(runs, out: Path, progress: bool = True, finished_only: bool = False) -> list[dict]:
@@ -195,7 +187,7 @@ def run_all(runs, out: Path, progress: bool = True, finished_only: bool = False)
         args = parse(argv)
         bar.set_postfix_str(name)
         path = out / f"{name}.json"
-        if not (path.exists() and same_run(_read_args(path), options(args))):
+        if not (path.exists() and same_run(read_args(path), options(args))):
             if finished_only:
                 continue
             cmd = [sys.executable, "-m", "pelib", "finetune", *argv, "--resume", "--overwrite"]
@@ -205,131 +197,8 @@ def run_all(runs, out: Path, progress: bool = True, finished_only: bool = False)
             if done.returncode != 0:
                 raise SystemExit(f"pelib: run {name} failed (exit {done.returncode}); run it alone to "
                                  f"see why: python -m pelib finetune {' '.join(argv)}")
-        records.append(dict(_read_record(path), label=label))
+        records.append(dict(read_record(path), label=label))
     return records
-
-
-def _group(records):
-    """{(model, data): {(label, impl): [record, ...]}} in first-seen order."""
-    groups: dict = {}
-    for r in records:
-        a = r["args"]
-        key = (a["model"] + ("-tiny" if a["tiny"] else ""), a["data"])
-        groups.setdefault(key, {}).setdefault((r["label"], a["impl"]), []).append(r)
-    return groups
-
-
-def _mean_sd(xs):
-    m = statistics.fmean(xs)
-    return (m, statistics.stdev(xs)) if len(xs) > 1 else (m, None)
-
-
-def _fmt(xs, digits=4):
-    m, sd = _mean_sd(xs)
-    return f"{m:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
-
-
-def summary(records) -> str:
-    """The markdown tables: one per model and data set."""
-    lines = ["# Results", "",
-             "Macro precision / recall / F1 on the evaluation split (dev F1: the dev split after the last "
-             "epoch, what choices are made on); ± is the standard deviation over "
-             "seeds (none with one seed: then differences of about 0.01 F1 are inside the noise). "
-             "Peak memory: process RSS on a CPU, max_memory_allocated on a GPU. Time: optimizer "
-             "steps only.", ""]
-    for (model, data), rows in _group(records).items():
-        r0 = next(iter(rows.values()))[0]
-        lines += [f"## {model} on {data}", "",
-                  f"train rows {r0['train_rows']}, eval rows {r0['eval_rows']} ({r0['eval_split']}), "
-                  f"batch {r0['args']['batch_size']}, max length {r0['args']['max_length']}", "",
-                  "| method | impl | seeds | epochs | accuracy | precision | recall | macro-F1 | "
-                  "trainable | % of model | peak MB | s/step | train s | dev F1 |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for (label, impl), rs in rows.items():
-            m = lambda k: [r["metrics"][k] for r in rs]  # noqa: E731
-            t = rs[0]
-            lines.append(
-                f"| {label} | {impl} | {len(rs)} | {t['args']['epochs']:g} | {_fmt(m('accuracy'))} | "
-                f"{_fmt(m('precision'))} | "
-                f"{_fmt(m('recall'))} | {_fmt(m('f1'))} | {t['trainable_params']:,} | "
-                f"{100 * t['trainable_params'] / t['total_params']:.2f} | "
-                f"{statistics.fmean(r['peak_memory_mb'] for r in rs):,.0f} | "
-                f"{statistics.fmean(r['seconds_per_step'] for r in rs):.3f} | "
-                f"{statistics.fmean(r['train_seconds'] for r in rs):.0f} | "
-                f"{_fmt([r['history'][-1].get('dev_f1', float('nan')) for r in rs])} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def figures(records, out: Path, tag: str = "") -> list[Path]:
-    """F1 vs trainable parameters, peak memory bars, loss curves; one panel per model/data."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups = _group(records)
-    paths = []
-
-    def save(fig, name):
-        path = out / name.replace(".png", f"{tag}.png")
-        fig.tight_layout()
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-        plt.close(fig)
-        paths.append(path)
-
-    from matplotlib.ticker import FuncFormatter
-
-    def plain(x, _):  # 2.5M, 360k: no "1e6" offset on the axis
-        return f"{x / 1e6:g}M" if x >= 1e6 else f"{x / 1e3:g}k" if x >= 1e3 else f"{x:g}"
-
-    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
-    for ax, ((model, data), rows) in zip(axes[0], groups.items()):
-        markers = iter("osD^v<>pP*h")
-        for (label, impl), rs in rows.items():
-            f1 = statistics.fmean(r["metrics"]["f1"] for r in rs)
-            name = f"{label}{' (peft)' if impl == 'peft' else ''}"
-            if _floor(rs[0]["args"]["method"]):  # the floor: a line every method is read against
-                ax.axhline(f1, color="grey", linestyle="--", linewidth=1, label=f"{name}: {f1:.3f}")
-                continue
-            # a legend, not labels at the points: methods with equal counts would stack them
-            ax.scatter(rs[0]["trainable_params"], f1, s=40, label=f"{name}: {f1:.3f}",
-                       marker="x" if impl == "peft" else next(markers, "o"))
-        counts = [rs[0]["trainable_params"] for rs in rows.values()]
-        wide = max(counts) > 3 * min(counts)  # a log axis only where the counts span a range
-        split = next(iter(rows.values()))[0]["eval_split"]
-        ax.set(xscale="log" if wide else "linear", ylabel=f"macro-F1 ({split})",
-               xlabel="trainable parameters" + (" (log axis)" if wide else ""),
-               title=f"{model} / {data}")
-        f1s = [statistics.fmean(r["metrics"]["f1"] for r in rs) for rs in rows.values()]
-        mid, half = (max(f1s) + min(f1s)) / 2, max(0.02, (max(f1s) - min(f1s)) / 2 + 0.005)
-        ax.set_ylim(mid - half, mid + half)  # at least 0.04 tall: noise-sized gaps stay small
-        ax.xaxis.set_major_formatter(FuncFormatter(plain))
-        ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: ""))
-        ax.legend(fontsize=7, loc="lower right")
-    save(fig, "f1_vs_params.png")
-
-    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
-    for ax, ((model, data), rows) in zip(axes[0], groups.items()):
-        names = [f"{label}{' (peft)' if impl == 'peft' else ''}" for label, impl in rows]
-        mb = [statistics.fmean(r["peak_memory_mb"] for r in rs) for rs in rows.values()]
-        ax.barh(names, mb)
-        ax.set(xlabel=f"peak memory, MB ({records[0]['memory_kind']})", title=f"{model} / {data}")
-        ax.tick_params(axis="y", labelsize=7)
-    save(fig, "memory.png")
-
-    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
-    for ax, ((model, data), rows) in zip(axes[0], groups.items()):
-        for (label, impl), rs in rows.items():
-            losses = rs[0]["losses"]
-            k = max(1, len(losses) // 20)
-            smooth = [statistics.fmean(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
-            ax.plot(smooth, label=f"{label}{' (peft)' if impl == 'peft' else ''}",
-                    linestyle="-" if impl == "pelib" else "--")
-        ax.set(xlabel="optimizer step", ylabel="loss (moving average)", title=f"{model} / {data}")
-        ax.legend(fontsize=6)
-    save(fig, "losses.png")
-    return paths
 
 
 def main(argv=None) -> None:

@@ -3,245 +3,25 @@
     python -m pelib finetune --model minilm --data banking77 --method lora --r 8 --epochs 3
 
 prints a result table and writes results/<run>.json (metrics, trainable parameters, time, peak
-memory, config) and results/<run>_loss.png. The methods and their options come from the method
-table (pelib.methods); this module only turns options into a run.
+memory, config) and results/<run>_loss.png. The options come from pelib.options (the method
+options from the registry's configs), the run's name, lock and record from pelib.runs, the
+table and the figure from pelib.report; this module turns options into a run.
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import dataclasses
-import fcntl
-import json
-import os
-import re
 from dataclasses import asdict
 from pathlib import Path
 
 from . import distributed
-from .backbone import DEFAULT_TARGETS, POOLINGS
-from .files import atomic_write, writable_dir
+from .backbone import DEFAULT_TARGETS
+from .files import writable_dir
 from .methods import METHODS, Run
-from .recipe import HEAD_LR, LABEL_SMOOTHING, flags_of
+from .options import check, config_of, options, parse
+from .report import plot_losses, table
+from .runs import numbers, only_process, refuse_other_run, run_name, same_run, write_record
 
-IMPLS = ("pelib", "peft")
-
-
-def add_arguments(f: argparse.ArgumentParser) -> None:
-    """The finetune options: common ones, then one group per method (from the table)."""
-    # argparse reads "-1e-3" as an option name (its negative-number rule knows no exponent), so
-    # `--lr -1e-3` said "expected one argument"; read it as a number and let the checks answer.
-    f._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-    f.add_argument("--model", default="minilm", choices=["minilm", "smollm2"])
-    f.add_argument("--data", default="banking77", choices=["banking77", "clinc150"])
-    f.add_argument("--method", default="lora", choices=list(METHODS),
-                   help="; ".join(f"{k}: {m.help}" for k, m in METHODS.items()))
-    f.add_argument("--impl", default="pelib", choices=IMPLS,
-                   help="build the model with pelib or with the peer library peft (methods: "
-                        + ", ".join(k for k, m in METHODS.items() if "peft" in m.build) + ")")
-    f.add_argument("--epochs", type=float, default=3)
-    f.add_argument("--lr", type=float, default=None,
-                   help="default per method: " + ", ".join(f"{k} {m.lr:g}" for k, m in METHODS.items()))
-    f.add_argument("--head-lr", type=float, default=None,
-                   help=f"the classification head's own lr (default {HEAD_LR:g}; with --method "
-                        "head, --lr is the head's lr)")
-    f.add_argument("--label-smoothing", type=float, default=None,
-                   help="cross-entropy against a target with 1 - eps on the label and eps spread "
-                        f"over all classes (default {LABEL_SMOOTHING:g}; 0: plain cross-entropy)")
-    f.add_argument("--head-init", default="random", choices=["random", "probe"],
-                   help="probe: fit the head as a linear probe on the frozen features before "
-                        "fine-tuning (LP-FT, pelib.probe)")
-    f.add_argument("--pooling", default=None, choices=["mean", "cls", "last"],
-                   help="how the classifier pools token states: minilm mean (default) or cls, "
-                        "smollm2 last")
-    f.add_argument("--max-grad-norm", type=float, default=None,
-                   help="clip the gradient norm before each step (default: no clipping)")
-    f.add_argument("--weight-decay", type=float, default=0.0,
-                   help="AdamW's decoupled weight decay on the weight matrices (biases and "
-                        "LayerNorm scales are not decayed; default 0)")
-    f.add_argument("--warmup-ratio", type=float, default=0.06,
-                   help="the share of the steps over which the lr warms up linearly from 0 "
-                        "(then it follows --schedule; default 0.06)")
-    f.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"],
-                   help="the lr after the warm-up: linear decay to 0 (default), half a cosine "
-                        "down to 0, or constant")
-    f.add_argument("--layer-decay", type=float, default=1.0,
-                   help="layer-wise lr decay: layer l of L at lr * d**(L - l), the embeddings "
-                        "one step lower (default 1: every layer at --lr)")
-    f.add_argument("--batch-size", type=int, default=32)
-    f.add_argument("--grad-accum", type=int, default=1)
-    f.add_argument("--max-length", type=int, default=64)
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="auto: a CUDA GPU when there is one, else the CPU")
-    f.add_argument("--bf16", action="store_true",
-                   help="bf16 autocast also on a CPU without bf16 hardware (slower there); it is "
-                        "the default on a GPU and on CPUs with AVX-512 BF16 or AMX")
-    f.add_argument("--fp32", action="store_true", help="no bf16 autocast, on any device")
-    f.add_argument("--no-kernels", action="store_true",
-                   help="on a GPU, do not swap pelib's Triton kernels into SmolLM2 (pelib.patch)")
-    f.add_argument("--train-limit", type=int, default=None, help="train on a seeded subset")
-    f.add_argument("--eval-limit", type=int, default=None)
-    f.add_argument("--eval-split", default="test", choices=["dev", "test"])
-    f.add_argument("--tiny", action="store_true", help="a toy-size random model (for tests)")
-    f.add_argument("--out", default="results")
-    f.add_argument("--name", default=None, help="run name (file stem under --out)")
-    f.add_argument("--overwrite", action="store_true",
-                   help="replace results of a run with other options under the same name")
-    f.add_argument("--no-progress", action="store_true")
-    f.add_argument("--resume", action="store_true",
-                   help="checkpoint to OUT/NAME.ckpt while training and continue from it if it "
-                        "exists (removed once the results are written)")
-    f.add_argument("--checkpoint-every", type=int, default=50,
-                   help="optimizer steps between checkpoints")
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for dest, (field, owners) in method_options().items():
-        g = groups.get(owners[0]) or groups.setdefault(
-            owners[0], f.add_argument_group(f"options of --method {owners[0]}"))
-        kw = dict(field.metadata["argparse"])
-        if isinstance(field.default, bool):
-            kw["action"] = "store_true"
-        shown = "" if field.default is None or isinstance(field.default, bool) else \
-            f"; default {field.default:g}" if isinstance(field.default, float) else \
-            f"; default {field.default}"
-        g.add_argument(*flags_of(field), dest=dest, default=None,
-                       help=f"{field.metadata['help']} (--method {', '.join(owners)}{shown})", **kw)
-
-
-def method_options() -> dict[str, tuple[dataclasses.Field, list[str]]]:
-    """Every method option: its config field and the methods whose configs have it (the
-    registry's configs are the only source of these options)."""
-    out: dict[str, tuple[dataclasses.Field, list[str]]] = {}
-    for name, m in METHODS.items():
-        for field in m.config.options():
-            out.setdefault(field.name, (field, []))[1].append(name)
-    return out
-
-
-def config_of(args):
-    """The method's config: the options given, the recipe for the rest."""
-    return METHODS[args.method].config.from_options(vars(args))
-
-
-def parse(argv: list[str]) -> argparse.Namespace:
-    """The finetune options of `argv` (without the word `finetune`)."""
-    p = argparse.ArgumentParser(prog="pelib finetune")
-    add_arguments(p)
-    return p.parse_args(argv)
-
-
-def options(args) -> dict:
-    """The options of a run as a plain dict (what its record stores and compare compares)."""
-    return {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
-
-
-# The value an option had before its default changed: a record written without it ran at that.
-BEFORE = {"label_smoothing": 0.0}
-
-# Options that do not change a run's numbers: where it writes, whether it shows progress.
-NOT_NUMBERS = {"no_progress", "resume", "checkpoint_every", "command", "out", "name", "overwrite"}
-
-
-def numbers(opts: dict) -> dict:
-    """What decides a run's numbers: the common options and the method's config, resolved (an
-    option left out and the recipe's value are the same run; another method's options are not
-    part of it). An option added since a record was written takes its value then (BEFORE)."""
-    opts = {**options(parse([])), **BEFORE, **opts}
-    config = METHODS[opts["method"]].config
-    resolved = config.from_options(opts)
-    out = {k: v for k, v in opts.items() if k not in NOT_NUMBERS and k not in method_options()}
-    out["lr"] = config.lr if opts["lr"] is None else opts["lr"]
-    out["head_lr"] = opts["head_lr"] if opts["head_lr"] is not None else config.head_lr or out["lr"]
-    if out["label_smoothing"] is None:
-        out["label_smoothing"] = config.label_smoothing
-    return dict(out, config=dataclasses.asdict(resolved))
-
-
-def same_run(a: dict | None, b: dict) -> bool:
-    """Do two option sets give the same numbers? (None or an unknown method: unknown, so no)"""
-    if a is None or a.get("method") not in METHODS:
-        return False
-    try:
-        return numbers(a) == numbers(b)
-    except (TypeError, ValueError):  # a record whose options no config takes: not this run
-        return False
-
-
-def run_name(args) -> str:
-    if args.name:
-        return args.name
-    model = args.model + ("-tiny" if args.tiny else "") + (f"-{args.pooling}" if args.pooling else "")
-    return "_".join([model, args.data, args.method + config_of(args).tag(), args.impl,
-                     f"s{args.seed}"])
-
-
-def check(args) -> None:
-    """Options that do not fit the method: a clear error, never silently ignored."""
-    method = METHODS[args.method]
-    if args.impl not in method.build:
-        peft = [k for k, m in METHODS.items() if args.impl in m.build]
-        raise ValueError(f"--impl {args.impl} is only for --method {', '.join(peft)}, "
-                         f"not {args.method}")
-    own = {f.name for f in method.config.options()}
-    for dest, (field, owners) in method_options().items():
-        if dest not in own and getattr(args, dest, None) is not None:
-            raise ValueError(f"{flags_of(field)[0]} is an option of --method {', '.join(owners)}, "
-                             f"not {args.method}")
-    if method.config.head_lr is None and args.head_lr is not None:
-        raise ValueError(f"--method {args.method} trains only the head: set its lr with --lr, "
-                         "not --head-lr")
-    if args.pooling is not None:
-        if args.pooling not in POOLINGS[args.model]:
-            raise ValueError(f"--pooling {args.pooling} is not one of {args.model}'s "
-                             f"{list(POOLINGS[args.model])}")
-    if not 0 <= args.weight_decay < float("inf"):  # also refuses nan
-        raise ValueError(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
-    if not 0 <= args.warmup_ratio < 1:
-        raise ValueError(f"--warmup-ratio is a share of the steps in [0, 1), got {args.warmup_ratio}")
-    if args.label_smoothing is not None and not 0 <= args.label_smoothing < 1:
-        raise ValueError(f"--label-smoothing is a share of the target in [0, 1), got "
-                         f"{args.label_smoothing}")
-    if not 0 < args.layer_decay <= 1:
-        raise ValueError(f"--layer-decay must be in (0, 1] (1: no decay), got {args.layer_decay}")
-    if getattr(args, "r", None) is not None and args.r <= 0:
-        raise ValueError(f"--r must be a positive integer, got {args.r}")
-    for flag in ("train_limit", "eval_limit"):
-        v = getattr(args, flag)
-        if v is not None and v < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be a positive number of rows, got {v}")
-    if args.name is not None and (not args.name or re.search(r"[/\\]|^\.\.?$", args.name)):
-        raise ValueError(f"--name {args.name!r} must be a plain file stem (no path separators); "
-                         "use --out to choose the folder")
-
-
-def plot_losses(losses: list[float], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    k = max(1, len(losses) // 50)  # moving average over ~2% of the run
-    smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1])
-              for i in range(len(losses))]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(losses, alpha=0.3, label="loss per step")
-    ax.plot(smooth, label=f"moving average ({k} steps)")
-    ax.set(xlabel="optimizer step", ylabel="cross-entropy", title=title)
-    ax.legend()
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
-
-
-def table(rows: list[dict]) -> str:
-    cols = ["run", "acc", "P", "R", "F1", "trainable", "s/epoch", "peak MB"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        m = r["metrics"]
-        lines.append(f"| {r['name']} | {m['accuracy']:.4f} | {m['precision']:.4f} | "
-                     f"{m['recall']:.4f} | {m['f1']:.4f} | {r['trainable_params']:,} | "
-                     f"{r['seconds_per_epoch']:.1f} | {r['peak_memory_mb']:.0f} |")
-    return "\n".join(lines)
+# what callers reach through pelib.finetune
+__all__ = ["finetune", "build", "parse", "options", "same_run", "check"]
 
 
 def device_of(args) -> str:
@@ -302,33 +82,6 @@ def build(args, cfg):
     return model, tokenizer, data, hooks
 
 
-@contextlib.contextmanager
-def _only_process(out: Path, name: str):
-    """One process per run name and folder: a second would share (and fight over) its files.
-    The lock file goes when the run ends; a process that locked a file another had just removed
-    sees that the path is no longer its file and locks the new one."""
-    path = out / f".{name}.lock"
-    while True:
-        lock = open(path, "w")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
-            raise ValueError(f"another process is running {name} in {out}/ right now; wait for it "
-                             "to finish, or pass another --name") from None
-        try:
-            if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        lock.close()
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)  # still holding the lock: no one else owns this path
-        lock.close()
-
-
 def finetune(args) -> dict:
     """One run: build, train, evaluate, write the record and the loss curve; return the record.
     Bad options raise ValueError with a message that names the fix."""
@@ -338,7 +91,7 @@ def finetune(args) -> dict:
         record = _finetune(args, Path(args.out), name)
     else:
         out = writable_dir(args.out)
-        with _only_process(out, name):
+        with only_process(out, name):
             record = _finetune(args, out, name)
     distributed.finish()  # under torchrun: every process leaves the group after rank 0 wrote
     return record
@@ -348,16 +101,8 @@ def _finetune(args, out: Path, name: str) -> dict:
     from .data import load_nlu
     from .train import TrainConfig, train
 
-    previous = out / f"{name}.json"
-    # never replace another run's results
-    if distributed.rank() == 0 and previous.exists() and not args.overwrite:
-        try:
-            theirs = json.loads(previous.read_text())["args"]
-        except (ValueError, KeyError, TypeError):
-            theirs = None
-        if not same_run(theirs, options(args)):
-            raise ValueError(f"{previous} holds a run with other options; pass --name to keep "
-                             "both, or --overwrite to replace it")
+    if distributed.rank() == 0 and not args.overwrite:
+        refuse_other_run(out / f"{name}.json", options(args))
     ckpt = out / f"{name}.ckpt" if args.resume else None
     method, config = METHODS[args.method], config_of(args)
     label_smoothing = config.label_smoothing if args.label_smoothing is None else \
@@ -384,8 +129,7 @@ def _finetune(args, out: Path, name: str) -> dict:
     report = method.report(model, hooks, config, result.steps) if method.report else None
     if report:
         record[args.method] = report
-    atomic_write(out / f"{name}.json",
-                 lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
+    write_record(out / f"{name}.json", record)
     plot_losses(result.losses, out / f"{name}_loss.png", name)
     if ckpt and ckpt.exists():
         ckpt.unlink()  # the results are written: nothing left to resume

@@ -12,6 +12,7 @@ import tempfile
 import torch
 from torch import nn
 
+from .hooks import Hook
 from .inject import CLASSIFIER_HEADS
 
 
@@ -53,7 +54,7 @@ def qlora(model: nn.Module, targets, r: int, alpha: float, dropout: float = 0.0,
     return lora(quantized_4bit(model, device), targets, r, alpha, dropout, use_rslora)
 
 
-class PeftAdaLoRA:
+class PeftAdaLoRA(Hook):
     """Training hook for peft's AdaLoRA: peft adds the regulariser in forward, but
     update_and_allocate must be called after every optimizer step, or peft silently trains
     plain LoRA (peft #1801)."""

@@ -41,6 +41,7 @@ from typing import ClassVar, Iterable, Sequence
 import torch
 from torch import nn
 
+from .hooks import Hook
 from .inject import adapter_record, check_alpha, get_submodule_parent, inject_linears
 from .io import save_adapter
 from .lora import LoRAConfig, LoRALinear, LowRank, check_rank
@@ -199,7 +200,7 @@ class SparsitySchedule:
         return self.lambdas[min(k, len(self.lambdas) - 1)]
 
 
-class SoRA:
+class SoRA(Hook):
     """The training hook: gates in their own AdamW group (lr `gate_lr`, no weight decay), and the
     proximal step after every optimizer step (once per step, whatever the accumulation).
     The defaults are the recipe (SoRAConfig): xi 0.05 -> 0.45 in three stages, gate lr 1e-2;

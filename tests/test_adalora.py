@@ -8,6 +8,7 @@ from conftest import batch, copy_into_peft, peft_key, tiny
 
 import pelib
 from pelib.adalora import RankAllocator, SVDLinear, apply_adalora, orthogonal_regularizer, svd_layers
+from pelib.hooks import Hook
 from pelib.train import TrainConfig, train
 
 TARGETS = ["query", "value", "dense"]
@@ -277,7 +278,7 @@ def test_interrupted_adalora_run_resumes_to_the_same_budget_and_weights(tmp_path
     state_dict), so a run cut off mid-pruning resumes to the same budgets, masks and weights."""
     from pelib.finetune import build, parse
 
-    class StopAt:
+    class StopAt(Hook):
         def step(self, model, step):
             if step == 7:
                 raise KeyboardInterrupt

@@ -11,16 +11,17 @@ import torch
 import pelib
 from pelib import methods
 from pelib.__main__ import main
+from pelib.hooks import Hook
 from pelib.io import CONFIG_NAME, WEIGHTS_NAME
 
 PELIB = Path(pelib.__file__).resolve().parent
 # Each module may import only modules of a lower rank (its own package's modules excepted).
 RANK = {"files": 0, "recipe": 0, "metrics": 0, "data": 0, "classifier": 0, "measure": 0, "kernels": 0,
-        "probe": 0, "distributed": 0,
-        "backbone": 1, "inject": 1, "io": 1, "lora": 2, "adapter": 2, "prefix": 2, "adalora": 3, "sora": 3,
-        "dora": 3,
-        "quant": 3, "train": 4, "peers": 5, "methods": 6, "patch": 7, "finetune": 8, "bench": 8,
-        "compare": 9, "__main__": 10, "__init__": 11}
+        "probe": 0, "distributed": 0, "batching": 0, "schedule": 0,
+        "backbone": 1, "inject": 1, "io": 1, "evaluation": 1, "checkpoint": 1, "settings": 1,
+        "lora": 2, "adapter": 2, "prefix": 2, "hooks": 2, "optim": 2, "adalora": 3, "sora": 3, "dora": 3,
+        "quant": 3, "train": 4, "peers": 5, "methods": 6, "patch": 7, "options": 7, "report": 7,
+        "runs": 8, "finetune": 9, "bench": 9, "compare": 10, "__main__": 11, "__init__": 12}
 # kernels/ is a leaf, but fused QLoRA needs quant's state type and op (imported lazily there).
 ALLOWED = {("kernels", "quant")}
 
@@ -142,7 +143,7 @@ def test_the_cli_options_are_the_config_fields():
     when it is not given; options of no config are not method options."""
     import dataclasses
 
-    from pelib.finetune import config_of, method_options, parse
+    from pelib.options import config_of, method_options, parse
     from pelib.recipe import flags_of
 
     fields = {f.name for m in methods.METHODS.values() for f in dataclasses.fields(m.config)}
@@ -201,7 +202,8 @@ def test_configs_round_trip_through_peft_config(tmp_path, method):
 def test_a_record_of_old_options_is_the_same_run():
     """Records written when every option had its old default (r 8 for every method, SoRA's
     schedule None) are the same runs as the new options that leave them out."""
-    from pelib.finetune import options, parse, same_run
+    from pelib.options import options, parse
+    from pelib.runs import same_run
 
     old = dict(options(parse(["--method", "adalora"])), r=8, alpha=None, dropout=0.0,
                rslora=False, adapter_kind="houlsby", bottleneck=64, sparse_lambda=None,
@@ -307,10 +309,12 @@ def test_checkpoints_are_read_without_running_code(tmp_path, monkeypatch):
 
 def test_resume_refuses_a_checkpoint_of_other_options(tmp_path):
     """alpha, train-limit, dropout... are not TrainConfig fields, but they decide the numbers."""
-    from pelib.finetune import build, numbers, options, parse
+    from pelib.finetune import build
+    from pelib.options import options, parse
+    from pelib.runs import numbers
     from pelib.train import TrainConfig, train
 
-    class Stop:
+    class Stop(Hook):
         def step(self, model, step):
             if step == 2:  # after the checkpoint of step 1
                 raise KeyboardInterrupt

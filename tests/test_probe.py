@@ -1,4 +1,4 @@
-"""The linear probe (pelib.probe) and LP-FT's head initialisation (pelib.train.probe_head)."""
+"""The linear probe (pelib.probe) and LP-FT's head initialisation (pelib.hooks.probe_head)."""
 import json
 
 import pytest
@@ -6,8 +6,10 @@ import torch
 
 import pelib
 from pelib.__main__ import main
+from pelib.batching import encode
+from pelib.hooks import probe_head
 from pelib.probe import fit_probe
-from pelib.train import TrainConfig, encode, probe_head
+from pelib.train import TrainConfig
 
 
 def _blobs(n=300, h=6, c=4, seed=0):

@@ -10,7 +10,9 @@ from torch import nn
 
 import pelib
 from pelib.__main__ import main
+from pelib.hooks import Hook
 from pelib.io import CONFIG_NAME, WEIGHTS_NAME
+from pelib.optim import make_optimizer
 from pelib.sora import (
     SoRA,
     SoRALinear,
@@ -23,7 +25,7 @@ from pelib.sora import (
     soft_threshold,
     sora_layers,
 )
-from pelib.train import TrainConfig, make_optimizer, train
+from pelib.train import TrainConfig, train
 
 TARGETS = ["query", "value", "dense"]
 
@@ -285,7 +287,7 @@ def test_interrupted_sora_run_resumes_to_the_same_gates():
 
     from pelib.finetune import build, parse
 
-    class StopAt:
+    class StopAt(Hook):
         def step(self, model, step):
             if step == 7:
                 raise KeyboardInterrupt

@@ -7,7 +7,10 @@ import torch
 
 import pelib
 from pelib.__main__ import main
-from pelib.train import TrainConfig, length_grouped_batches, lr_schedule, total_steps, train
+from pelib.batching import length_grouped_batches
+from pelib.hooks import Hook
+from pelib.schedule import lr_schedule, total_steps
+from pelib.train import TrainConfig, train
 
 
 def test_schedule_and_batching():
@@ -24,7 +27,7 @@ def test_schedule_and_batching():
         TrainConfig(batch_size=0)
 
 
-class Recorder:
+class Recorder(Hook):
     """A hook: counts calls, sees gradients at step time, adds a loss term."""
     def __init__(self):
         self.steps, self.grads_present, self.loss_calls, self.begun = [], [], 0, None
@@ -57,13 +60,13 @@ def test_loop_learns_and_calls_hooks():
     assert set(res.metrics) == {"accuracy", "precision", "recall", "f1"}
     # the dev split's scores after each epoch, plain and as if class-balanced (pelib.metrics)
     from pelib.metrics import classification_metrics
-    preds = pelib.train.predict(model, pelib.train.encode(tok, data.texts, 64), tok.pad_token_id)
+    preds = pelib.evaluation.predict(model, pelib.batching.encode(tok, data.texts, 64), tok.pad_token_id)
     assert res.history[-1]["dev_f1"] == pytest.approx(res.metrics["f1"])  # dev = eval data here
     assert res.history[-1]["dev_f1_balanced"] == pytest.approx(
         classification_metrics(data.labels, preds, balanced=True)["f1"])
 
 
-class GradNorms:
+class GradNorms(Hook):
     """A hook: the global norm of the gradients the optimizer stepped with."""
     def __init__(self):
         self.norms = []
@@ -145,7 +148,7 @@ def test_bench_lora_prints_both_and_ratio(capsys):
         main(["bench", "nothing"])
 
 
-class StopAt:
+class StopAt(Hook):
     """A hook that interrupts the run (like Ctrl-C) right after optimizer step `at`."""
     def __init__(self, at):
         self.at = at
@@ -199,7 +202,7 @@ def test_head_lr_is_its_own_param_group():
     """The fresh head learns at head_lr, the rest at lr, also inside peft's wrapper; without
     head_lr everything is one group (the old behaviour)."""
     from pelib import peers
-    from pelib.train import make_optimizer
+    from pelib.optim import make_optimizer
 
     for build in (lambda m: pelib.apply_lora(m, ["query", "value"], r=2, alpha=4),
                   lambda m: peers.lora(m, ["query", "value"], 2, 4)):
@@ -265,8 +268,8 @@ def test_head_floor_on_cached_features_equals_the_full_loop(name):
     """The floor computes its frozen trunk once; training the head on those features gives the
     numbers of running the whole model every step (same batches, same head dropout draws)."""
     from pelib.distributed import ProcessGroup
+    from pelib.hooks import frozen_trunk
     from pelib.methods import METHODS, Run
-    from pelib.train import frozen_trunk
 
     data = pelib.load_nlu("banking77", "train", limit=48)
     runs = {}
@@ -286,8 +289,8 @@ def test_head_floor_on_cached_features_equals_the_full_loop(name):
 
 def test_no_feature_cache_when_the_trunk_trains_or_drops_out():
     from pelib.distributed import ProcessGroup
+    from pelib.hooks import frozen_trunk
     from pelib.inject import train_heads_only
-    from pelib.train import frozen_trunk
 
     cfg, group = TrainConfig(), ProcessGroup()
     lora = pelib.apply_lora(pelib.tiny_backbone("minilm", 7, with_tokenizer=False)[0], ["query"], r=2)
@@ -305,7 +308,7 @@ def test_no_feature_cache_when_the_trunk_trains_or_drops_out():
 def test_weight_decay_is_decoupled_and_spares_biases_and_layernorm():
     """AdamW's decay (Loshchilov & Hutter 2019): with zero gradients one step multiplies each
     decayed weight by exactly 1 - lr * wd; biases and LayerNorm scales (1-d) do not move."""
-    from pelib.train import make_optimizer
+    from pelib.optim import make_optimizer
 
     model = pelib.apply_lora(pelib.tiny_backbone("minilm", 7, with_tokenizer=False)[0],
                              ["query", "value"], r=2, alpha=4)
@@ -371,7 +374,7 @@ def test_lr_schedules_match_transformers_after_the_warmup(schedule):
         assert ours[-1] < 0.01
 
 
-class LrRecorder:
+class LrRecorder(Hook):
     """A hook: the lr of the first param group at every optimizer step."""
     def begin(self, model, optimizer, total_steps):
         self.optimizer, self.lrs = optimizer, []
@@ -403,7 +406,7 @@ def test_layer_decay_lowers_the_lr_layer_by_layer():
     """Layer-wise lr decay: Adam's first step moves every weight by its group's lr (m / sqrt(v)
     = sign(g) after one step), so the step sizes read back lr * d**(L - l) for layer l of L, one
     power lower for the embeddings, and the head's own lr."""
-    from pelib.train import make_optimizer
+    from pelib.optim import make_optimizer
 
     model = pelib.tiny_backbone("minilm", 7, with_tokenizer=False)[0]  # L = 2, all trainable
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -430,7 +433,7 @@ def test_cli_layer_decay(tmp_path):
     assert rec["config"]["layer_decay"] == 0.8
 
 
-class LossAndLogits:
+class LossAndLogits(Hook):
     """A hook and a forward hook: the loop's loss, and the batch's logits and labels, per step."""
     def __init__(self, model, label_of):
         self.losses, self.seen = [], []
@@ -450,7 +453,7 @@ class LossAndLogits:
 def test_label_smoothing_is_the_smoothed_cross_entropy():
     """With eps, the loop's loss is (1 - eps) * (-log p_y) + eps * mean_k(-log p_k), the formula
     of Szegedy et al. (2016), computed here by hand from the logits the model produced."""
-    from pelib.train import encode
+    from pelib.batching import encode
 
     data = pelib.load_nlu("banking77", "train", limit=32)
     for eps in (0.0, 0.2):

@@ -1,0 +1,167 @@
+"""The options of `python -m pelib finetune`: the common ones, and one per field of every
+method's config in the registry (pelib.methods.METHODS), so the registry is the only source of
+the method options; `check` refuses an option the chosen method's config lacks, and settings
+out of range (the loop's settings through pelib.settings, the check TrainConfig runs too).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+
+from .backbone import POOLINGS
+from .methods import METHODS
+from .recipe import HEAD_LR, LABEL_SMOOTHING, flags_of
+from .settings import check_settings
+
+IMPLS = ("pelib", "peft")
+
+
+def add_arguments(f: argparse.ArgumentParser) -> None:
+    """The finetune options: common ones, then one group per method (from the table)."""
+    # argparse reads "-1e-3" as an option name (its negative-number rule knows no exponent), so
+    # `--lr -1e-3` said "expected one argument"; read it as a number and let the checks answer.
+    f._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+    f.add_argument("--model", default="minilm", choices=["minilm", "smollm2"])
+    f.add_argument("--data", default="banking77", choices=["banking77", "clinc150"])
+    f.add_argument("--method", default="lora", choices=list(METHODS),
+                   help="; ".join(f"{k}: {m.help}" for k, m in METHODS.items()))
+    f.add_argument("--impl", default="pelib", choices=IMPLS,
+                   help="build the model with pelib or with the peer library peft (methods: "
+                        + ", ".join(k for k, m in METHODS.items() if "peft" in m.build) + ")")
+    f.add_argument("--epochs", type=float, default=3)
+    f.add_argument("--lr", type=float, default=None,
+                   help="default per method: " + ", ".join(f"{k} {m.lr:g}" for k, m in METHODS.items()))
+    f.add_argument("--head-lr", type=float, default=None,
+                   help=f"the classification head's own lr (default {HEAD_LR:g}; with --method "
+                        "head, --lr is the head's lr)")
+    f.add_argument("--label-smoothing", type=float, default=None,
+                   help="cross-entropy against a target with 1 - eps on the label and eps spread "
+                        f"over all classes (default {LABEL_SMOOTHING:g}; 0: plain cross-entropy)")
+    f.add_argument("--head-init", default="random", choices=["random", "probe"],
+                   help="probe: fit the head as a linear probe on the frozen features before "
+                        "fine-tuning (LP-FT, pelib.probe)")
+    f.add_argument("--pooling", default=None, choices=["mean", "cls", "last"],
+                   help="how the classifier pools token states: minilm mean (default) or cls, "
+                        "smollm2 last")
+    f.add_argument("--max-grad-norm", type=float, default=None,
+                   help="clip the gradient norm before each step (default: no clipping)")
+    f.add_argument("--weight-decay", type=float, default=0.0,
+                   help="AdamW's decoupled weight decay on the weight matrices (biases and "
+                        "LayerNorm scales are not decayed; default 0)")
+    f.add_argument("--warmup-ratio", type=float, default=0.06,
+                   help="the share of the steps over which the lr warms up linearly from 0 "
+                        "(then it follows --schedule; default 0.06)")
+    f.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"],
+                   help="the lr after the warm-up: linear decay to 0 (default), half a cosine "
+                        "down to 0, or constant")
+    f.add_argument("--layer-decay", type=float, default=1.0,
+                   help="layer-wise lr decay: layer l of L at lr * d**(L - l), the embeddings "
+                        "one step lower (default 1: every layer at --lr)")
+    f.add_argument("--batch-size", type=int, default=32)
+    f.add_argument("--grad-accum", type=int, default=1)
+    f.add_argument("--max-length", type=int, default=64)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: a CUDA GPU when there is one, else the CPU")
+    f.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast also on a CPU without bf16 hardware (slower there); it is "
+                        "the default on a GPU and on CPUs with AVX-512 BF16 or AMX")
+    f.add_argument("--fp32", action="store_true", help="no bf16 autocast, on any device")
+    f.add_argument("--no-kernels", action="store_true",
+                   help="on a GPU, do not swap pelib's Triton kernels into SmolLM2 (pelib.patch)")
+    f.add_argument("--train-limit", type=int, default=None, help="train on a seeded subset")
+    f.add_argument("--eval-limit", type=int, default=None)
+    f.add_argument("--eval-split", default="test", choices=["dev", "test"])
+    f.add_argument("--tiny", action="store_true", help="a toy-size random model (for tests)")
+    f.add_argument("--out", default="results")
+    f.add_argument("--name", default=None, help="run name (file stem under --out)")
+    f.add_argument("--overwrite", action="store_true",
+                   help="replace results of a run with other options under the same name")
+    f.add_argument("--no-progress", action="store_true")
+    f.add_argument("--resume", action="store_true",
+                   help="checkpoint to OUT/NAME.ckpt while training and continue from it if it "
+                        "exists (removed once the results are written)")
+    f.add_argument("--checkpoint-every", type=int, default=50,
+                   help="optimizer steps between checkpoints")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for dest, (field, owners) in method_options().items():
+        g = groups.get(owners[0]) or groups.setdefault(
+            owners[0], f.add_argument_group(f"options of --method {owners[0]}"))
+        kw = dict(field.metadata["argparse"])
+        if isinstance(field.default, bool):
+            kw["action"] = "store_true"
+        shown = "" if field.default is None or isinstance(field.default, bool) else \
+            f"; default {field.default:g}" if isinstance(field.default, float) else \
+            f"; default {field.default}"
+        g.add_argument(*flags_of(field), dest=dest, default=None,
+                       help=f"{field.metadata['help']} (--method {', '.join(owners)}{shown})", **kw)
+
+
+def method_options() -> dict[str, tuple[dataclasses.Field, list[str]]]:
+    """Every method option: its config field and the methods whose configs have it (the
+    registry's configs are the only source of these options)."""
+    out: dict[str, tuple[dataclasses.Field, list[str]]] = {}
+    for name, m in METHODS.items():
+        for field in m.config.options():
+            out.setdefault(field.name, (field, []))[1].append(name)
+    return out
+
+
+def config_of(args):
+    """The method's config: the options given, the recipe for the rest."""
+    return METHODS[args.method].config.from_options(vars(args))
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The finetune options of `argv` (without the word `finetune`)."""
+    p = argparse.ArgumentParser(prog="pelib finetune")
+    add_arguments(p)
+    return p.parse_args(argv)
+
+
+def options(args) -> dict:
+    """The options of a run as a plain dict (what its record stores and compare compares)."""
+    return {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
+
+
+# The options that are settings of the training loop (pelib.train.TrainConfig's fields).
+LOOP_SETTINGS = ("epochs", "lr", "head_lr", "max_grad_norm", "weight_decay", "warmup_ratio",
+                 "label_smoothing", "layer_decay", "batch_size", "grad_accum", "max_length",
+                 "checkpoint_every", "head_init", "schedule")
+
+
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check(args) -> None:
+    """Options that do not fit the method: a clear error, never silently ignored."""
+    method = METHODS[args.method]
+    if args.impl not in method.build:
+        peft = [k for k, m in METHODS.items() if args.impl in m.build]
+        raise ValueError(f"--impl {args.impl} is only for --method {', '.join(peft)}, "
+                         f"not {args.method}")
+    own = {f.name for f in method.config.options()}
+    for dest, (field, owners) in method_options().items():
+        if dest not in own and getattr(args, dest, None) is not None:
+            raise ValueError(f"{flags_of(field)[0]} is an option of --method {', '.join(owners)}, "
+                             f"not {args.method}")
+    if method.config.head_lr is None and args.head_lr is not None:
+        raise ValueError(f"--method {args.method} trains only the head: set its lr with --lr, "
+                         "not --head-lr")
+    if args.pooling is not None:
+        if args.pooling not in POOLINGS[args.model]:
+            raise ValueError(f"--pooling {args.pooling} is not one of {args.model}'s "
+                             f"{list(POOLINGS[args.model])}")
+    # the loop's settings: the same check as pelib.train.TrainConfig, in the flags' names
+    check_settings({k: getattr(args, k) for k in LOOP_SETTINGS}, name=flag_of)
+    if getattr(args, "r", None) is not None and args.r <= 0:
+        raise ValueError(f"--r must be a positive integer, got {args.r}")
+    for flag in ("train_limit", "eval_limit"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be a positive number of rows, got {v}")
+    if args.name is not None and (not args.name or re.search(r"[/\\]|^\.\.?$", args.name)):
+        raise ValueError(f"--name {args.name!r} must be a plain file stem (no path separators); "
+                         "use --out to choose the folder")

@@ -1,0 +1,170 @@
+"""Tables and figures of run records, shared by `pelib finetune` (one run: its row and its loss
+curve) and `pelib compare` (one table per model and data set, F1 against trainable parameters,
+peak memory, loss curves). Every figure is written atomically.
+"""
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from .files import atomic_write
+from .methods import METHODS
+
+
+def floor(method: str) -> bool:
+    """Does the method train the head alone (its config has no head lr of its own)? Its row is
+    the floor every other row is read against."""
+    return METHODS[method].config.head_lr is None
+
+
+def plot_losses(losses: list[float], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = max(1, len(losses) // 50)  # moving average over ~2% of the run
+    smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1])
+              for i in range(len(losses))]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(losses, alpha=0.3, label="loss per step")
+    ax.plot(smooth, label=f"moving average ({k} steps)")
+    ax.set(xlabel="optimizer step", ylabel="cross-entropy", title=title)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def table(rows: list[dict]) -> str:
+    cols = ["run", "acc", "P", "R", "F1", "trainable", "s/epoch", "peak MB"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        m = r["metrics"]
+        lines.append(f"| {r['name']} | {m['accuracy']:.4f} | {m['precision']:.4f} | "
+                     f"{m['recall']:.4f} | {m['f1']:.4f} | {r['trainable_params']:,} | "
+                     f"{r['seconds_per_epoch']:.1f} | {r['peak_memory_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def _group(records):
+    """{(model, data): {(label, impl): [record, ...]}} in first-seen order."""
+    groups: dict = {}
+    for r in records:
+        a = r["args"]
+        key = (a["model"] + ("-tiny" if a["tiny"] else ""), a["data"])
+        groups.setdefault(key, {}).setdefault((r["label"], a["impl"]), []).append(r)
+    return groups
+
+
+def _mean_sd(xs):
+    m = statistics.fmean(xs)
+    return (m, statistics.stdev(xs)) if len(xs) > 1 else (m, None)
+
+
+def _fmt(xs, digits=4):
+    m, sd = _mean_sd(xs)
+    return f"{m:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
+
+
+def summary(records) -> str:
+    """The markdown tables: one per model and data set."""
+    lines = ["# Results", "",
+             "Macro precision / recall / F1 on the evaluation split (dev F1: the dev split after the last "
+             "epoch, what choices are made on); ± is the standard deviation over "
+             "seeds (none with one seed: then differences of about 0.01 F1 are inside the noise). "
+             "Peak memory: process RSS on a CPU, max_memory_allocated on a GPU. Time: optimizer "
+             "steps only.", ""]
+    for (model, data), rows in _group(records).items():
+        r0 = next(iter(rows.values()))[0]
+        lines += [f"## {model} on {data}", "",
+                  f"train rows {r0['train_rows']}, eval rows {r0['eval_rows']} ({r0['eval_split']}), "
+                  f"batch {r0['args']['batch_size']}, max length {r0['args']['max_length']}", "",
+                  "| method | impl | seeds | epochs | accuracy | precision | recall | macro-F1 | "
+                  "trainable | % of model | peak MB | s/step | train s | dev F1 |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for (label, impl), rs in rows.items():
+            m = lambda k: [r["metrics"][k] for r in rs]  # noqa: E731
+            t = rs[0]
+            lines.append(
+                f"| {label} | {impl} | {len(rs)} | {t['args']['epochs']:g} | {_fmt(m('accuracy'))} | "
+                f"{_fmt(m('precision'))} | "
+                f"{_fmt(m('recall'))} | {_fmt(m('f1'))} | {t['trainable_params']:,} | "
+                f"{100 * t['trainable_params'] / t['total_params']:.2f} | "
+                f"{statistics.fmean(r['peak_memory_mb'] for r in rs):,.0f} | "
+                f"{statistics.fmean(r['seconds_per_step'] for r in rs):.3f} | "
+                f"{statistics.fmean(r['train_seconds'] for r in rs):.0f} | "
+                f"{_fmt([r['history'][-1].get('dev_f1', float('nan')) for r in rs])} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def figures(records, out: Path, tag: str = "") -> list[Path]:
+    """F1 vs trainable parameters, peak memory bars, loss curves; one panel per model/data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _group(records)
+    paths = []
+
+    def save(fig, name):
+        path = out / name.replace(".png", f"{tag}.png")
+        fig.tight_layout()
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+        plt.close(fig)
+        paths.append(path)
+
+    from matplotlib.ticker import FuncFormatter
+
+    def plain(x, _):  # 2.5M, 360k: no "1e6" offset on the axis
+        return f"{x / 1e6:g}M" if x >= 1e6 else f"{x / 1e3:g}k" if x >= 1e3 else f"{x:g}"
+
+    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
+    for ax, ((model, data), rows) in zip(axes[0], groups.items()):
+        markers = iter("osD^v<>pP*h")
+        for (label, impl), rs in rows.items():
+            f1 = statistics.fmean(r["metrics"]["f1"] for r in rs)
+            name = f"{label}{' (peft)' if impl == 'peft' else ''}"
+            if floor(rs[0]["args"]["method"]):  # the floor: a line every method is read against
+                ax.axhline(f1, color="grey", linestyle="--", linewidth=1, label=f"{name}: {f1:.3f}")
+                continue
+            # a legend, not labels at the points: methods with equal counts would stack them
+            ax.scatter(rs[0]["trainable_params"], f1, s=40, label=f"{name}: {f1:.3f}",
+                       marker="x" if impl == "peft" else next(markers, "o"))
+        counts = [rs[0]["trainable_params"] for rs in rows.values()]
+        wide = max(counts) > 3 * min(counts)  # a log axis only where the counts span a range
+        split = next(iter(rows.values()))[0]["eval_split"]
+        ax.set(xscale="log" if wide else "linear", ylabel=f"macro-F1 ({split})",
+               xlabel="trainable parameters" + (" (log axis)" if wide else ""),
+               title=f"{model} / {data}")
+        f1s = [statistics.fmean(r["metrics"]["f1"] for r in rs) for rs in rows.values()]
+        mid, half = (max(f1s) + min(f1s)) / 2, max(0.02, (max(f1s) - min(f1s)) / 2 + 0.005)
+        ax.set_ylim(mid - half, mid + half)  # at least 0.04 tall: noise-sized gaps stay small
+        ax.xaxis.set_major_formatter(FuncFormatter(plain))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: ""))
+        ax.legend(fontsize=7, loc="lower right")
+    save(fig, "f1_vs_params.png")
+
+    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
+    for ax, ((model, data), rows) in zip(axes[0], groups.items()):
+        names = [f"{label}{' (peft)' if impl == 'peft' else ''}" for label, impl in rows]
+        mb = [statistics.fmean(r["peak_memory_mb"] for r in rs) for rs in rows.values()]
+        ax.barh(names, mb)
+        ax.set(xlabel=f"peak memory, MB ({records[0]['memory_kind']})", title=f"{model} / {data}")
+        ax.tick_params(axis="y", labelsize=7)
+    save(fig, "memory.png")
+
+    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
+    for ax, ((model, data), rows) in zip(axes[0], groups.items()):
+        for (label, impl), rs in rows.items():
+            losses = rs[0]["losses"]
+            k = max(1, len(losses) // 20)
+            smooth = [statistics.fmean(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
+            ax.plot(smooth, label=f"{label}{' (peft)' if impl == 'peft' else ''}",
+                    linestyle="-" if impl == "pelib" else "--")
+        ax.set(xlabel="optimizer step", ylabel="loss (moving average)", title=f"{model} / {data}")
+        ax.legend(fontsize=6)
+    save(fig, "losses.png")
+    return paths

@@ -1,0 +1,108 @@
+"""Run identity, locks and records, shared by `pelib finetune` (one run) and `pelib compare`
+(many): a run's name, whether a record holds the numbers of the same options, one process per
+run name and folder, and the record files themselves (written atomically).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+from pathlib import Path
+
+from .files import atomic_write
+from .methods import METHODS
+from .options import config_of, method_options, options, parse
+
+# The value an option had before its default changed: a record written without it ran at that.
+BEFORE = {"label_smoothing": 0.0}
+
+# Options that do not change a run's numbers: where it writes, whether it shows progress.
+NOT_NUMBERS = {"no_progress", "resume", "checkpoint_every", "command", "out", "name", "overwrite"}
+
+
+def numbers(opts: dict) -> dict:
+    """What decides a run's numbers: the common options and the method's config, resolved (an
+    option left out and the recipe's value are the same run; another method's options are not
+    part of it). An option added since a record was written takes its value then (BEFORE)."""
+    opts = {**options(parse([])), **BEFORE, **opts}
+    config = METHODS[opts["method"]].config
+    resolved = config.from_options(opts)
+    out = {k: v for k, v in opts.items() if k not in NOT_NUMBERS and k not in method_options()}
+    out["lr"] = config.lr if opts["lr"] is None else opts["lr"]
+    out["head_lr"] = opts["head_lr"] if opts["head_lr"] is not None else config.head_lr or out["lr"]
+    if out["label_smoothing"] is None:
+        out["label_smoothing"] = config.label_smoothing
+    return dict(out, config=dataclasses.asdict(resolved))
+
+
+def same_run(a: dict | None, b: dict) -> bool:
+    """Do two option sets give the same numbers? (None or an unknown method: unknown, so no)"""
+    if a is None or a.get("method") not in METHODS:
+        return False
+    try:
+        return numbers(a) == numbers(b)
+    except (TypeError, ValueError):  # a record whose options no config takes: not this run
+        return False
+
+
+def run_name(args) -> str:
+    if args.name:
+        return args.name
+    model = args.model + ("-tiny" if args.tiny else "") + (f"-{args.pooling}" if args.pooling else "")
+    return "_".join([model, args.data, args.method + config_of(args).tag(), args.impl,
+                     f"s{args.seed}"])
+
+
+@contextlib.contextmanager
+def only_process(out: Path, name: str):
+    """One process per run name and folder: a second would share (and fight over) its files.
+    The lock file goes when the run ends; a process that locked a file another had just removed
+    sees that the path is no longer its file and locks the new one."""
+    path = out / f".{name}.lock"
+    while True:
+        lock = open(path, "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise ValueError(f"another process is running {name} in {out}/ right now; wait for it "
+                             "to finish, or pass another --name") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        lock.close()
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # still holding the lock: no one else owns this path
+        lock.close()
+
+
+def read_args(path: Path) -> dict | None:
+    """The options a result file was made with; None for a broken file (the run is redone)."""
+    try:
+        return json.loads(path.read_text())["args"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def read_record(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise SystemExit(f"pelib: {path} is not valid JSON ({e}); delete it and run again") from None
+
+
+def refuse_other_run(path: Path, opts: dict) -> None:
+    """Never replace another run's results: a record at `path` of other options is an error."""
+    if path.exists() and not same_run(read_args(path), opts):
+        raise ValueError(f"{path} holds a run with other options; pass --name to keep both, or "
+                         "--overwrite to replace it")
+
+
+def write_record(path: Path, record: dict) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
