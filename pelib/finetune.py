@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import distributed
 from .backbone import DEFAULT_TARGETS, POOLINGS
-from .files import atomic_write, writable_dir
+from .files import atomic_write, open_lock, writable_dir
 from .methods import HEAD_LR, LABEL_SMOOTHING, METHODS, Run
 
 IMPLS = ("pelib", "peft")
@@ -277,7 +277,7 @@ def _only_process(out: Path, name: str):
     sees that the path is no longer its file and locks the new one."""
     path = out / f".{name}.lock"
     while True:
-        lock = open(path, "w")
+        lock = open_lock(path)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

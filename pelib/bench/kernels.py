@@ -25,6 +25,7 @@ import os
 
 import torch
 
+from ..files import write_text
 from ..kernels.cross_entropy_kernel import cross_entropy_ref, cross_entropy_triton
 from ..kernels.lora import lora_linear_fused, lora_linear_ref
 from ..kernels.rmsnorm import rms_norm_ref, rms_norm_triton
@@ -195,17 +196,16 @@ def run(sizes, device, dtype, out_dir, peaks=None):
 
 
 def _write(result, out_dir):
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(result, f, indent=1)
     peaks, copy_bw = result["peaks"], result["measured_copy_Bps"]
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(f"# pelib bench kernels on {result['device']} ({result['dtype']})\n\n"
-                f"sizes {result['sizes']}\n\n")
-        f.write(f"versions {result['versions']}\n\n")
-        f.write(f"limits at {peaks['bandwidth'] / 1e9:.0f} GB/s and "
-                f"{peaks['bf16_flops'] / 1e12:.1f} TFLOP/s; "
-                f"measured copy here {copy_bw / 1e9:.0f} GB/s\n\n")
-        f.write("\n".join(_fmt(r) for r in result["rows"]) + "\n")
+    md = (f"# pelib bench kernels on {result['device']} ({result['dtype']})\n\n"
+          f"sizes {result['sizes']}\n\n"
+          f"versions {result['versions']}\n\n"
+          f"limits at {peaks['bandwidth'] / 1e9:.0f} GB/s and "
+          f"{peaks['bf16_flops'] / 1e12:.1f} TFLOP/s; "
+          f"measured copy here {copy_bw / 1e9:.0f} GB/s\n\n"
+          + "\n".join(_fmt(r) for r in result["rows"]) + "\n")
+    write_text(os.path.join(out_dir, "results.json"), json.dumps(result, indent=1))
+    write_text(os.path.join(out_dir, "results.md"), md)
 
 
 def _versions():
