@@ -20,7 +20,17 @@ import os
 import torch
 
 _BACKENDS = ("auto", "triton", "ref")
-_state = {"backend": os.environ.get("PELIB_KERNELS", "auto")}
+
+
+def _backend_from_env() -> str:
+    name = os.environ.get("PELIB_KERNELS", "auto")
+    if name not in _BACKENDS:
+        raise ValueError(f"PELIB_KERNELS={name!r} is not a kernels backend; set it to one of "
+                         f"{', '.join(_BACKENDS)}, or unset it")
+    return name
+
+
+_state = {"backend": _backend_from_env()}
 
 
 # Read once, while pelib.kernels imports its kernel files (the variable may be set only then).
