@@ -100,6 +100,8 @@ def writable_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
         raise ValueError(f"{flag} is empty; pass {flag} DIR with a folder to write to ('.' for the "
                          "current folder)")
     out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{flag} {out} is not a folder; pass {flag} DIR with a folder to write to")
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=out, prefix=".pelib-write-test.")  # O_EXCL | O_NOFOLLOW

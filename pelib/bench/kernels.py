@@ -19,13 +19,12 @@ Each case also reports max|ours - peer| / max|peer| on its first output, so a GP
 check of the compiled kernels against torch on that device. Results go to OUT/results.json and
 OUT/results.md. These are not tests: nothing here asserts a time.
 """
-import argparse
 import json
 import os
 
 import torch
 
-from ..files import write_text
+from ..files import writable_dir, write_text
 from ..kernels.cross_entropy_kernel import cross_entropy_ref, cross_entropy_triton
 from ..kernels.lora import lora_linear_fused, lora_linear_ref
 from ..kernels.rmsnorm import rms_norm_ref, rms_norm_triton
@@ -33,6 +32,7 @@ from ..kernels.rope import apply_rope_ref, apply_rope_triton
 from ..kernels.swiglu_kernel import swiglu_ref, swiglu_triton
 from ..measure import copy_bandwidth, peak_added_mb, time_ms
 from ..quant import QuantState, dequantize_4bit, dequantize_4bit_ref, get_code
+from .options import Parser
 from .qlora_step import SMOLLM2, TINY, qlora_step_row
 
 H200 = {"bandwidth": 4.3e12, "bf16_flops": 790e12}
@@ -228,12 +228,17 @@ def _fmt(row):
 
 
 def main(argv: list[str] | None = None):
-    p = argparse.ArgumentParser(prog="pelib bench kernels", description=__doc__.splitlines()[0])
+    p = Parser(prog="pelib bench kernels", description=__doc__.splitlines()[0])
     p.add_argument("--gpu", action="store_true", help="full sizes on cuda:0 (bf16)")
     p.add_argument("--out", default="results/kernels", help="folder for results.json and results.md")
     args = p.parse_args(argv)
+    if args.gpu and not torch.cuda.is_available():
+        p.error("--gpu needs a CUDA device and torch sees none; run without --gpu for the CPU sizes")
+    try:
+        writable_dir(args.out, "--out")
+    except ValueError as e:
+        p.error(str(e))
     if args.gpu:
-        assert torch.cuda.is_available(), "--gpu needs a CUDA device"
         return run(GPU_SIZES, torch.device("cuda"), torch.bfloat16, args.out)
     return run(TINY_SIZES, torch.device("cpu"), torch.float32, args.out)
 
