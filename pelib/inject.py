@@ -1,9 +1,14 @@
-"""Injection: find target modules by name, swap each for a wrapper, freeze everything else.
+r"""Injection: find target modules by name, swap each for a wrapper, freeze everything else.
 
 Every PEFT method in pelib goes through here, so they all agree on what a target name means:
 a module matches `t` when its full name equals `t` or ends with `.t` (peft's rule for a list),
 and a single string that is not a module name is read as a regular expression that must match
-the full name (peft's rule for a string).
+the full name (peft's rule for a string). A `rank_pattern` / `alpha_pattern` key is a regular
+expression too: the first key for which `(.*\.)?(key)$` matches the module's name from its start
+gives the value (peft 0.21's `get_pattern_key`).
+
+Patterns come from files, so they are matched with a time limit (the `regex` package's
+timeout): a pattern that backtracks without end is refused instead of hanging the process.
 
 The checks every method shares live here too: one method per model (`inject` refuses a
 second), a dropout in [0, 1), and the config record (`adapter_record`, what pelib.io writes
@@ -12,28 +17,59 @@ as adapter_config.json in peft's format).
 from __future__ import annotations
 
 import math
-import re
+import time
 from typing import Callable, Iterable
 
+import regex
 from torch import nn
 
 # Heads that a sequence-classification model creates from scratch; they must train.
 CLASSIFIER_HEADS = ("classifier", "score")
 
 
+# Seconds that matching one pattern against every module name of a model may take.
+PATTERN_SECONDS = 2.0
+
+
 def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
+
+
+def _regex_matches(pattern: str, names: list[str], what: str, match=regex.fullmatch,
+                   shown: str | None = None) -> list[bool]:
+    """[match(pattern, name) for name in names], all of them within PATTERN_SECONDS; errors
+    name the pattern as the user wrote it (`shown`)."""
+    shown = pattern if shown is None else shown
+    deadline = time.monotonic() + PATTERN_SECONDS
+    try:
+        return [match(pattern, n, timeout=max(deadline - time.monotonic(), 1e-3)) is not None
+                for n in names]
+    except TimeoutError:
+        raise ValueError(f"{what} {shown!r} takes more than {PATTERN_SECONDS:g} s to match the module "
+                         "names (a pattern that backtracks without end); simplify the regular "
+                         "expression, or list the module names") from None
+    except regex.error as e:
+        raise ValueError(f"{what} {shown!r} is not a valid regular expression ({e}); fix it, or "
+                         "list the module names, e.g. ['query']") from None
+
+
+def pattern_value(pattern: dict, name: str, default, what: str = "rank_pattern / alpha_pattern key"):
+    r"""peft's rank_pattern / alpha_pattern rule: the value of the first key for which
+    `(.*\.)?(key)$` matches the module `name` from its start (peft's get_pattern_key), else
+    `default`. A key is a regular expression: "query|value" selects both, "layer\.0\..*query"
+    the first layer's query."""
+    for key, value in pattern.items():
+        if _regex_matches(rf"(.*\.)?({key})$", [name], what, match=regex.match, shown=key)[0]:
+            return value
+    return default
 
 
 def find_targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[str]:
     """Full names of the modules that `target_modules` selects, in model order."""
     names = [n for n, _ in model.named_modules() if n]
     if isinstance(target_modules, str):
-        try:
-            found = [n for n in names if re.fullmatch(target_modules, n)]
-        except re.error as e:
-            raise ValueError(f"target {target_modules!r} is not a valid regular expression ({e}); "
-                             "pass a list of module names, e.g. ['query']") from None
+        hits = _regex_matches(target_modules, names, "target")
+        found = [n for n, hit in zip(names, hits) if hit]
         if not found and any(_matches(n, target_modules) for n in names):
             raise ValueError(f"a single string is a regular expression that must match the full "
                              f"module name (peft's rule), and {target_modules!r} matches none; "

@@ -25,7 +25,7 @@ from typing import Callable, ClassVar, Iterable
 import torch
 from torch import nn
 
-from .inject import adapter_record, check_alpha, inject_linears
+from .inject import adapter_record, check_alpha, inject_linears, pattern_value
 from .recipe import Recipe, option
 
 
@@ -138,9 +138,8 @@ def check_rank(r, layer: nn.Module) -> None:
 
 
 def _pattern(pattern: dict, name: str, default):
-    """peft's rank_pattern / alpha_pattern rule: the first key that is the module's name or a
-    dotted suffix of it."""
-    return next((v for k, v in pattern.items() if name == k or name.endswith("." + k)), default)
+    """peft's rank_pattern / alpha_pattern rule (a key is a regular expression; see inject)."""
+    return pattern_value(pattern, name, default)
 
 
 def apply_lora(model: nn.Module, target_modules: str | Iterable[str], r: int = LoRAConfig.r,
@@ -151,8 +150,9 @@ def apply_lora(model: nn.Module, target_modules: str | Iterable[str], r: int = L
                alpha_pattern: dict[str, float] | None = None,
                base_wrap: Callable[[nn.Linear], nn.Module] | None = None) -> nn.Module:
     """Wrap every targeted nn.Linear in a LoRALinear, freeze the rest (a classification head,
-    or `modules_to_save`, stays trainable). `rank_pattern` / `alpha_pattern` map a name suffix
-    to its own r / alpha (peft's fields of the same names); alpha defaults to 2r (LoRAConfig).
+    or `modules_to_save`, stays trainable). `rank_pattern` / `alpha_pattern` map a regular
+    expression over module names to its own r / alpha (peft's fields and rule, pelib.inject);
+    alpha defaults to 2r (LoRAConfig).
     `base_wrap`, if given, turns each target into the frozen base first (QLoRA quantises it:
     pelib.quant.apply_qlora)."""
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:

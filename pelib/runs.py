@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from .files import atomic_write
+from .files import atomic_write, open_lock
 from .methods import METHODS
 from .options import config_of, method_options, options, parse
 
@@ -62,7 +62,7 @@ def only_process(out: Path, name: str):
     sees that the path is no longer its file and locks the new one."""
     path = out / f".{name}.lock"
     while True:
-        lock = open(path, "w")
+        lock = open_lock(path)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

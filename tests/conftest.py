@@ -7,12 +7,14 @@ import os
 
 import torch
 
-# Triton kernels run in the interpreter on a CPU; the variable is read when @triton.jit runs,
-# so it must be set before any kernel module is imported.
+# The tests own their process, as the command line does: Triton kernels (pelib's and the tests'
+# own) run in the interpreter on a CPU, and the Hugging Face libraries stay offline. Importing
+# pelib sets none of these; the variables are read at import time, so they are set first.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_k, "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PELIB_FAST", "1")
 
 

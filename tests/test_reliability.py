@@ -53,7 +53,7 @@ def test_shipped_files_are_checked_against_their_recorded_sha256(tmp_path, monke
     monkeypatch.setattr(data, "DATA_DIR", tmp_path)
     data._recorded_sha256.cache_clear()
     try:
-        with pytest.raises(ValueError, match="sha256 in data/README.md.*git checkout"):
+        with pytest.raises(ValueError, match="sha256 in pelib/_data/README.md.*reinstall pelib"):
             load_nlu("banking77", "train", data_dir=tmp_path)
     finally:
         data._recorded_sha256.cache_clear()

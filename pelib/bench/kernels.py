@@ -19,12 +19,12 @@ Each case also reports max|ours - peer| / max|peer| on its first output, so a GP
 check of the compiled kernels against torch on that device. Results go to OUT/results.json and
 OUT/results.md. These are not tests: nothing here asserts a time.
 """
-import argparse
 import json
 import os
 
 import torch
 
+from ..files import writable_dir, write_text
 from ..kernels.cross_entropy_kernel import cross_entropy_ref, cross_entropy_triton
 from ..kernels.lora import lora_linear_fused, lora_linear_ref
 from ..kernels.rmsnorm import rms_norm_ref, rms_norm_triton
@@ -32,6 +32,7 @@ from ..kernels.rope import apply_rope_ref, apply_rope_triton
 from ..kernels.swiglu_kernel import swiglu_ref, swiglu_triton
 from ..measure import copy_bandwidth, peak_added_mb, time_ms
 from ..quant import QuantState, dequantize_4bit, dequantize_4bit_ref, get_code
+from .options import Parser
 from .qlora_step import SMOLLM2, TINY, qlora_step_row
 
 H200 = {"bandwidth": 4.3e12, "bf16_flops": 790e12}
@@ -195,17 +196,16 @@ def run(sizes, device, dtype, out_dir, peaks=None):
 
 
 def _write(result, out_dir):
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(result, f, indent=1)
     peaks, copy_bw = result["peaks"], result["measured_copy_Bps"]
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(f"# pelib bench kernels on {result['device']} ({result['dtype']})\n\n"
-                f"sizes {result['sizes']}\n\n")
-        f.write(f"versions {result['versions']}\n\n")
-        f.write(f"limits at {peaks['bandwidth'] / 1e9:.0f} GB/s and "
-                f"{peaks['bf16_flops'] / 1e12:.1f} TFLOP/s; "
-                f"measured copy here {copy_bw / 1e9:.0f} GB/s\n\n")
-        f.write("\n".join(_fmt(r) for r in result["rows"]) + "\n")
+    md = (f"# pelib bench kernels on {result['device']} ({result['dtype']})\n\n"
+          f"sizes {result['sizes']}\n\n"
+          f"versions {result['versions']}\n\n"
+          f"limits at {peaks['bandwidth'] / 1e9:.0f} GB/s and "
+          f"{peaks['bf16_flops'] / 1e12:.1f} TFLOP/s; "
+          f"measured copy here {copy_bw / 1e9:.0f} GB/s\n\n"
+          + "\n".join(_fmt(r) for r in result["rows"]) + "\n")
+    write_text(os.path.join(out_dir, "results.json"), json.dumps(result, indent=1))
+    write_text(os.path.join(out_dir, "results.md"), md)
 
 
 def _versions():
@@ -228,12 +228,17 @@ def _fmt(row):
 
 
 def main(argv: list[str] | None = None):
-    p = argparse.ArgumentParser(prog="pelib bench kernels", description=__doc__.splitlines()[0])
+    p = Parser(prog="pelib bench kernels", description=__doc__.splitlines()[0])
     p.add_argument("--gpu", action="store_true", help="full sizes on cuda:0 (bf16)")
     p.add_argument("--out", default="results/kernels", help="folder for results.json and results.md")
     args = p.parse_args(argv)
+    if args.gpu and not torch.cuda.is_available():
+        p.error("--gpu needs a CUDA device and torch sees none; run without --gpu for the CPU sizes")
+    try:
+        writable_dir(args.out, "--out")
+    except ValueError as e:
+        p.error(str(e))
     if args.gpu:
-        assert torch.cuda.is_available(), "--gpu needs a CUDA device"
         return run(GPU_SIZES, torch.device("cuda"), torch.bfloat16, args.out)
     return run(TINY_SIZES, torch.device("cpu"), torch.float32, args.out)
 

@@ -11,12 +11,12 @@ one more step of each adds to the process (RSS on the CPU: a loose figure, see m
 """
 from __future__ import annotations
 
-import argparse
 import random
 
 import torch
 
 from ..measure import count_flops, matmul_rate, peak_added_mb, time_ms
+from .options import Parser, int_at_least, thread_count
 
 WARMUP = 2  # steps of each model before timing
 
@@ -71,10 +71,13 @@ def lora_vs_peft(steps: int = 60, threads: int | None = None, r: int = 8) -> dic
 
 
 def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="pelib bench lora", description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--r", type=int, default=8)
+    p = Parser(prog="pelib bench lora", description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int_at_least(WARMUP + 1, f"{WARMUP} warm-up steps and at least one "
+                                                 "timed"), default=60)
+    p.add_argument("--threads", type=thread_count, default=None,
+                   help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--r", type=int_at_least(1, "the LoRA rank", high=384), default=8,
+                   help="LoRA rank (MiniLM's layers are 384 wide)")
     a = p.parse_args(argv)
     lora_vs_peft(a.steps, a.threads, a.r)
 

@@ -20,12 +20,64 @@ import os
 import torch
 
 _BACKENDS = ("auto", "triton", "ref")
-_state = {"backend": os.environ.get("PELIB_KERNELS", "auto")}
+
+
+def _backend_from_env() -> str:
+    name = os.environ.get("PELIB_KERNELS", "auto")
+    if name not in _BACKENDS:
+        raise ValueError(f"PELIB_KERNELS={name!r} is not a kernels backend; set it to one of "
+                         f"{', '.join(_BACKENDS)}, or unset it")
+    return name
+
+
+_state = {"backend": _backend_from_env()}
+
+
+# Read once, while pelib.kernels imports its kernel files (the variable may be set only then).
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def interpreting() -> bool:
-    """True when Triton runs its numpy interpreter (read once, when kernels were defined)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when pelib's kernels were defined for Triton's numpy interpreter."""
+    return _INTERPRETING
+
+
+def interpret_with_stdlib(kernels) -> None:
+    """Let pelib's interpreted `kernels` call Triton's standard library (tl.sum, tl.max, tl.zeros).
+
+    Those are `@triton.jit` functions defined when `triton` was imported. If that happened before
+    TRITON_INTERPRET was set (pelib sets it only while its own kernel files are imported), they
+    are compiled-mode functions that the interpreter cannot call. While one of `kernels` runs,
+    interpreter twins stand in for them and are put back after, so the rest of the process keeps
+    Triton as it was.
+    """
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    twins = [(mod, name, f, InterpretedFunction(f.fn)) for mod in (tl, tl.standard, tl.math)
+             for name, f in list(vars(mod).items()) if isinstance(f, JITFunction)]
+    if not twins:  # triton was imported with the interpreter on: nothing to stand in
+        return
+    try:  # imported lazily by a launch; it checks the library it wraps, so import it before the swap
+        import triton.experimental.gluon  # noqa: F401
+    except ImportError:
+        pass
+
+    def wrap(run):
+        @functools.wraps(run)
+        def run_with_stdlib(*args, **kwargs):
+            for mod, name, _, twin in twins:
+                setattr(mod, name, twin)
+            try:
+                return run(*args, **kwargs)
+            finally:
+                for mod, name, f, _ in twins:
+                    setattr(mod, name, f)
+        return run_with_stdlib
+
+    for k in kernels:
+        k.run = wrap(k.run)
 
 
 def get_backend() -> str:

@@ -143,8 +143,32 @@ def cross_entropy_ref(logits, labels, ignore_index=-100, reduction="mean", num_i
     return loss / _divisor(labels, ignore_index, reduction, num_items)
 
 
+def _check(logits, labels, reduction):
+    """Shapes and types on the host: the kernel reads one label per row and would read past a
+    shorter labels tensor (a crash), or read float labels as indices."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r} (per-row losses: "
+                         "use torch.nn.functional.cross_entropy(..., reduction='none'))")
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be 2-D (N rows, V classes), got shape {tuple(logits.shape)}; "
+                         "flatten it with logits.reshape(-1, V)")
+    if logits.shape[0] == 0 or logits.shape[1] == 0:
+        raise ValueError(f"logits is empty (shape {tuple(logits.shape)}); pass at least one row and "
+                         "one class")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integer class indices (torch.long), got {labels.dtype}; "
+                         "convert them with labels.long()")
+    if labels.shape != logits.shape[:1]:
+        raise ValueError(f"labels has shape {tuple(labels.shape)}; expected ({logits.shape[0]},), one "
+                         f"label per row of logits {tuple(logits.shape)}")
+    if labels.device != logits.device:
+        raise ValueError(f"labels are on {labels.device} and logits on {logits.device}; put them on "
+                         "one device")
+
+
 def cross_entropy_triton(logits, labels, ignore_index=-100, reduction="mean", num_items=None,
                          inplace_backward=False, block_v=None):
+    _check(logits, labels, reduction)
     V = logits.shape[-1]
     # The kernel would read past the row for such a label and return a finite loss, where torch
     # raises: check on the host (one reduction over N labels).
@@ -163,7 +187,7 @@ def cross_entropy(logits, labels, ignore_index=-100, reduction="mean", num_items
     num_items: divide the summed loss by this count instead of the number of valid labels (HF's
     `num_items_in_batch`). Returns an fp32 scalar.
     """
-    assert reduction in ("mean", "sum")
+    _check(logits, labels, reduction)
     if use_triton(logits):
         return cross_entropy_triton(logits, labels, ignore_index, reduction, num_items, inplace_backward)
     return cross_entropy_ref(logits, labels, ignore_index, reduction, num_items)

@@ -137,10 +137,25 @@ def rms_norm_ref(x, w, eps=1e-6):
     return w * xf.to(x.dtype)
 
 
+def _check(x, w):
+    """w must be (H,) for x (..., H): the kernel reads H weights, torch would broadcast (1,)."""
+    if x.dim() == 0:
+        raise ValueError("rms_norm needs x of shape (..., H), got a scalar")
+    if w.shape != (x.shape[-1],):
+        raise ValueError(f"rms_norm weight has shape {tuple(w.shape)}; expected ({x.shape[-1]},): one "
+                         f"weight per feature of x {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"rms_norm got an empty x {tuple(x.shape)}; pass at least one row")
+    if x.device != w.device:
+        raise ValueError(f"x is on {x.device} and w on {w.device}; put them on one device")
+
+
 def rms_norm_triton(x, w, eps=1e-6):
+    _check(x, w)
     return RMSNormFunction.apply(x, w, eps)
 
 
 def rms_norm(x, w, eps=1e-6):
     """RMSNorm over the last dimension of x (..., H) with weight w (H,)."""
+    _check(x, w)
     return (rms_norm_triton if use_triton(x) else rms_norm_ref)(x, w, eps)

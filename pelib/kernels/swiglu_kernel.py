@@ -50,6 +50,9 @@ def _swiglu_bwd_kernel(dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, BLOCK: tl.conste
     tl.store(dg_ptr + i, round_to(dg, DT).to(DT), mask=m)
 
 
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the kernel's math is fp32
+
+
 def _block():
     return 1 << 16 if interpreting() else 1024
 
@@ -59,7 +62,6 @@ class SwiGLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, g, u):
-        assert g.shape == u.shape and g.dtype == u.dtype
         g, u = g.contiguous(), u.contiguous()
         h = torch.empty_like(g)
         n, BLOCK = g.numel(), _block()
@@ -82,9 +84,21 @@ def swiglu_ref(g, u):
     return torch.nn.functional.silu(g) * u
 
 
+def _check(g, u):
+    if g.shape != u.shape or g.dtype != u.dtype or g.device != u.device:
+        raise ValueError(f"swiglu needs g and u of one shape, dtype and device, got g {tuple(g.shape)} "
+                         f"{g.dtype} {g.device} and u {tuple(u.shape)} {u.dtype} {u.device}")
+
+
 def swiglu_triton(g, u):
+    _check(g, u)
+    if g.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"the SwiGLU kernel computes in fp32 and takes {[str(d) for d in KERNEL_DTYPES]}, "
+                         f"got {g.dtype}; call swiglu (which computes {g.dtype} in torch) or swiglu_ref")
     return SwiGLUFunction.apply(g, u)
 
 
 def swiglu(g, u):
-    return (swiglu_triton if use_triton(g) else swiglu_ref)(g, u)
+    """h = silu(g) * u. fp64 (which the kernel does not keep) is computed in fp64 by torch."""
+    _check(g, u)
+    return (swiglu_triton if use_triton(g) and g.dtype in KERNEL_DTYPES else swiglu_ref)(g, u)
