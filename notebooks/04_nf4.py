@@ -52,8 +52,8 @@ print(f"test weight {ROWS}x{COLS}, blocksize {BLOCKSIZE}, fast={FAST}")
 # each block of 64 by its largest $|W_i|$, so the quantiser sees $x = W / \mathrm{absmax}$ in
 # $[-1, 1]$: a normal distribution squeezed so that the block maximum lands on $\pm 1$.
 # For 64 samples the maximum of $|N(0,1)|$ is about $2.6$ on average (measured below), so most
-# of the mass sits well inside $[-0.5, 0.5]$. We use $N(0,1)$ weights and, as a stand-in for the heavier tails of real
-# weights, a Student-t with 5 degrees of freedom. (The comparison on real SmolLM2 weights
+# of the mass sits well inside $[-0.5, 0.5]$. We use $N(0,1)$ weights and, as a stand-in for the
+# heavier tails of real weights, a Student-t with 5 degrees of freedom. (The comparison on real SmolLM2 weights
 # is in notebook 06: NF4 wins there too.)
 
 # %%
