@@ -376,8 +376,8 @@ assert sum(final_ranks.values()) == alloc.target_bgt  # the budget is met exactl
 # With the tiny random model (CI) the pattern is noise. On the real MiniLM run (`PELIB_FAST`
 # unset) look for which kinds of matrix keep more than the mean; the paper found the feed-forward
 # matrices and the top layers to receive more rank on GLUE. One short run on a subset is not
-# evidence for such a claim, nor is its accuracy a result. The full run (3 epochs of Banking77,
-# three seeds) is on the results page; the cell below reads its row and LoRA's.
+# evidence for such a claim, nor is its accuracy a result. The full run (3 epochs of all of
+# Banking77, several seeds) is on the results page; the cell below reads its row and LoRA's.
 
 # %%
 import csv  # noqa: E402
