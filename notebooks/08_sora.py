@@ -272,8 +272,9 @@ print(f"accuracy with the gates: {acc_gated:.3f} ({len(test.texts)} test rows)")
 
 # %% [markdown]
 # **At full size** the same recipe runs from the command line (`python -m pelib finetune --method
-# sora`). The cell below reads the current three-seed results from `docs/tables/banking77_minilm.csv`,
-# the source of the results page, with the floor (only the head trained) and LoRA r=8 beside SoRA.
+# sora`). The cell below reads the current results (mean ± standard deviation over seeds) from
+# `docs/tables/banking77_minilm.csv`, the source of the results page, with the floor (only the
+# head trained) and LoRA r=8 beside SoRA.
 
 # %%
 import csv  # noqa: E402
