@@ -610,10 +610,11 @@ print(f"pelib's QLoRA == this notebook's: bytes, logits and merges; {8 * stored 
 # $g = \partial L/\partial y$ (the batch dimensions sum out of the two weight gradients), then
 # implement `forward(ctx, x, A, B, packed, state, scaling)` and its `backward`, with
 # $\tilde W$ = `pelib.quant.dequantize_4bit(packed, state)` reshaped to $(d_{out}, d_{in})$.
-# Save for the backward only `packed`, `x`, `A`, `B` and, if you like, $h = x A^\top$: never
-# $\tilde W$. The checker compares $y$ and the three gradients with autograd on a dense copy,
-# and counts the bytes your function saves with `saved_tensors_hooks` (pelib's own 4-bit
-# `autograd.Function` is switched off while yours runs).
+# Keep for the backward only the 4-bit weight (`packed` and `state`), `x`, `A`, `B` and, if you
+# like, $h = x A^\top$: never $\tilde W$. The checker compares $y$ and the three gradients with
+# autograd on a dense copy, and counts the bytes your function saves with `saved_tensors_hooks`:
+# they must not exceed those tensors' bytes (pelib's own 4-bit `autograd.Function` is switched
+# off while yours runs).
 
 # %%
 from checks import attempt  # noqa: E402
