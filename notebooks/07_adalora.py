@@ -130,8 +130,9 @@ assert not torch.allclose(energy_removed(P_over, lam, Q_over), lam**2, atol=0.1)
 # %% [markdown]
 # ## 2. The layer
 # peft's initialisation: λ = 0 (so ΔW = 0 and the model starts as the pretrained one), P and Q
-# ~ N(0, 0.02). The scale is α / r_init and stays fixed while triplets are pruned (peft keeps
-# `ranknum` = r_init), so pruning never rescales the triplets that remain.
+# drawn from a normal with standard deviation 0.02. The scale is α / r_init and stays fixed
+# while triplets are pruned (peft keeps `ranknum` = r_init), so pruning never rescales the
+# triplets that remain.
 
 # %%
 class SVDLayer(nn.Module):
