@@ -80,13 +80,14 @@ def limit_us(nbytes, flops=0):
 # median in ms). It prints the three numbers every benchmark here prints: ours, torch's, the
 # limit, and what ours achieves in GB/s and TFLOP/s. On a CPU it prints that timing is skipped:
 # the interpreter runs each program instance in numpy, one after the other, so its times
-# measure Python, not the kernel: it is a correctness tool (section 11 times what a CPU can). Every call is recorded in `BENCH` for the
-# roofline figure of section 10.
+# measure Python, not the kernel: it is a correctness tool (section 11 times what a CPU can).
+# Every call is recorded in `BENCH` for the roofline figure of section 10.
 #
 # On a GPU these cells run unchanged: the same code launches compiled kernels (no interpreter
 # switch, no upcasts; `bench/gpu.sh` times pelib's kernels the same way on a GPU). On a CPU,
-# section 11 measures the same lesson with torch on the processor you have.
-# Section 2 quantises with bitsandbytes, which a GPU machine without it gets as a wheel.
+# section 11 measures the same lesson with torch on the processor you have. Section 2
+# quantises a weight with bitsandbytes (`pip install bitsandbytes` on a GPU machine that lacks
+# it).
 
 # %%
 BENCH = []                                       # one dict per timed kernel, for the figure
