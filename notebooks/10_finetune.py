@@ -40,7 +40,7 @@
 # | `smoke` | tiny random models, 64 examples: checks the pipeline (CI, and this notebook with `PELIB_FAST=1`) |
 # | `workshop` (`make run`) | MiniLM on all Banking77 rows, 1 epoch, each fine-tune starting from the probe head (LP-FT): the floor, full fine-tuning, LoRA, QLoRA, AdaLoRA, SoRA, and peft's LoRA |
 # | `seeds` | the `workshop` rows with seeds 0, 1, 2 |
-# | `lr` | each MiniLM method at 1/2, 1 and 2x its learning rate, F1 on the dev split |
+# | `lr`, `lr-clinc150` | each MiniLM method at 1/2, 1 and 2x its learning rate, F1 on the dev split of Banking77, of CLINC150 |
 # | `full` | every method and its peft twin, Banking77 and CLINC150, 3 epochs, 3 seeds |
 # | `llm` | SmolLM2-135M on all Banking77 rows, 1 epoch, batch 16: head, LoRA, QLoRA, SoRA (this notebook) |
 #
