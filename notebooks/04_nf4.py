@@ -200,7 +200,9 @@ assert sym.numel() == 15
 # **Lloyd-Max**: the 16 levels that minimise the mean squared error for our data. Alternate
 # two optimality conditions until they agree: each value goes to its nearest level (cells
 # bounded by midpoints), each level moves to the mean of its cell (centroid). It needs the
-# data, has no exact zero and no exact $\pm 1$; it is the bound for any 16-level table.
+# data, has no exact zero and no exact $\pm 1$; it is the bound for any 16-level table. (Strictly,
+# the iteration finds a fixed point, in general a local optimum; for a log-concave density such
+# as the normal the fixed point is unique (Fleischer 1964).)
 
 # %%
 def fp4_magnitude(e, m):
