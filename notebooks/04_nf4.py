@@ -52,8 +52,8 @@ print(f"test weight {ROWS}x{COLS}, blocksize {BLOCKSIZE}, fast={FAST}")
 # each block of 64 by its largest $|W_i|$, so the quantiser sees $x = W / \mathrm{absmax}$ in
 # $[-1, 1]$: a normal distribution squeezed so that the block maximum lands on $\pm 1$.
 # For 64 samples the maximum of $|N(0,1)|$ is about $2.6$ on average (measured below), so most
-# of the mass sits well inside $[-0.5, 0.5]$. We use $N(0,1)$ weights and, as a stand-in for the heavier tails of real
-# weights, a Student-t with 5 degrees of freedom. (The comparison on real SmolLM2 weights
+# of the mass sits well inside $[-0.5, 0.5]$. We use $N(0,1)$ weights and, as a stand-in for the
+# heavier tails of real weights, a Student-t with 5 degrees of freedom. (The comparison on real SmolLM2 weights
 # is in notebook 06: NF4 wins there too.)
 
 # %%
@@ -200,7 +200,9 @@ assert sym.numel() == 15
 # **Lloyd-Max**: the 16 levels that minimise the mean squared error for our data. Alternate
 # two optimality conditions until they agree: each value goes to its nearest level (cells
 # bounded by midpoints), each level moves to the mean of its cell (centroid). It needs the
-# data, has no exact zero and no exact $\pm 1$; it is the bound for any 16-level table.
+# data, has no exact zero and no exact $\pm 1$; it is the bound for any 16-level table. (Strictly,
+# the iteration finds a fixed point, in general a local optimum; for a log-concave density such
+# as the normal the fixed point is unique (Fleischer 1964).)
 
 # %%
 def fp4_magnitude(e, m):

@@ -275,8 +275,8 @@ assert torch.equal(grad_x, grad_ref) and ours < naive / 4
 # paper keeps them in BF16 and computes in BF16 (its eq. 5: $X^{\mathrm{BF16}}$,
 # $L_1^{\mathrm{BF16}}$, $L_2^{\mathrm{BF16}}$), dequantising the NF4 weight to BF16. fp32 costs 2
 # more bytes per adapter weight (a small fraction of the model) and keeps Adam's small updates
-# from being rounded away; on this CPU bf16 buys no speed for these tiny matmuls. The LoRA part
-# of the $(X A^\top) B^\top$ path below (and of the ledger in section 3) is fp32.
+# from being rounded away. The LoRA part of the $(X A^\top) B^\top$ path below (and of the
+# ledger in section 3) is fp32.
 
 # %%
 class QLoRA(nn.Module):
@@ -356,9 +356,10 @@ ax.legend()
 plt.show()
 
 # %% [markdown]
-# On a 135M model the embedding matrix (28M parameters, tied with the LM head) is a fifth of the
-# parameters and does not shrink, and activations (not in the ledger) dominate at any useful batch
-# size. QLoRA matters at 7B and beyond, where the linear weights are almost everything.
+# On a 135M model the embedding matrix (tied with the LM head: almost all of the "embeddings +
+# norms" count printed above) is about a fifth of the parameters and does not shrink, and
+# activations (not in the ledger) dominate at any useful batch size. QLoRA matters at 7B and
+# beyond, where the linear weights are almost everything.
 #
 # **Paged optimizers**, QLoRA's third idea, are not in this ledger because they change *where*
 # memory lives, not how much. On a GPU, a long sequence with gradient checkpointing makes
@@ -425,9 +426,10 @@ ax.legend()
 plt.show()
 
 # %% [markdown]
-# The two curves follow each other: the 4-bit base perturbs each weight by about a tenth of its
-# scale (the SQNR of section 1, about 20 dB), and the adapter learns on top of the perturbed
-# model. The line above the figure prints the seconds a step of each.
+# In the full run the two curves follow each other: the 4-bit base perturbs each weight only a
+# little (section 1 printed the SQNR; every 20 dB is a factor of 10 between the weights' RMS and
+# the error's), and the adapter learns on top of the perturbed model. The line above the figure
+# prints the seconds a step of each.
 #
 # ### Where a CPU differs from a GPU
 #
@@ -452,7 +454,7 @@ plt.show()
 #
 # The numbers that matter for a decision come from the machine you will train on: measure
 # seconds a step and peak memory there, with the batch you will use. docs/benchmarks.md
-# records the runs made so far, each with its machine.
+# lists the measured runs, each with its command and machine.
 #
 # ## 5. Merging
 #
@@ -608,10 +610,11 @@ print(f"pelib's QLoRA == this notebook's: bytes, logits and merges; {8 * stored 
 # $g = \partial L/\partial y$ (the batch dimensions sum out of the two weight gradients), then
 # implement `forward(ctx, x, A, B, packed, state, scaling)` and its `backward`, with
 # $\tilde W$ = `pelib.quant.dequantize_4bit(packed, state)` reshaped to $(d_{out}, d_{in})$.
-# Save for the backward only `packed`, `x`, `A`, `B` and, if you like, $h = x A^\top$: never
-# $\tilde W$. The checker compares $y$ and the three gradients with autograd on a dense copy,
-# and counts the bytes your function saves with `saved_tensors_hooks` (pelib's own 4-bit
-# `autograd.Function` is switched off while yours runs).
+# Keep for the backward only the 4-bit weight (`packed` and `state`), `x`, `A`, `B` and, if you
+# like, $h = x A^\top$: never $\tilde W$. The checker compares $y$ and the three gradients with
+# autograd on a dense copy, and counts the bytes your function saves with `saved_tensors_hooks`:
+# they must not exceed those tensors' bytes (pelib's own 4-bit `autograd.Function` is switched
+# off while yours runs).
 
 # %%
 from checks import attempt  # noqa: E402

@@ -130,8 +130,9 @@ assert not torch.allclose(energy_removed(P_over, lam, Q_over), lam**2, atol=0.1)
 # %% [markdown]
 # ## 2. The layer
 # peft's initialisation: λ = 0 (so ΔW = 0 and the model starts as the pretrained one), P and Q
-# ~ N(0, 0.02). The scale is α / r_init and stays fixed while triplets are pruned (peft keeps
-# `ranknum` = r_init), so pruning never rescales the triplets that remain.
+# drawn from a normal with standard deviation 0.02. The scale is α / r_init and stays fixed
+# while triplets are pruned (peft keeps `ranknum` = r_init), so pruning never rescales the
+# triplets that remain.
 
 # %%
 class SVDLayer(nn.Module):
@@ -376,8 +377,8 @@ assert sum(final_ranks.values()) == alloc.target_bgt  # the budget is met exactl
 # With the tiny random model (CI) the pattern is noise. On the real MiniLM run (`PELIB_FAST`
 # unset) look for which kinds of matrix keep more than the mean; the paper found the feed-forward
 # matrices and the top layers to receive more rank on GLUE. One short run on a subset is not
-# evidence for such a claim, nor is its accuracy a result. The full run (3 epochs of Banking77,
-# three seeds) is on the results page; the cell below reads its row and LoRA's.
+# evidence for such a claim, nor is its accuracy a result. The full run (3 epochs of all of
+# Banking77, several seeds) is on the results page; the cell below reads its row and LoRA's.
 
 # %%
 import csv  # noqa: E402

@@ -180,8 +180,9 @@ assert (g_prox[4:] == 0).all() and (g_prox[:4] != 0).all()
 #
 # Can $B$ grow to undo what the prox takes from $g$ (only the product $B\,\mathrm{diag}(g)$
 # matters)? Not freely: $B$ is under weight decay, and the gates, started at 1, are pulled
-# towards 0 at every step. The run prints $\|\Delta W\|_F$ with the trained gates against the
-# same $A$, $B$ with every gate at 1: the prox shrinks the update, not only its rank.
+# towards 0 at every step. The run prints $\|\Delta W\|_F$ with the trained gates beside the
+# same $A$, $B$ with every gate at 1: the gap between the two is what the gates take from the
+# update besides the ranks they close.
 
 # %%
 import pelib
@@ -272,8 +273,9 @@ print(f"accuracy with the gates: {acc_gated:.3f} ({len(test.texts)} test rows)")
 
 # %% [markdown]
 # **At full size** the same recipe runs from the command line (`python -m pelib finetune --method
-# sora`). The cell below reads the current three-seed results from `docs/tables/banking77_minilm.csv`,
-# the source of the results page, with the floor (only the head trained) and LoRA r=8 beside SoRA.
+# sora`). The cell below reads the current results (mean ± standard deviation over seeds) from
+# `docs/tables/banking77_minilm.csv`, the source of the results page, with the floor (only the
+# head trained) and LoRA r=8 beside SoRA.
 
 # %%
 import csv  # noqa: E402
@@ -383,10 +385,10 @@ print("pelib's SoRA equals the notebook's, and peft loads its pruned adapter")
 # ## Exercises
 #
 # SoRA's $\ell_1$ prox is one member of a family: change the penalty and the proximal step
-# changes with it. Each exercise asks for a prox the notebook did not write. The checkers test
-# what defines a prox (the answer minimises $\tfrac12\lVert x - v\rVert^2 + \text{penalty}(x)$,
-# by a grid search or by the optimality conditions) and the exact zeros. Solutions:
-# `notebooks/solutions/nb08.py`.
+# changes with it. Exercises 1 and 2 ask for proxes the notebook did not write; their checkers
+# test what defines a prox (the answer minimises $\tfrac12\lVert x - v\rVert^2 + \text{penalty}(x)$,
+# by a grid search or by the optimality conditions) and the exact zeros. Exercise 3 turns the
+# threshold around: from a rank budget to $\lambda$. Solutions: `notebooks/solutions/nb08.py`.
 #
 # **1. The elastic-net gate (derive, then code).** Add a ridge term to the gate's penalty:
 # $\xi_1\lVert g\rVert_1 + \tfrac{\xi_2}{2}\lVert g\rVert_2^2$. Derive

@@ -80,13 +80,14 @@ def limit_us(nbytes, flops=0):
 # median in ms). It prints the three numbers every benchmark here prints: ours, torch's, the
 # limit, and what ours achieves in GB/s and TFLOP/s. On a CPU it prints that timing is skipped:
 # the interpreter runs each program instance in numpy, one after the other, so its times
-# measure Python, not the kernel: it is a correctness tool (section 11 times what a CPU can). Every call is recorded in `BENCH` for the
-# roofline figure of section 10.
+# measure Python, not the kernel: it is a correctness tool (section 11 times what a CPU can).
+# Every call is recorded in `BENCH` for the roofline figure of section 10.
 #
 # On a GPU these cells run unchanged: the same code launches compiled kernels (no interpreter
 # switch, no upcasts; `bench/gpu.sh` times pelib's kernels the same way on a GPU). On a CPU,
-# section 11 measures the same lesson with torch on the processor you have.
-# Section 2 quantises with bitsandbytes, which a GPU machine without it gets as a wheel.
+# section 11 measures the same lesson with torch on the processor you have. Section 2
+# quantises a weight with bitsandbytes (`pip install bitsandbytes` on a GPU machine that lacks
+# it).
 
 # %%
 BENCH = []                                       # one dict per timed kernel, for the figure
@@ -257,8 +258,9 @@ timed("NF4 dequant 4096x14336 -> fp16", n_w // 2 + n_w // 64 + 2 * n_w, 3 * n_w,
 #
 # A row of H elements fits in one block (`BLOCK_H = next_power_of_2(H)`): load it, reduce with
 # `tl.sum`, normalise, store. Traffic: read and write each element once (+ w): with H = 4096 in
-# bf16 and 8192 tokens, 134 MB, **28 us**. Eager torch runs ~6 separate elementwise/reduction
-# kernels over fp32 copies.
+# bf16 and 8192 tokens, 134 MB, **28 us**. Eager torch runs each op of `rmsnorm_ref` below as its
+# own kernel, most of them reading and writing a full-size fp32 temporary (section 11 counts
+# those passes and measures what they cost on a CPU).
 #
 # The backward (pelib returns both `dx` and `dw`; Unsloth's kernel treats `w` as frozen):
 #
@@ -935,9 +937,11 @@ plt.show()
 # * **the limit**: this CPU's memory bandwidth, measured by copying a large fp32 tensor
 #   (STREAM's "copy": read 4n bytes, write 4n bytes). It plays the role of the spec's 4.8 TB/s;
 # * **eager torch**: `rmsnorm_ref` of section 3 and `silu(g) * u` of section 4 as written. Each
-#   operation is its own pass over memory and writes a full-size temporary: RMSNorm makes about
-#   six passes (square, mean, scale, weight), SwiGLU five (silu writes $g$'s size, the product
-#   reads it back), against the two and three the fused kernels need;
+#   operation is its own pass over memory. On fp32 input RMSNorm moves seven full-size tensors
+#   (the square reads $x$ and writes $x^2$, the mean reads $x^2$, the scale reads $x$ and writes a
+#   temporary, the weight reads it and writes $y$) where two are needed, and SwiGLU five (silu
+#   reads $g$ and writes a temporary, the product reads it and $u$ and writes $h$) where three
+#   are;
 # * **`torch.compile`**: inductor fuses each op into one loop (C++ with vector instructions on a
 #   CPU) that reads every input once and writes the output once, as our Triton kernels do.
 #

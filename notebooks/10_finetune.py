@@ -40,7 +40,7 @@
 # | `smoke` | tiny random models, 64 examples: checks the pipeline (CI, and this notebook with `PELIB_FAST=1`) |
 # | `workshop` (`make run`) | MiniLM on all Banking77 rows, 1 epoch, each fine-tune starting from the probe head (LP-FT): the floor, full fine-tuning, LoRA, QLoRA, AdaLoRA, SoRA, and peft's LoRA |
 # | `seeds` | the `workshop` rows with seeds 0, 1, 2 |
-# | `lr` | each MiniLM method at 1/2, 1 and 2x its learning rate, F1 on the dev split |
+# | `lr`, `lr-clinc150` | each MiniLM method at 1/2, 1 and 2x its learning rate, F1 on the dev split of Banking77, of CLINC150 |
 # | `full` | every method and its peft twin, Banking77 and CLINC150, 3 epochs, 3 seeds |
 # | `llm` | SmolLM2-135M on all Banking77 rows, 1 epoch, batch 16: head, LoRA, QLoRA, SoRA (this notebook) |
 #
@@ -128,8 +128,10 @@ for label, v in rows.items():
 # far above that line it sits. The x axis counts what AdamW holds (8 bytes of state each).
 #
 # How high is the floor? The cell below reads the full-size floors from the course's result
-# tables (`docs/tables/`, three epochs for MiniLM, one for SmolLM2), with the L-BFGS probe (a
-# linear classifier fitted on standardised frozen features) beside the head trained by Adam.
+# tables (`docs/tables/`; each row there carries the command that produced it: MiniLM trains
+# every row three epochs, SmolLM2 its head three epochs and its adapters one), with the L-BFGS
+# probe (a linear classifier fitted on standardised frozen features) beside the head trained by
+# Adam, and LoRA r=8 for scale.
 
 # %%
 import csv  # noqa: E402
@@ -148,11 +150,9 @@ for m in ("head", "probe", "lora"):
 # %% [markdown]
 # SmolLM2's floor sits far below MiniLM's. The last token's state of a causal LM is trained to
 # predict the next token, not to summarise the query, and a few of its dimensions are outliers
-# far larger than the rest, which an Adam-trained head handles worse than a probe fitted on
-# standardised features. So fine-tuning is worth much more here than on MiniLM: compare the
+# far larger than the rest (docs/benchmarks.md measures them), which an Adam-trained head
+# handles worse than a probe fitted on standardised features. So fine-tuning is worth much more here than on MiniLM: compare the
 # gap from the head to LoRA in the two columns.
-
-# %%
 
 # %%
 fig, ax = plt.subplots(figsize=(6.5, 4.2))
