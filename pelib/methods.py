@@ -242,9 +242,10 @@ def load_adapter(model: nn.Module, path, method: str | None = None, **kwargs) ->
     """Load an adapter folder (peft's format) into `model`: a fresh base model, into which the
     file's method is injected, or a model already holding the same layers.
 
-    The file's peft_type picks the method (LORA -> lora, SORA -> sora). `method="qlora"` loads
-    a LORA file onto a 4-bit base (`kwargs`: blocksize, double_quant, compute_dtype,
-    quant_type, as pelib.quant.apply_qlora)."""
+    The file's peft_type and flags pick the method (reader_of: LORA -> lora, LORA with
+    `use_dora: true` -> dora, SORA -> sora); a `method` given must read the file's flags (lora
+    refuses a DoRA file). `method="qlora"` loads a LORA file onto a 4-bit base (`kwargs`:
+    blocksize, double_quant, compute_dtype, quant_type, as pelib.quant.apply_qlora)."""
     config = io.read_config(path)
     reader = reader_of(config)
     if method is None:
