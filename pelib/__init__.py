@@ -7,6 +7,7 @@ One module per technique (see the notebooks for the derivations):
     lora     LoRA (Hu et al. 2021): W + (alpha/r) B A, merge/unmerge
     adalora  AdaLoRA (Zhang et al. 2023): P Lambda Q triplets, importance, budget (RankAllocator)
     sora     SoRA (Ding et al. 2023): gated LoRA, proximal soft-threshold, pruning to LoRA
+    dora     DoRA (Liu et al. 2024): LoRA on the direction, a trained magnitude per output
     io       adapter files in peft's format (knows no method); files: atomic writes
     recipe   the base of every method's config: its tuned defaults, its adapter file fields
     methods  the registry: each method's config, builders per implementation, loaders
@@ -35,6 +36,7 @@ from .adalora import RankAllocator, apply_adalora  # noqa: E402
 from .adapter import apply_adapters  # noqa: E402
 from .backbone import load_backbone, tiny_backbone  # noqa: E402
 from .data import load_nlu  # noqa: E402
+from .dora import apply_dora  # noqa: E402
 from .inject import count_parameters, trainable_parameters  # noqa: E402
 from .lora import LoRALinear, apply_lora  # noqa: E402
 from .methods import METHODS, load_adapter, save_adapter  # noqa: E402

@@ -60,6 +60,7 @@ ROWS = {
     "head": Row("head only (floor)", "head"),  # the frozen backbone: every row is read against it
     "full": Row("full fine-tuning", "full"),
     "lora": Row("LoRA r=8", "lora", ("--r", "8")),
+    "dora": Row("DoRA r=8", "dora", ("--r", "8")),
     "qlora": Row("QLoRA r=8 (NF4+DQ)", "qlora", ("--r", "8")),
     "adalora": Row("AdaLoRA r 12->8", "adalora"),
     "sora": Row("SoRA r=8", "sora", ("--r", "8")),
@@ -80,6 +81,9 @@ ROWS = {
 PELIB_ROWS = ("head", "full", "lora", "qlora", "adalora", "sora", "lora-r2", "houlsby",
               "pfeiffer", "prefix")
 PEFT_ROWS = ("peft-lora", "peft-qlora", "peft-adalora")
+# the full study adds DoRA (at LoRA's recipe) beside LoRA r=8
+FULL_ROWS = ("head", "full", "lora", "dora", "qlora", "adalora", "sora", "lora-r2", "houlsby",
+             "pfeiffer", "prefix")
 LLM_ROWS = ("llm-head", "lora", "qlora", "sora")
 # `make run`: the floor, full fine-tuning, the four LoRA family methods and one peft twin.
 WORKSHOP_ROWS = ("head", "full", "lora", "qlora", "adalora", "sora", "peft-lora")
@@ -135,7 +139,7 @@ PRESETS = {
     "lr": (Part("minilm", B77, PELIB_ROWS, WORKSHOP_SIZE, lr_grid=True),),
     "lr-clinc150": (Part("minilm", C150, PELIB_ROWS, WORKSHOP_SIZE, lr_grid=True),),
     # every method, both data sets, 3 epochs, 3 seeds
-    "full": tuple(Part("minilm", data, PELIB_ROWS + PEFT_ROWS, FULL_SIZE, (0, 1, 2))
+    "full": tuple(Part("minilm", data, FULL_ROWS + PEFT_ROWS, FULL_SIZE, (0, 1, 2))
                   for data in (B77, C150)),
     # SmolLM2-135M on all Banking77 rows, one epoch (about an hour a run on 2 cores)
     "llm": (Part("smollm2", B77, LLM_ROWS, LLM_SIZE),),

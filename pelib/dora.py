@@ -31,13 +31,16 @@ What is kept from the paper, as peft's `LoraConfig(use_dora=True)` does it:
 The layer is pelib's LoRALinear plus one parameter, `lora_magnitude_vector`, named as in
 peft's adapter files, so its tensors map one to one onto peft's (`lora_A.weight`,
 `lora_B.weight`, `lora_magnitude_vector`) and an adapter file in peft's format has
-`"use_dora": true` in its adapter_config.json.
+`"use_dora": true` in its adapter_config.json. DoRAConfig is the recipe (LoRA's options and
+defaults) and that flag; its one entry in pelib.methods.METHODS is all the CLI, the adapter
+files and compare's presets need.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import ClassVar, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +48,29 @@ from torch import nn
 
 from . import io
 from .inject import adapter_record, check_alpha, inject_linears
-from .lora import LoRALinear, check_rank
+from .lora import LoRAConfig, LoRALinear, check_rank
+
+NOT_DORA = ("adapter_config.json has no `use_dora: true`, so it is a plain LoRA adapter; load it "
+            "with pelib.load_adapter")
+
+
+@dataclass(frozen=True)
+class DoRAConfig(LoRAConfig):
+    """DoRA's recipe: LoRA's options and defaults (r 8, alpha 2r, dropout, targets, rsLoRA) and
+    LoRA's lr 2e-3; its file is peft's LORA file with `use_dora: true`."""
+
+    lr: ClassVar[float] = 2e-3
+    FLAGS: ClassVar[tuple[str, ...]] = ("use_dora",)
+    MATCH: ClassVar[tuple[str, ...]] = LoRAConfig.MATCH + ("use_dora",)
+
+    def to_peft(self) -> dict:
+        return dict(super().to_peft(), use_dora=True)
+
+    @classmethod
+    def from_peft(cls, config: dict) -> "DoRAConfig":
+        if not config.get("use_dora"):
+            raise ValueError(NOT_DORA)
+        return super().from_peft(config)
 
 
 class DoRALinear(LoRALinear):
@@ -104,13 +129,16 @@ class DoRALinear(LoRALinear):
         return super().extra_repr() + ", dora=True"
 
 
-def apply_dora(model: nn.Module, target_modules: str | Iterable[str], r: int = 8,
-               alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False,
+def apply_dora(model: nn.Module, target_modules: str | Iterable[str], r: int = DoRAConfig.r,
+               alpha: float | None = None, dropout: float = DoRAConfig.dropout,
+               use_rslora: bool = DoRAConfig.rslora,
                modules_to_save: Iterable[str] | None = None) -> nn.Module:
     """Wrap every targeted nn.Linear in a DoRALinear and freeze the rest (a classification
-    head, or `modules_to_save`, stays trainable); targets follow pelib.inject's rules."""
+    head, or `modules_to_save`, stays trainable); targets follow pelib.inject's rules. alpha
+    defaults to 2r (DoRAConfig)."""
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise ValueError(f"r must be a positive integer, got {r!r}")
+    alpha = DoRAConfig(r=r, alpha=alpha).alpha
     check_alpha(alpha)
 
     def make(name: str, module: nn.Linear) -> nn.Module:
@@ -124,14 +152,15 @@ def apply_dora(model: nn.Module, target_modules: str | Iterable[str], r: int = 8
 
 
 def dora_from_config(model: nn.Module, config: dict, modules_to_save=None) -> nn.Module:
-    """Inject the DoRA layers a peft LORA config with `use_dora: true` describes."""
+    """Inject the DoRA layers a peft LORA config with `use_dora: true` describes (what
+    pelib.load_adapter does with such a file)."""
     for k in ("rank_pattern", "alpha_pattern"):
         if config.get(k):
             raise ValueError(f"adapter_config.json sets {k} = {config[k]}; pelib's DoRA uses "
                              f"one r and one alpha for every layer")
-    return apply_dora(model, config["target_modules"], r=config["r"], alpha=config["lora_alpha"],
-                      dropout=config.get("lora_dropout", 0.0),
-                      use_rslora=config.get("use_rslora", False), modules_to_save=modules_to_save)
+    c = DoRAConfig.from_peft(config)
+    return apply_dora(model, c.targets, r=c.r, alpha=c.alpha, dropout=c.dropout,
+                      use_rslora=c.rslora, modules_to_save=modules_to_save)
 
 
 def dora_layers(model: nn.Module) -> list[tuple[str, DoRALinear]]:
@@ -169,13 +198,13 @@ def save_dora(model: nn.Module, path: str | os.PathLike, **kwargs) -> Path:
 def load_dora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a peft DoRA adapter folder (LORA with `use_dora: true`) into a fresh base model,
     or into a model that already has the same DoRA layers."""
-    return io.load_with(model, path, ("LORA",), dora_from_config, check_dora_file)
+    return io.load_with(model, path, ("LORA",), dora_from_config, check_dora_file,
+                        match=DoRAConfig.MATCH)
 
 
 def check_dora_file(config: dict, tensors: dict, source: str) -> None:
     if not config.get("use_dora"):
-        raise ValueError(f"{source}: adapter_config.json has no `use_dora: true`, so it is a "
-                         "plain LoRA adapter; load it with pelib.load_adapter")
+        raise ValueError(f"{source}: {NOT_DORA}")
 
 
 def _require_dora(model: nn.Module) -> None:

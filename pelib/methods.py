@@ -23,6 +23,7 @@ from torch import nn
 from . import io, peers
 from .adalora import AdaLoRAConfig, RankAllocator, apply_adalora
 from .adapter import AdapterConfig, apply_adapters
+from .dora import DoRAConfig, apply_dora, check_dora_file, dora_from_config
 from .inject import train_heads_only, trainable_parameters
 from .lora import LoRAConfig, LoRALinear, apply_lora, lora_from_config
 from .prefix import PrefixConfig, apply_prefix
@@ -100,6 +101,15 @@ def _lora(model, c: LoRAConfig, run):
 
 def _lora_peft(model, c: LoRAConfig, run):
     return peers.lora(model, run.targets, c.r, c.alpha, c.dropout, c.rslora), []
+
+
+def _dora(model, c: DoRAConfig, run):
+    return apply_dora(model, run.targets, r=c.r, alpha=c.alpha, dropout=c.dropout,
+                      use_rslora=c.rslora), []
+
+
+def _dora_peft(model, c: DoRAConfig, run):
+    return peers.lora(model, run.targets, c.r, c.alpha, c.dropout, c.rslora, use_dora=True), []
 
 
 def _qlora(model, c: QLoRAConfig, run):  # NF4 + double quantisation base, fp32 LoRA (pelib.quant)
@@ -193,17 +203,34 @@ METHODS: dict[str, Method] = {
     "sora": Method(SoRAConfig, {"pelib": _sora}, report=_sora_report,
                    from_config=sora_from_config, check_file=check_gate_shapes,
                    help="SoRA (Ding et al. 2023)"),
+    "dora": Method(DoRAConfig, {"pelib": _dora, "peft": _dora_peft}, from_config=dora_from_config,
+                   check_file=check_dora_file, help="DoRA (Liu et al. 2024)"),
 }
 
 
 def file_readers() -> dict[str, str]:
-    """Which method reads an adapter file of each peft_type: the first entry that writes it and
-    has a loader (QLoRA writes LORA files too; lora reads them)."""
+    """Which method reads a plain adapter file of each peft_type (one that sets none of the
+    registry's FLAGS): the first entry that writes it and has a loader (QLoRA writes LORA
+    files too; lora reads them)."""
     readers: dict[str, str] = {}
     for name, m in METHODS.items():
-        if m.from_config is not None:
+        if m.from_config is not None and not m.config.FLAGS:
             readers.setdefault(m.peft_type, name)
     return readers
+
+
+def reader_of(config: dict) -> str | None:
+    """The method that reads a file of this adapter_config.json: the first entry with its
+    peft_type and a loader whose FLAGS are exactly the flags the file sets (a LORA file with
+    `use_dora: true` -> dora, without -> lora); None if no entry does."""
+    sets = file_flags(config)
+    return next((name for name, m in METHODS.items() if m.from_config is not None
+                 and m.peft_type == config.get("peft_type") and set(m.config.FLAGS) == sets), None)
+
+
+def file_flags(config: dict) -> set[str]:
+    """The registry's FLAGS that a file's config sets (true)."""
+    return {f for m in METHODS.values() for f in m.config.FLAGS if config.get(f)}
 
 
 def fusable_layers() -> tuple[type, ...]:
@@ -215,25 +242,37 @@ def load_adapter(model: nn.Module, path, method: str | None = None, **kwargs) ->
     """Load an adapter folder (peft's format) into `model`: a fresh base model, into which the
     file's method is injected, or a model already holding the same layers.
 
-    The file's peft_type picks the method (LORA -> lora, SORA -> sora). `method="qlora"` loads
-    a LORA file onto a 4-bit base (`kwargs`: blocksize, double_quant, compute_dtype,
-    quant_type, as pelib.quant.apply_qlora)."""
-    readers = file_readers()
+    The file's peft_type and flags pick the method (reader_of: LORA -> lora, LORA with
+    `use_dora: true` -> dora, SORA -> sora); a `method` given must read the file's flags (lora
+    refuses a DoRA file). `method="qlora"` loads a LORA file onto a 4-bit base (`kwargs`:
+    blocksize, double_quant, compute_dtype, quant_type, as pelib.quant.apply_qlora)."""
+    config = io.read_config(path)
+    reader = reader_of(config)
     if method is None:
-        peft_type = io.read_config(path).get("peft_type")
-        if peft_type not in readers:
+        if reader is None:
+            peft_type = config.get("peft_type")
             hint = (" An AdaLoRA file loads in peft (PeftModel.from_pretrained); to load it in "
                     "pelib, fold it into LoRA with pelib.adalora.to_lora before saving."
                     if peft_type == "ADALORA" else "")
-            raise ValueError(f"{path}: pelib.load_adapter reads {sorted(readers)} adapters, "
-                             f"not peft_type {peft_type!r}.{hint}")
-        method = readers[peft_type]
+            raise ValueError(f"{path}: pelib.load_adapter reads {sorted(file_readers())} "
+                             f"adapters, not peft_type {peft_type!r}.{hint}")
+        method = reader
     if method not in METHODS or METHODS[method].from_config is None:
         readers = sorted(k for k, m in METHODS.items() if m.from_config is not None)
         raise ValueError(f"method {method!r} has no adapter file to load; choose one of {readers}")
     m = METHODS[method]
+    sets = file_flags(config)
+    if sets != set(m.config.FLAGS) and config.get("peft_type") == m.peft_type:
+        marks = ", ".join(f"{f}: true" for f in sorted(sets)) or \
+            "no " + ", ".join(m.config.FLAGS)
+        what = f"a {METHODS[reader].help} adapter" if reader else "an adapter no method reads"
+        raise ValueError(f"{path} holds {what} ({marks}), not a {method} one; load it with "
+                         f"pelib.load_adapter(model, path), which picks the method from the file")
+    # a model that holds its layers already must match the file in the method's fields and in
+    # every flag (a plain LoRA file into a DoRA model would leave its magnitudes unset)
+    flags = tuple(f for x in METHODS.values() for f in x.config.FLAGS)
     return io.load_with(model, path, (m.peft_type,), functools.partial(m.from_config, **kwargs),
-                        m.check_file, match=m.config.MATCH)
+                        m.check_file, match=tuple(dict.fromkeys(m.config.MATCH + flags)))
 
 
 save_adapter = io.save_adapter

@@ -23,13 +23,13 @@ def _task_type(model: nn.Module):
 
 
 def lora(model: nn.Module, targets, r: int, alpha: float, dropout: float = 0.0,
-         use_rslora: bool = False) -> nn.Module:
-    """peft's LoRA on `model`."""
+         use_rslora: bool = False, use_dora: bool = False) -> nn.Module:
+    """peft's LoRA on `model` (its DoRA with `use_dora`)."""
     from peft import LoraConfig, get_peft_model
 
     return get_peft_model(model, LoraConfig(
         task_type=_task_type(model), r=r, lora_alpha=alpha, lora_dropout=dropout,
-        target_modules=targets, use_rslora=use_rslora))
+        target_modules=targets, use_rslora=use_rslora, use_dora=use_dora))
 
 
 def quantized_4bit(model: nn.Module, device: str = "cpu") -> nn.Module:

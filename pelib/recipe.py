@@ -10,7 +10,8 @@ A config holds three things, and everything else reads them from here:
 * the training recipe as class attributes: `lr`, `head_lr`, `label_smoothing` (what
   pelib.train.TrainConfig.of(config) takes; the command line's --lr etc. override them);
 * its adapter file: `peft_type`, `to_peft()` / `from_peft()` for peft's adapter_config.json,
-  and `MATCH`, the file fields that must equal the model's when a file is loaded into a model
+  `FLAGS`, the switches that mark a variant of that peft_type (DoRA is LORA + use_dora), and
+  `MATCH`, the file fields that must equal the model's when a file is loaded into a model
   that already holds the layers (else the weights would run at another scale).
 
 The registry of these configs (pelib.methods.METHODS, a plain dict) is the one list of methods.
@@ -45,6 +46,10 @@ class Recipe:
     label_smoothing: ClassVar[float] = LABEL_SMOOTHING
     peft_type: ClassVar[str | None] = None  # the adapter file it writes, if any
     MATCH: ClassVar[tuple[str, ...]] = ()  # file fields a model holding the layers must match
+    # the true/false fields of peft's file that mark this method's variant of its peft_type
+    # (DoRA's `use_dora` in a LORA file): pelib.load_adapter gives a file to the entry whose
+    # FLAGS are exactly the ones the file sets
+    FLAGS: ClassVar[tuple[str, ...]] = ()
 
     def tag(self) -> str:
         """The method's part of a run name after the method, e.g. "-r8" (lora-r8)."""
@@ -77,13 +82,14 @@ def flags_of(f: dataclasses.Field) -> tuple[str, ...]:
 
 def peft_fields(config: dict, keys: tuple[str, ...]) -> dict:
     """The `MATCH` fields of a file's (or a model's) config, normalised: missing patterns are
-    {}, a missing rslora flag is False, a target list is a sorted set."""
+    {}, a missing switch (peft's use_rslora, use_dora) is False, a target list is a sorted set."""
     out = {k: config.get(k) for k in keys}
     for k in ("rank_pattern", "alpha_pattern"):
         if k in out:
             out[k] = out[k] or {}
-    if "use_rslora" in out:
-        out["use_rslora"] = bool(out["use_rslora"])
+    for k in out:
+        if k.startswith("use_"):
+            out[k] = bool(out[k])
     if isinstance(out.get("target_modules"), list):
         out["target_modules"] = sorted(set(out["target_modules"]))
     return out

@@ -64,7 +64,10 @@ def test_presets_cover_every_method_and_the_peer():
     assert all(("--head-init" in a) == (a[a.index("--method") + 1] != "head") for _, a in runs)
     full = preset("full")
     assert {m for m, peer in methods(full) if not peer} == {
-        "head", "full", "lora", "qlora", "adalora", "sora", "adapter", "prefix"}
+        "head", "full", "lora", "dora", "qlora", "adalora", "sora", "adapter", "prefix"}
+    labels = [label for label, a in full if "--seed" in a and a[a.index("--seed") + 1] == "0"
+              and a[a.index("--data") + 1] == "banking77"]
+    assert labels[labels.index("LoRA r=8") + 1] == "DoRA r=8"  # DoRA beside LoRA r=8
     assert {m for m, peer in methods(full) if peer} == {"lora", "qlora", "adalora"}
     kinds = {a[a.index("--adapter-kind") + 1] if "--adapter-kind" in a else "houlsby"
              for _, a in full if a[a.index("--method") + 1] == "adapter"}

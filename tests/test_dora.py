@@ -1,6 +1,7 @@
 """DoRA: init, the paper's formula, merge/unmerge, errors, and parity with peft's
 LoraConfig(use_dora=True) on the same weights (layers of the real MiniLM and SmolLM2, whole tiny
-models), both ways through peft's adapter files."""
+models), both ways through peft's adapter files; its registry entry (recipe, builders,
+pelib.load_adapter)."""
 import copy
 
 import pytest
@@ -10,7 +11,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 import pelib
+from pelib import peers
 from pelib.dora import (
+    DoRAConfig,
     DoRALinear,
     apply_dora,
     dora_layers,
@@ -19,7 +22,8 @@ from pelib.dora import (
     load_dora_state,
     save_dora,
 )
-from pelib.lora import merge, unmerge
+from pelib.lora import LoRAConfig, LoRALinear, lora_layers, merge, unmerge
+from pelib.methods import METHODS, Run
 
 TARGETS = {"minilm": ["query", "value", "dense"], "smollm2": ["q_proj", "k_proj", "gate_proj"]}
 # Both libraries run the same fp32 operations on the same tensors, except that peft forms B A
@@ -286,6 +290,68 @@ def test_files_that_do_not_fit_are_refused(tmp_path):
     merged = merge(apply_dora(tiny(), ["query"], r=4))
     with pytest.raises(ValueError, match="merged"):
         load_dora_state(merged, tensors)
+
+
+# ---- the registry entry ----------------------------------------------------------------------
+
+def test_the_recipe_is_loras_and_its_file_says_use_dora():
+    from peft import LoraConfig
+
+    c = DoRAConfig()
+    assert METHODS["dora"].config is DoRAConfig and pelib.DoRAConfig is DoRAConfig
+    assert (c.r, c.alpha, c.dropout, c.rslora, c.lr) == (8, 16, 0.0, False, LoRAConfig.lr)
+    assert "use_dora" in DoRAConfig.MATCH and DoRAConfig.FLAGS == ("use_dora",)
+    c = DoRAConfig(r=4, dropout=0.1, targets=["query", "value"])
+    file = dict(c.to_peft(), target_modules=["query", "value"])
+    assert (file["peft_type"], file["use_dora"], file["lora_alpha"]) == ("LORA", True, 8)
+    assert DoRAConfig.from_peft(file) == c
+    with pytest.raises(ValueError, match="no `use_dora: true`"):
+        DoRAConfig.from_peft(dict(file, use_dora=False))
+    peer = LoraConfig(**{k: v for k, v in c.to_peft().items() if k != "peft_type"})
+    assert peer.use_dora and (peer.r, peer.lora_alpha, peer.lora_dropout) == (4, 8, 0.1)
+
+
+def test_the_registry_builds_the_same_dora_in_pelib_and_in_peft():
+    """`finetune --method dora` and `--impl peft`: the two builders give the same model."""
+    config, run = DoRAConfig(r=4), Run(TARGETS["minilm"], 10)
+    ours, _ = METHODS["dora"].build["pelib"](tiny(), config, run)
+    theirs, _ = METHODS["dora"].build["peft"](tiny(), config, run)
+    assert theirs.peft_config["default"].use_dora
+    assert {type(m) for _, m in lora_layers(ours)} == {DoRALinear}
+    move_off_init(ours)
+    copy_into_peft(ours, theirs)
+    x = batch()
+    with torch.no_grad():
+        close(ours.eval()(**x).logits, theirs.eval()(**x).logits, "logits")
+
+
+def test_load_adapter_reads_a_dora_file_as_dora(tmp_path):
+    targets = TARGETS["minilm"]
+    ours = apply_dora(tiny(), targets, r=4).eval()
+    move_off_init(ours)
+    pelib.save_adapter(ours, tmp_path / "dora")
+    x = batch()
+    with torch.no_grad():
+        ref = ours(**x).logits
+        back = pelib.load_adapter(tiny(), tmp_path / "dora").eval()  # a fresh base model
+        assert {type(m) for _, m in lora_layers(back)} == {DoRALinear}
+        assert torch.equal(back(**x).logits, ref)
+        again = pelib.load_adapter(apply_dora(tiny(), targets, r=4), tmp_path / "dora").eval()
+        assert torch.equal(again(**x).logits, ref)  # into a model holding the same layers
+    # peft's own LoRA file says `use_dora: false`: still LoRA, also into LoRA layers
+    peers.lora(tiny(), targets, 4, 8).save_pretrained(tmp_path / "lora")
+    assert {type(m) for _, m in lora_layers(pelib.load_adapter(tiny(), tmp_path / "lora"))} \
+        == {LoRALinear}
+    pelib.load_adapter(pelib.apply_lora(tiny(), targets, r=4), tmp_path / "lora")
+    # each refuses the other's file, and says whose it is
+    with pytest.raises(ValueError, match="holds a DoRA .*use_dora: true.*not a lora one"):
+        pelib.load_adapter(tiny(), tmp_path / "dora", method="lora")
+    with pytest.raises(ValueError, match="holds a LoRA .*no use_dora.*not a dora one"):
+        pelib.load_adapter(tiny(), tmp_path / "lora", method="dora")
+    with pytest.raises(ValueError, match="other settings.*'use_dora': \\(False, True\\)"):
+        pelib.load_adapter(pelib.apply_lora(tiny(), targets, r=4), tmp_path / "dora")
+    with pytest.raises(ValueError, match="other settings.*'use_dora': \\(True, False\\)"):
+        pelib.load_adapter(apply_dora(tiny(), targets, r=4), tmp_path / "lora")
 
 
 # ---- training --------------------------------------------------------------------------------

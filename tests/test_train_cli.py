@@ -124,9 +124,21 @@ def test_cli_writes_json_and_png(tmp_path, capsys):
     assert "| run |" in capsys.readouterr().out
 
 
+def test_cli_trains_dora(tmp_path):
+    """DoRA is one registry entry: the CLI trains it with LoRA's options and refuses others'."""
+    main(["finetune", "--method", "dora", "--tiny", "--train-limit", "16", "--eval-limit", "16",
+          "--epochs", "1", "--batch-size", "8", "--max-length", "16", "--r", "2",
+          "--out", str(tmp_path), "--no-progress", "--name", "run"])
+    rec = json.loads((tmp_path / "run.json").read_text())
+    assert rec["args"]["method"] == "dora" and rec["config"]["lr"] == 2e-3
+    assert set(rec["metrics"]) == {"accuracy", "precision", "recall", "f1"}
+    with pytest.raises(SystemExit, match="--gate-lr is an option of --method sora, not dora"):
+        main(["finetune", "--method", "dora", "--gate-lr", "0.1", "--tiny", "--out", str(tmp_path)])
+
+
 def test_cli_bad_inputs(tmp_path):
     with pytest.raises(SystemExit):  # argparse: unknown method
-        main(["finetune", "--method", "dora", "--tiny"])
+        main(["finetune", "--method", "vera", "--tiny"])
     with pytest.raises(SystemExit, match="choose r <= 32"):
         main(["finetune", "--tiny", "--r", "64", "--out", str(tmp_path), "--train-limit", "8"])
     ro = tmp_path / "ro"
