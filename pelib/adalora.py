@@ -37,8 +37,8 @@ import torch
 from torch import nn
 
 from .hooks import Hook
-from .inject import adapter_record, check_alpha, get_submodule_parent, inject_linears
-from .lora import LoRALinear, check_rank
+from .inject import adapter_record, check_alpha, inject_linears
+from .lora import check_rank, dropout_p, fold_into_lora
 from .recipe import Recipe, option
 
 
@@ -367,19 +367,13 @@ def to_lora(model: nn.Module) -> nn.Module:
     for name, m in layers:
         keep = torch.tensor(pattern.get(f"{name}.lora_E", [True] * m.r), dtype=torch.bool)
         keep &= (m.lora_E.view(-1) != 0).cpu()  # a zero λ contributes nothing either
-        k = int(keep.sum())
-        parent, child = get_submodule_parent(model, name)
-        if k == 0:
-            setattr(parent, child, m.base_layer)
-            continue
-        lora = LoRALinear(m.base_layer, r=k, alpha=alpha,
-                          dropout=getattr(m.lora_dropout, "p", 0.0))
         keep = keep.to(m.lora_E.device)
-        lora.lora_A.weight.copy_(m.lora_A[keep])                                      # (k, in)
-        lora.lora_B.weight.copy_(m.lora_B[:, keep] * m.lora_E[keep].view(1, -1)
-                                 * (m.scaling / (m.ranknum + 1e-5)) / lora.scaling)  # (out, k)
-        setattr(parent, child, lora)
-        ranks[name] = k
+        k = fold_into_lora(model, name, m.base_layer, m.lora_A[keep],                  # (k, in)
+                           lambda s, m=m, keep=keep: m.lora_B[:, keep] * m.lora_E[keep].view(1, -1)
+                           * (m.scaling / (m.ranknum + 1e-5)) / s,                   # (out, k)
+                           alpha, dropout_p(m))
+        if k:
+            ranks[name] = k
     if not ranks:
         raise ValueError("every triplet was pruned: there is no LoRA adapter left to export")
     model.pelib_adapter = dict(

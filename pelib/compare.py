@@ -1,6 +1,6 @@
 """The course's comparison: every method on the same data, seeds and loop, with the peer beside.
 
-    python -m pelib compare --preset workshop     # `make run`: MiniLM, 7 rows, ~25 min on 2 cores
+    python -m pelib compare --preset workshop     # `make run`: MiniLM, 7 rows, one epoch each
     python -m pelib compare --preset seeds        # the workshop rows over 3 seeds
     python -m pelib compare --preset full         # every method, both data sets, 3 epochs x 3 seeds (hours)
     python -m pelib compare --preset llm          # SmolLM2: head, LoRA, QLoRA, SoRA, one epoch (hours)
@@ -55,7 +55,7 @@ class Row:
 
 # Every row the presets draw from, by name. One learning rate per method: its recipe's
 # (pelib.methods.METHODS[m].config.lr, chosen on the Banking77 dev split, docs/benchmarks.md);
-# DATA_EXTRA below for the ones that CLINC150's dev split moved.
+# DATA_LR below for the ones that CLINC150's dev split moved.
 ROWS = {
     "head": Row("head only (floor)", "head"),  # the frozen backbone: every row is read against it
     "full": Row("full fine-tuning", "full"),
@@ -131,7 +131,7 @@ PRESETS = {
     "smoke": (Part("minilm", B77, PELIB_ROWS + ("peft-lora", "peft-adalora"), SMOKE_SIZE,
                    extras=False),
               Part("smollm2", B77, LLM_ROWS, SMOKE_SIZE, extras=False)),
-    # `make run`: full size, one seed, about 25 minutes on 2 cores
+    # `make run`: full size, one seed, one epoch
     "workshop": (Part("minilm", B77, WORKSHOP_ROWS, WORKSHOP_SIZE, lpft=True),),
     # the workshop rows over seeds 0-2 (seed 0 is reused)
     "seeds": (Part("minilm", B77, WORKSHOP_ROWS, WORKSHOP_SIZE, (0, 1, 2), lpft=True),),
@@ -141,7 +141,7 @@ PRESETS = {
     # every method, both data sets, 3 epochs, 3 seeds
     "full": tuple(Part("minilm", data, FULL_ROWS + PEFT_ROWS, FULL_SIZE, (0, 1, 2))
                   for data in (B77, C150)),
-    # SmolLM2-135M on all Banking77 rows, one epoch (about an hour a run on 2 cores)
+    # SmolLM2-135M on all Banking77 rows, one epoch (hours on a CPU)
     "llm": (Part("smollm2", B77, LLM_ROWS, LLM_SIZE),),
 }
 

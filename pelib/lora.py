@@ -25,7 +25,7 @@ from typing import Callable, ClassVar, Iterable
 import torch
 from torch import nn
 
-from .inject import adapter_record, check_alpha, inject_linears, pattern_value
+from .inject import adapter_record, check_alpha, get_submodule_parent, inject_linears, pattern_value
 from .recipe import Recipe, option
 
 
@@ -89,15 +89,22 @@ class LoRALinear(nn.Module):
     in_features = property(lambda self: self.base_layer.in_features)
     out_features = property(lambda self: self.base_layer.out_features)
 
+    # What sits between A and B: nothing in LoRA; a subclass (SoRA's gate) overrides these two.
+    def between(self, h: torch.Tensor) -> torch.Tensor:
+        return h  # (..., r)
+
+    def B(self) -> torch.Tensor:
+        return self.lora_B.weight  # (out, r): B times what sits between
+
     def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (out, in)
+        return (self.B() @ self.lora_A.weight) * self.scaling  # (out, in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)  # (..., out)
         if self.merged:
             return result
         x = x.to(self.lora_A.weight.dtype)
-        return result + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        return result + self.lora_B(self.between(self.lora_A(self.lora_dropout(x)))) * self.scaling
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -183,6 +190,27 @@ def lora_from_config(model: nn.Module, config: dict, modules_to_save=None, **kwa
                       use_rslora=c.rslora, modules_to_save=modules_to_save,
                       rank_pattern=config.get("rank_pattern") or None,
                       alpha_pattern=config.get("alpha_pattern") or None, **kwargs)
+
+
+@torch.no_grad()
+def fold_into_lora(model: nn.Module, name: str, base: nn.Module, A: torch.Tensor, B_for,
+                   alpha: float, dropout: float) -> int:
+    """Put a plain LoRALinear of rank k = len(A) at `name`, holding A (k, in) and B_for(its
+    scaling) (out, k), so a pruned adapter (SoRA's live ranks, AdaLoRA's kept triplets) keeps its
+    function as plain LoRA; k = 0 puts the frozen base layer back. Returns k."""
+    parent, child = get_submodule_parent(model, name)
+    if len(A) == 0:
+        setattr(parent, child, base)
+        return 0
+    new = LoRALinear(base, len(A), alpha, dropout)
+    new.lora_A.weight.copy_(A)
+    new.lora_B.weight.copy_(B_for(new.scaling))
+    setattr(parent, child, new)
+    return len(A)
+
+
+def dropout_p(layer: nn.Module) -> float:
+    return layer.lora_dropout.p if isinstance(layer.lora_dropout, nn.Dropout) else 0.0
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:

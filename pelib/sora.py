@@ -42,9 +42,9 @@ import torch
 from torch import nn
 
 from .hooks import Hook
-from .inject import adapter_record, check_alpha, get_submodule_parent, inject_linears
+from .inject import adapter_record, check_alpha, inject_linears
 from .io import save_adapter
-from .lora import LoRAConfig, LoRALinear, LowRank, check_rank
+from .lora import LoRAConfig, LoRALinear, LowRank, check_rank, dropout_p, fold_into_lora
 from .recipe import option
 
 GATE_INITS = ("ones", "normal")
@@ -108,16 +108,11 @@ class SoRALinear(LoRALinear):
             torch.randn(r, device=w.device, dtype=w.dtype)
         self.gate = nn.Parameter(gate)  # (r,)
 
-    def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B.weight * self.gate) @ self.lora_A.weight * self.scaling  # (out, in)
+    def between(self, h: torch.Tensor) -> torch.Tensor:
+        return h * self.gate  # (..., r), gated ranks
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)  # (..., out)
-        if self.merged:
-            return result
-        x = x.to(self.lora_A.weight.dtype)
-        h = self.lora_A(self.lora_dropout(x)) * self.gate  # (..., r), gated ranks
-        return result + self.lora_B(h) * self.scaling
+    def B(self) -> torch.Tensor:
+        return self.lora_B.weight * self.gate  # (out, r): B diag(g)
 
     def live(self) -> torch.Tensor:
         return (self.gate != 0).nonzero().flatten()  # indices of live ranks
@@ -320,20 +315,16 @@ def prune(model: nn.Module) -> nn.Module:
         raise ValueError("unmerge the SoRA layers (pelib.lora.unmerge) before pruning")
     config = model.pelib_adapter
     r0, alpha = config["r"], config["lora_alpha"]
-    kept, ranks = [], {}
+    ranks = {}
     for name, m in layers:
         keep = m.live()
-        parent, child = get_submodule_parent(model, name)
-        if len(keep) == 0:
-            setattr(parent, child, m.base_layer)
-            continue
-        new = LoRALinear(m.base_layer, len(keep), alpha, m.lora_dropout.p
-                         if isinstance(m.lora_dropout, nn.Dropout) else 0.0)
-        new.lora_A.weight.copy_(m.lora_A.weight[keep])
-        new.lora_B.weight.copy_(m.lora_B.weight[:, keep] * m.gate[keep] * (m.scaling / new.scaling))
-        setattr(parent, child, new)
-        kept.append(name)
-        ranks[name] = len(keep)
+        k = fold_into_lora(model, name, m.base_layer, m.lora_A.weight[keep],      # A' = A[K]
+                           lambda s, m=m, keep=keep:                               # B' = B[:, K] g[K] s/s'
+                           m.lora_B.weight[:, keep] * m.gate[keep] * (m.scaling / s),
+                           alpha, dropout_p(m))
+        if k:
+            ranks[name] = k
+    kept = list(ranks)
     if not kept:
         raise ValueError("every gate is zero: no adapter is left to export (peft needs r >= 1 "
                          "in some module); lower the sparse lambda")

@@ -15,6 +15,29 @@ def first_python_block(text: str) -> str:
     return block.group(1)
 
 
+def test_the_python_api_defaults_train_what_the_cli_trains(tmp_path):
+    """The README example's calls with the library's defaults, on a toy model and a subset, give
+    bit for bit the losses and metrics of the command line's LoRA row on the same subset."""
+    import pelib
+    from pelib.__main__ import main
+    from pelib.compare import preset
+
+    label, argv = next((label, a) for label, a in preset("workshop")
+                       if label == "LoRA r=8" and "--impl" not in a)
+    main(["finetune", *argv, "--fp32", "--tiny", "--train-limit", "48", "--eval-limit", "24",
+          "--out", str(tmp_path), "--no-progress", "--name", "cli"])
+    record = json.loads((tmp_path / "cli.json").read_text())
+
+    model, tokenizer = pelib.tiny_backbone("minilm", num_labels=77)
+    pelib.apply_lora(model, ["query", "key", "value", "dense"])
+    train = pelib.load_nlu("banking77", "train", limit=48)
+    test = pelib.load_nlu("banking77", "test", limit=24)
+    config = pelib.TrainConfig(epochs=1, head_init="probe", head_lr=2e-3, progress=False)
+    result = pelib.train.train(model, tokenizer, train, test, config)
+    assert result.losses == record["losses"] and result.metrics == record["metrics"]
+    assert result.trainable_params == record["trainable_params"]
+
+
 @pytest.mark.slow  # two full-size one-epoch MiniLM runs on Banking77: minutes each
 def test_readme_example_reproduces_the_lora_row_of_make_run(tmp_path, monkeypatch, capsys):
     from pelib.__main__ import main

@@ -36,21 +36,30 @@ import torch
 
 from ._dispatch import use_triton
 
-_STATE_TENSORS = ("code", "absmax", "qabsmax", "absmax2", "code2", "offset")  # pelib.quant.QuantState's
+# A 4-bit W arrives as (packed bytes, state): its state's type names the functions that
+# dequantise it, (fast, reference), each (packed, state, dtype) -> (out, in). The package that
+# defines the state fills this in (pelib.quant), so this kernel imports nothing of it.
+DEQUANTIZERS: dict[type, tuple] = {}
+
+
+def _dequantizer(state, which: int):
+    if type(state) not in DEQUANTIZERS:
+        raise TypeError(f"no dequantiser for a {type(state).__name__} weight state; a 4-bit W is "
+                        "a (packed, pelib.quant.QuantState) pair")
+    return DEQUANTIZERS[type(state)][which]
 
 
 def _split(state):
-    """A QuantState as (its tensors, the state without them): autograd saves tensors, and the
-    husk (shape, dtype, blocksize, names) rebuilds the state from them in backward."""
-    names = tuple(k for k in _STATE_TENSORS if getattr(state, k) is not None)
+    """A state dataclass as (its tensors, the state without them): autograd saves tensors, and
+    the husk (shape, dtype, blocksize, names) rebuilds the state from them in backward."""
+    names = tuple(f.name for f in dataclasses.fields(state)
+                  if isinstance(getattr(state, f.name), torch.Tensor))
     return [getattr(state, k) for k in names], (dataclasses.replace(state, **dict.fromkeys(names)), names)
 
 
 def _dequantize(packed, meta, tensors, dtype):
-    from pelib.quant.blockwise import dequantize_4bit  # lazily: kernels stay leaves
-
     husk, names = meta
-    return dequantize_4bit(packed, dataclasses.replace(husk, **dict(zip(names, tensors))), dtype)
+    return _dequantizer(husk, 0)(packed, dataclasses.replace(husk, **dict(zip(names, tensors))), dtype)
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -99,11 +108,9 @@ class LoRALinearFunction(torch.autograd.Function):
 
 def lora_linear_ref(x, W, A, B, scaling, bias=None):
     """Plain torch under autograd. W is a dense tensor or a (packed, QuantState) pair
-    (dequantised by pelib.quant.dequantize_4bit_ref)."""
+    (dequantised by its reference dequantiser, pelib.quant.dequantize_4bit_ref)."""
     if isinstance(W, tuple):
-        from pelib.quant.blockwise import dequantize_4bit_ref
-
-        W = dequantize_4bit_ref(W[0], W[1], x.dtype)
+        W = _dequantizer(W[1], 1)(W[0], W[1], x.dtype)
     W = W.detach().to(x.dtype)
     y = torch.nn.functional.linear(x, W, None if bias is None else bias.detach().to(x.dtype))
     xa = torch.nn.functional.linear(x, A.to(x.dtype))  # (..., r)

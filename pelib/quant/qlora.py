@@ -31,8 +31,13 @@ import torch
 from torch import nn
 
 from ..inject import get_submodule_parent
-from ..lora import LoRAConfig, LoRALinear, apply_lora, lora_layers
+from ..kernels.lora import DEQUANTIZERS
+from ..lora import LoRAConfig, LoRALinear, apply_lora, lora_from_config, lora_layers
+from .blockwise import QuantState, dequantize_4bit, dequantize_4bit_ref
 from .linear4bit import Linear4bit
+
+# The fused LoRA kernel (pelib.kernels.lora) reads a 4-bit W through these: (fast, reference).
+DEQUANTIZERS[QuantState] = (dequantize_4bit, dequantize_4bit_ref)
 
 
 @dataclass(frozen=True)
@@ -52,28 +57,36 @@ def apply_qlora(model: nn.Module, target_modules: str | Iterable[str], r: int = 
     """Quantise every targeted nn.Linear to NF4 (+DQ), wrap it in LoRA, freeze the rest
     (a classification head, or `modules_to_save`, trains); alpha defaults to 2r. Modifies
     `model` and returns it."""
-
-    def quantise(linear: nn.Linear) -> Linear4bit:
-        return Linear4bit.from_linear(linear, blocksize, quant_type, double_quant, compute_dtype)
-
+    quant = dict(blocksize=blocksize, quant_type=quant_type, double_quant=double_quant,
+                 compute_dtype=compute_dtype)
     apply_lora(model, target_modules, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
                modules_to_save=modules_to_save, rank_pattern=rank_pattern,
-               alpha_pattern=alpha_pattern, base_wrap=quantise)
+               alpha_pattern=alpha_pattern, base_wrap=_quantiser(**quant))
+    return _record(model, **quant)
+
+
+def qlora_from_config(model: nn.Module, config: dict, modules_to_save=None, blocksize: int = 64,
+                      double_quant: bool = True, compute_dtype: torch.dtype = torch.float32,
+                      quant_type: str = "nf4") -> nn.Module:
+    """Inject the layers a peft LORA config describes (pelib.lora.lora_from_config) on a 4-bit
+    base, quantised as apply_qlora does; for pelib.load_adapter(model, path, method="qlora")."""
+    quant = dict(blocksize=blocksize, quant_type=quant_type, double_quant=double_quant,
+                 compute_dtype=compute_dtype)
+    lora_from_config(model, config, modules_to_save, base_wrap=_quantiser(**quant))
+    return _record(model, **quant)
+
+
+def _quantiser(blocksize, quant_type, double_quant, compute_dtype):
+    """The base_wrap of apply_lora: each target becomes a frozen Linear4bit."""
+    def quantise(linear: nn.Linear) -> Linear4bit:
+        return Linear4bit.from_linear(linear, blocksize, quant_type, double_quant, compute_dtype)
+    return quantise
+
+
+def _record(model: nn.Module, blocksize, quant_type, double_quant, compute_dtype) -> nn.Module:
     model.pelib_quant = dict(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
                              compute_dtype=str(compute_dtype).removeprefix("torch."))
     return model
-
-
-def qlora_from_config(model: nn.Module, config: dict, modules_to_save=None,
-                      **quant_kwargs) -> nn.Module:
-    """Inject the layers a peft LORA config describes on a 4-bit base, quantised as apply_qlora
-    does (`quant_kwargs`: blocksize, double_quant, compute_dtype, quant_type); for
-    pelib.load_adapter(model, path, method="qlora")."""
-    return apply_qlora(model, config["target_modules"], r=config["r"], alpha=config["lora_alpha"],
-                       dropout=config.get("lora_dropout", 0.0),
-                       use_rslora=config.get("use_rslora", False), modules_to_save=modules_to_save,
-                       rank_pattern=config.get("rank_pattern") or None,
-                       alpha_pattern=config.get("alpha_pattern") or None, **quant_kwargs)
 
 
 def qlora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
