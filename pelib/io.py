@@ -12,6 +12,11 @@ stores other tensors than its parameters (AdaLoRA drops its pruned triplets), th
 `export_tensors(name)`. Loading is `load_with(model, path, peft_types, from_config)`: the
 method passes its own `from_config` (inject the layers a config describes); `pelib.load_adapter`
 (pelib.methods) picks it from the file's peft_type.
+
+A file is read as peft reads it or refused by name: a peft feature pelib's layers do not
+implement (UNSUPPORTED: bias, lora_bias, layers_to_transform...), a field of the wrong kind, or
+a tensor that is neither an adapter weight nor in modules_to_save (it would overwrite the base
+model) ends in one line naming the field or tensor.
 """
 from __future__ import annotations
 
