@@ -197,8 +197,10 @@ class RankAllocator(Hook):
             raise ValueError(f"deltaT must be an integer >= 1, got {deltaT!r}")
         if not (0 < beta1 < 1 and 0 < beta2 < 1):
             raise ValueError(f"beta1 and beta2 must be in (0, 1), got {beta1}, {beta2}")
-        if orth_reg_weight < 0:
-            raise ValueError(f"orth_reg_weight must be >= 0, got {orth_reg_weight}")
+        if not isinstance(orth_reg_weight, (int, float)) or isinstance(orth_reg_weight, bool) \
+                or not 0 <= orth_reg_weight < float("inf"):  # nan fails both comparisons
+            raise ValueError(f"orth_reg_weight must be a finite number >= 0 (0: no regulariser), "
+                             f"got {orth_reg_weight!r}")
         self.target_r, self.tinit, self.tfinal, self.deltaT = target_r, tinit, tfinal, deltaT
         self.beta1, self.beta2, self.orth_reg_weight = beta1, beta2, orth_reg_weight
         self.init_bgt = sum(m.r for m in self.layers.values())

@@ -73,6 +73,14 @@ def _check_name(name: str, task: str, pooling: str | None = None) -> str | None:
     return pooling or POOLINGS[name][0]
 
 
+def _check_num_labels(num_labels, task: str) -> None:
+    if task != "classification":
+        return
+    if not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 2:
+        raise ValueError(f"a classification backbone needs an integer num_labels >= 2 (the "
+                         f"number of classes, e.g. len(data.label_names)), got {num_labels!r}")
+
+
 def _classifier_class(pooling: str):
     if pooling == "mean":
         from .classifier import MeanPoolBertClassifier
@@ -131,8 +139,7 @@ def load_backbone(name: str, num_labels: int | None = None, task: str = "classif
     from transformers import AutoModelForCausalLM
 
     pooling = _check_name(name, task, pooling)
-    if task == "classification" and (num_labels is None or num_labels < 2):
-        raise ValueError("a classification backbone needs num_labels >= 2")
+    _check_num_labels(num_labels, task)
     path = _package_dir("minilm") / "model" if name == "minilm" else _smollm2_dir()
     tokenizer = load_tokenizer(name)
     with _quiet():  # the load report only says that the new head is newly initialised
@@ -175,6 +182,7 @@ def tiny_backbone(name: str, num_labels: int | None = 5, task: str = "classifica
     from transformers import AutoModelForCausalLM
 
     pooling = _check_name(name, task, pooling)
+    _check_num_labels(num_labels, task)
     cfg = tiny_config(name, **overrides)
     if task == "classification":
         cfg.num_labels = num_labels

@@ -9,11 +9,19 @@ chosen on dev); LoRA r=8 after one epoch 0.908 with mean pooling, 0.751 with [CL
 
     pooled = sum_t mask_t h_t / sum_t mask_t          (B, H) from h: (B, T, H), mask: (B, T)
     logits = classifier(dropout(pooled))              (B, num_labels)
+
+BertForSequenceClassification cannot express this pooling, so a saved classifier is not a
+"bert" model: `save_pretrained` writes model_type "pelib_mean_pool_bert" (base weights with any
+merged LoRA update folded in), and importing pelib registers that type with transformers' Auto
+classes. Then `AutoModelForSequenceClassification.from_pretrained(folder)` and
+`pipeline("text-classification", model=folder)` build this class with the fine-tuned weights;
+without pelib, transformers refuses the unknown type instead of building a [CLS] model.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig
 from transformers.modeling_layers import GenericForSequenceClassification
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.models.bert.modeling_bert import (
@@ -23,6 +31,13 @@ from transformers.models.bert.modeling_bert import (
 )
 
 POOLINGS = ("mean", "cls")
+MODEL_TYPE = "pelib_mean_pool_bert"
+
+
+class MeanPoolBertConfig(BertConfig):
+    """BERT's config under its own model type: the saved folder says how the model pools."""
+
+    model_type = MODEL_TYPE
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -35,7 +50,12 @@ class MeanPoolBertClassifier(BertPreTrainedModel):
     """BERT encoder (no pooler), mean pooling, dropout, a linear head named `classifier` (the
     name peft's sequence-classification task trains as a module to save)."""
 
+    config_class = MeanPoolBertConfig
+
     def __init__(self, config):
+        # in memory a plain BertConfig (model_type "bert": what the methods key their layers on);
+        # only the saved folder carries the pelib type (save_pretrained)
+        config = _with_config_class(config, BertConfig)
         super().__init__(config)
         self.num_labels = config.num_labels
         self.bert = BertModel(config, add_pooling_layer=False)
@@ -59,6 +79,46 @@ class MeanPoolBertClassifier(BertPreTrainedModel):
         if labels is not None:  # fp32 loss also under bf16 autocast
             loss = nn.functional.cross_entropy(logits.float(), labels)
         return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    def save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
+        """transformers' save_pretrained, with each pelib layer that wraps a base layer
+        (`base_layer`) saved as that base layer: merged LoRA weights become plain Linear weights,
+        so the folder loads without pelib's layers. An unmerged adapter is refused."""
+        wrapped = [(n, m) for n, m in self.named_modules() if hasattr(m, "base_layer")]
+        unmerged = [n for n, m in wrapped if not getattr(m, "merged", False)]
+        if unmerged and state_dict is None:
+            raise ValueError(f"{unmerged[0]} holds an adapter that is not merged into its base "
+                             "weight; call pelib.lora.merge(model) first (or save the adapter "
+                             "alone with pelib.save_adapter)")
+        if state_dict is None and wrapped:
+            state_dict = {}
+            for k, v in self.state_dict().items():
+                owner = next((n for n, _ in wrapped if k.startswith(n + ".")), None)
+                if owner is None:
+                    state_dict[k] = v
+                elif k.startswith(owner + ".base_layer."):  # its other tensors are the adapter's
+                    state_dict[owner + k[len(owner) + len(".base_layer"):]] = v
+        bert = self.config
+        self.config = _with_config_class(bert, MeanPoolBertConfig)
+        try:
+            return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+        finally:
+            self.config = bert
+
+
+def _with_config_class(config, cls):
+    """`config` as an instance of exactly `cls` (BertConfig or MeanPoolBertConfig), same fields."""
+    if type(config) is cls:
+        return config
+    out = cls.from_dict({k: v for k, v in config.to_dict().items() if k != "model_type"})
+    out._attn_implementation = config._attn_implementation
+    return out
+
+
+# pelib's saved classifiers load through transformers' Auto classes and pipelines
+AutoConfig.register(MODEL_TYPE, MeanPoolBertConfig, exist_ok=True)
+AutoModelForSequenceClassification.register(MeanPoolBertConfig, MeanPoolBertClassifier,
+                                            exist_ok=True)
 
 
 def split_head(model: nn.Module):

@@ -68,12 +68,13 @@ def _read_tsv_cached(path, rel: str | None, mtime_ns: int | None) -> tuple[tuple
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: byte {e.start} is not UTF-8 ({e.reason}); save the file as "
-                         "UTF-8") from None
+                         "UTF-8 (from Latin-1: `iconv -f latin1 -t utf-8 IN > OUT`)") from None
     rows = []
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t")
     if reader.fieldnames is None or [c.strip() for c in reader.fieldnames] != ["text", "label"]:
         raise ValueError(f"{path}: the header must be `text<TAB>label`, got "
                          f"{reader.fieldnames}")
+    reader.fieldnames = ["text", "label"]  # spaces around a column name mean nothing
     try:
         for row in reader:
             text, label = row["text"], row["label"]
@@ -135,6 +136,9 @@ def load_nlu(
     data_dir: a folder of the user's own (`<name>/{train,dev,test}.tsv`); None: pelib's data."""
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         raise ValueError(f"limit must be a positive integer (or None for all rows), got {limit!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):  # None would draw another subset each call
+        raise ValueError(f"seed must be an integer (the same seed gives the same subset), got "
+                         f"{seed!r}; pass seed=0 or any other integer")
     rows = _read_tsv(name, split, data_dir)
     names = label_names(name, data_dir)
     index = {label: i for i, label in enumerate(names)}

@@ -131,7 +131,30 @@ def train_heads_only(model: nn.Module, modules_to_save: Iterable[str] | None = N
     return inject(model, [], lambda name, m: m, modules_to_save, what="a head-only setup")
 
 
+def check_lora_args(target_modules, r, alpha, dropout) -> None:
+    """The arguments every LoRA-family apply_* takes, refused before anything is built: targets
+    (a regular expression, or a non-empty list of name suffixes), a positive integer rank, an
+    alpha that is a number (None: the method's default) and a dropout that is a number."""
+    if isinstance(target_modules, str):
+        pass
+    elif not isinstance(target_modules, (list, tuple, set)) or not target_modules:
+        raise ValueError(f"target_modules must name the modules to adapt, as a list of name "
+                         f"suffixes (e.g. ['query', 'value']) or a regular expression string, "
+                         f"got {target_modules!r}")
+    elif not all(isinstance(t, str) and t for t in target_modules):
+        raise ValueError(f"target_modules entries must be module names (strings), got "
+                         f"{list(target_modules)!r}")
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise ValueError(f"r must be a positive integer, got {r!r}")
+    for k, v in dict(alpha=alpha, dropout=dropout).items():
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
+            raise ValueError(f"{k} must be a number, got {v!r} ({type(v).__name__}); write it "
+                             f"without quotes, e.g. {k}={2 * r if k == 'alpha' else 0.1}")
+
+
 def check_dropout(dropout: float) -> None:
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool):
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
     if not 0.0 <= dropout < 1.0:  # also refuses NaN
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
 

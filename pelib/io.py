@@ -12,6 +12,11 @@ stores other tensors than its parameters (AdaLoRA drops its pruned triplets), th
 `export_tensors(name)`. Loading is `load_with(model, path, peft_types, from_config)`: the
 method passes its own `from_config` (inject the layers a config describes); `pelib.load_adapter`
 (pelib.methods) picks it from the file's peft_type.
+
+A file is read as peft reads it or refused by name: a peft feature pelib's layers do not
+implement (UNSUPPORTED: bias, lora_bias, layers_to_transform...), a field of the wrong kind, or
+a tensor that is neither an adapter weight nor in modules_to_save (it would overwrite the base
+model) ends in one line naming the field or tensor.
 """
 from __future__ import annotations
 
@@ -57,6 +62,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike,
                  base_model_name_or_path: str | None = None) -> Path:
     """Write the adapter of an injected model as a peft adapter folder; returns the folder."""
     config = getattr(model, "pelib_adapter", None)
+    if config is None and getattr(model, "pelib_method", None) is not None:
+        raise ValueError(
+            f"this model has {model.pelib_method}: peft has no adapter file for that method "
+            "(save_adapter writes LoRA-family adapters); save the trained tensors with safetensors: "
+            "save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if "
+            "p.requires_grad}, 'weights.safetensors'), and load them into a model built the same "
+            "way with model.load_state_dict(load_file('weights.safetensors'), strict=False)")
     if config is None:
         raise ValueError("this model has no pelib adapter; call pelib.apply_lora (or another "
                          "method) before save_adapter")
@@ -125,6 +137,64 @@ def existing_modules(model: nn.Module, names) -> list[str] | None:
     return [n for n in names if n in have] or None
 
 
+# peft features pelib's layers do not implement: field -> (its off value, what it does). A file
+# that turns one on is refused by name; loading it would give other outputs than peft's.
+UNSUPPORTED = {
+    "bias": ("none", "trains the biases of the base layers too"),
+    "lora_bias": (False, "gives lora_B a bias"),
+    "layers_to_transform": (None, "adapts only some layers"),
+    "layers_pattern": (None, "adapts only some layers"),
+    "exclude_modules": (None, "leaves some matching modules out"),
+    "fan_in_fan_out": (False, "stores weights transposed (GPT-2's Conv1D)"),
+    "layer_replication": (None, "stacks copies of base layers"),
+    "target_parameters": (None, "adapts nn.Parameters instead of modules"),
+    "trainable_token_indices": (None, "trains some embedding rows"),
+}
+
+
+def _number(v, integer=False) -> bool:
+    kinds = int if integer else (int, float)
+    return isinstance(v, kinds) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_fields(config: dict, source) -> None:
+    """Refuse a config whose fields pelib would read wrong, naming the field: a feature pelib does
+    not implement (UNSUPPORTED), or a rank, alpha, target list or pattern of the wrong kind."""
+    for k, (off, does) in UNSUPPORTED.items():
+        v = config.get(k, off)
+        if v not in (off, None, [], {}) and not (k == "bias" and v == "none"):
+            raise ValueError(f"{source}: {k} = {v!r} ({does}) is a peft feature pelib does not "
+                             f"support; load this adapter with peft (PeftModel.from_pretrained), "
+                             f"or train one with {k} = {off!r}")
+    if config.get("peft_type") in ("LORA", "SORA"):
+        for k, integer in (("r", True), ("lora_alpha", False)):
+            if k not in config or not _number(config[k], integer):
+                kind = "a positive integer" if integer else "a finite number"
+                raise ValueError(f"{source}: {k} = {config.get(k, '(missing)')!r} is not {kind}; "
+                                 "write the value the adapter was trained with")
+    t = config.get("target_modules", "(missing)")
+    if not (isinstance(t, str) and t != "(missing)" or isinstance(t, list) and t
+            and all(isinstance(x, str) for x in t)):
+        raise ValueError(f"{source}: target_modules = {t!r} names no modules; write the list of "
+                         "module names the adapter wraps, e.g. [\"query\", \"value\"]")
+    for k, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        p = config.get(k)
+        if p is not None and not (isinstance(p, dict) and all(
+                isinstance(key, str) and _number(v, integer) for key, v in p.items())):
+            raise ValueError(f"{source}: {k} = {p!r} must map module-name patterns to "
+                             f"{'ranks' if integer else 'alphas'}, e.g. {{\"query\": 8}}, or be {{}}")
+
+
+def file_heads(model: nn.Module, config: dict) -> list[str] | None:
+    """The heads a file trained, as peft reads them: its modules_to_save, or, with none listed,
+    the classification head for a SEQ_CLS file (peft's default) and nothing for another task
+    (peft then keeps the base model's head)."""
+    listed = config.get("modules_to_save")
+    if listed:
+        return existing_modules(model, listed)
+    return None if config.get("task_type") == "SEQ_CLS" else []
+
+
 def check_same_adapter(model: nn.Module, config: dict, source: str,
                        match: tuple[str, ...] = ("peft_type",)) -> None:
     """Loading into a model that has its layers already: the file must describe those layers
@@ -154,14 +224,11 @@ def load_with(model: nn.Module, path: str | os.PathLike, peft_types: tuple[str, 
         raise ValueError(f"{path}: peft_type {config.get('peft_type')!r} is not one of "
                          f"{list(peft_types)}; pelib.load_adapter(model, path) picks the loader "
                          "from the file")
-    for k in ("r", "lora_alpha"):
-        v = config.get(k)
-        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v)):
-            raise ValueError(f"{path / CONFIG_NAME}: {k} = {v!r} is not a finite number")
+    check_fields(config, path / CONFIG_NAME)
     if check is not None:
         check(config, tensors, str(path))
     if getattr(model, "pelib_adapter", None) is None:
-        from_config(model, config, existing_modules(model, config.get("modules_to_save")))
+        from_config(model, config, file_heads(model, config))
     else:
         check_same_adapter(model, config, str(path), match)
     load_adapter_weights(model, tensors, source=str(path))
@@ -171,6 +238,12 @@ def load_with(model: nn.Module, path: str | os.PathLike, peft_types: tuple[str, 
 def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source="") -> None:
     own = dict(model.named_parameters())
     expected = adapter_state_dict(model).keys()
+    base = sorted(k for k in tensors if k in own and k not in expected)
+    if base:  # peft would copy them over the base model's weights
+        raise ValueError(f"adapter {source} holds {len(base)} tensor(s) that are neither adapter "
+                         f"weights nor in its modules_to_save, e.g. {base[:3]}; pelib does not "
+                         "overwrite the base model from an adapter file: remove them, or list "
+                         "their module in modules_to_save")
     unknown = sorted(k for k in tensors if k not in own)
     missing = sorted(k for k in expected if k not in tensors)
     wrong = [f"{k}: file {tuple(t.shape)} vs model {tuple(own[k].shape)}"

@@ -25,7 +25,8 @@ from typing import Callable, ClassVar, Iterable
 import torch
 from torch import nn
 
-from .inject import adapter_record, check_alpha, get_submodule_parent, inject_linears, pattern_value
+from .inject import (adapter_record, check_alpha, check_lora_args, get_submodule_parent,
+                     inject_linears, pattern_value)
 from .recipe import Recipe, option
 
 
@@ -162,8 +163,7 @@ def apply_lora(model: nn.Module, target_modules: str | Iterable[str], r: int = L
     alpha defaults to 2r (LoRAConfig).
     `base_wrap`, if given, turns each target into the frozen base first (QLoRA quantises it:
     pelib.quant.apply_qlora)."""
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise ValueError(f"r must be a positive integer, got {r!r}")
+    check_lora_args(target_modules, r, alpha, dropout)
     alpha = LoRAConfig(r=r, alpha=alpha).alpha
     rank_pattern, alpha_pattern = dict(rank_pattern or {}), dict(alpha_pattern or {})
     for a in [alpha, *alpha_pattern.values()]:

@@ -113,3 +113,49 @@ def test_tiny_backbones():
         assert sum(p.numel() for p in m.parameters()) < 3_000_000
     m, _ = pelib.tiny_backbone("smollm2", task="causal_lm", with_tokenizer=False)
     assert m.config.num_key_value_heads < m.config.num_attention_heads  # GQA, as SmolLM2
+
+
+def test_a_merged_classifier_saved_with_save_pretrained_loads_in_transformers(tmp_path):
+    """transformers' own loaders, on the folder alone, give the fine-tuned logits: the folder
+    says the model pools the mean (a BertForSequenceClassification would read [CLS] + a fresh
+    pooler), and merged LoRA weights are saved as plain weights."""
+    from transformers import AutoModelForSequenceClassification, BertForSequenceClassification, pipeline
+
+    model, tok = pelib.tiny_backbone("minilm", 5)
+    pelib.apply_lora(model, ["query", "value", "dense"], r=4)
+    torch.manual_seed(0)
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.2)
+    with pytest.raises(ValueError, match="not merged.*pelib.lora.merge"):
+        model.save_pretrained(tmp_path / "unmerged")
+    pelib.lora.merge(model).eval()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    texts = ["my card was declined", "why was my card payment refused today at the shop"]
+    enc = tok(texts, padding=True, return_tensors="pt")
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m").eval()
+    assert not isinstance(loaded, BertForSequenceClassification)
+    assert not any(hasattr(m, "base_layer") for m in loaded.modules())  # plain Linear layers
+    with torch.no_grad():
+        want = model(**enc).logits
+        assert (loaded(**enc).logits - want).abs().max() < 1e-5
+    scores = pipeline("text-classification", model=str(tmp_path / "m"), top_k=None)(texts)
+    for row, probs in zip(scores, want.softmax(-1)):
+        got = {d["label"]: d["score"] for d in row}
+        assert max(abs(got[f"LABEL_{k}"] - probs[k].item()) for k in range(5)) < 1e-5
+    # and the loaded model is a pelib classifier again: its own save round-trips
+    assert loaded.config.model_type == "bert"  # what adapters and prefixes key their layers on
+    pelib.apply_prefix(loaded, prefix_length=2)
+
+
+@pytest.mark.slow  # a fresh interpreter
+def test_without_pelib_transformers_refuses_the_folder_instead_of_reading_cls(tmp_path):
+    import subprocess
+    import sys
+
+    pelib.tiny_backbone("minilm", 5, with_tokenizer=False)[0].save_pretrained(tmp_path)
+    code = ("from transformers import AutoModelForSequenceClassification as A; "
+            f"A.from_pretrained({str(tmp_path)!r})")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "model type `pelib_mean_pool_bert`" in r.stderr
