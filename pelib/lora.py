@@ -25,8 +25,14 @@ from typing import Callable, ClassVar, Iterable
 import torch
 from torch import nn
 
-from .inject import (adapter_record, check_alpha, check_lora_args, get_submodule_parent,
-                     inject_linears, pattern_value)
+from .inject import (
+    adapter_record,
+    check_alpha,
+    check_lora_args,
+    get_submodule_parent,
+    inject_linears,
+    pattern_value,
+)
 from .recipe import Recipe, option
 
 
