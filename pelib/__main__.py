@@ -10,7 +10,6 @@ line that names the fix, not as a traceback.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -26,10 +25,10 @@ if "huggingface_hub.constants" in sys.modules:
         os.environ["HF_HUB_OFFLINE"].upper() in ("1", "ON", "YES", "TRUE"))
 
 
-def parser() -> argparse.ArgumentParser:
-    from .options import add_arguments
+def parser():
+    from .options import Parser, add_arguments
 
-    p = argparse.ArgumentParser(prog="pelib", description=__doc__.split("\n")[0])
+    p = Parser(prog="pelib", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("compare", help="every method side by side: `compare --preset workshop|full|smoke`")
     sub.add_parser("bench", help="benchmarks: `bench lora|quant|kernels` (see pelib/bench)")

@@ -18,7 +18,6 @@ peak memory, and loss curves (presets other than workshop add their name: summar
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -29,7 +28,7 @@ from pathlib import Path
 
 from .files import atomic_write, writable_dir
 from .methods import METHODS
-from .options import options, parse
+from .options import Parser, options, parse
 from .report import figures, floor, summary
 from .runs import QUIET_STOP, finished, is_record, read_args, read_record, run_name
 
@@ -211,7 +210,7 @@ def run_all(runs, out: Path, progress: bool = True, finished_only: bool = False)
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="pelib compare", description=__doc__.splitlines()[0])
+    ap = Parser(prog="pelib compare", description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="workshop", choices=PRESETS)
     ap.add_argument("--out", default="results")
     ap.add_argument("--only", nargs="+", default=None,

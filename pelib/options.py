@@ -18,6 +18,14 @@ from .settings import check_settings
 IMPLS = ("pelib", "peft")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad option answered in one line (argparse prints the whole usage first,
+    dozens of lines for finetune)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def add_arguments(f: argparse.ArgumentParser) -> None:
     """The finetune options: common ones, then one group per method (from the table)."""
     # argparse reads "-1e-3" as an option name (its negative-number rule knows no exponent), so
@@ -118,7 +126,7 @@ def config_of(args):
 
 def parse(argv: list[str]) -> argparse.Namespace:
     """The finetune options of `argv` (without the word `finetune`)."""
-    p = argparse.ArgumentParser(prog="pelib finetune")
+    p = Parser(prog="pelib finetune")
     add_arguments(p)
     return p.parse_args(argv)
 
