@@ -200,3 +200,27 @@ def test_sora_report_of_an_empty_adapter_is_a_result(tmp_path, monkeypatch):
     assert rep["live_ranks_total"] == 0 and rep["adapter"] is None
     assert rep["params_after_pruning"] == 32 * 77 + 77  # the 77-way head of the 32-wide toy
     assert not list((tmp_path / "adapter").iterdir())
+
+
+@pytest.mark.slow  # two processes: compare and the run it starts
+def test_ctrl_c_in_a_terminal_during_compare_prints_one_line(tmp_path):
+    """The terminal sends SIGINT to the whole process group: the run inside stops silently, and
+    compare prints the one line."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != QUIET_STOP}
+    p = subprocess.Popen([sys.executable, "-m", "pelib", "compare", "--preset", "smoke", "--only",
+                          "LoRA r=2", "--no-progress", "--out", str(tmp_path)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                         start_new_session=True)  # its own group, as a shell gives a job
+    while not list(tmp_path.glob(".*.lock")) and p.poll() is None:
+        time.sleep(0.2)  # until the run holds its lock: it is inside finetune
+    os.killpg(p.pid, signal.SIGINT)
+    err = p.communicate()[1]
+    assert p.returncode == 130, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == ["pelib: stopped; run the same command again to continue where it stopped "
+                     "(finished runs are kept)"], err
