@@ -213,7 +213,7 @@ def test_head_lr_is_its_own_param_group():
         assert sorted(by_lr) == [1e-3, 5e-2]
         assert all("classifier" in names[i] for i in by_lr[5e-2]) and len(by_lr[5e-2]) == 2
         assert all("lora_" in names[i] for i in by_lr[1e-3])
-        assert len(make_optimizer(model, TrainConfig(lr=1e-3), []).param_groups) == 1
+        assert len(make_optimizer(model, TrainConfig(lr=1e-3, head_lr=None), []).param_groups) == 1
     with pytest.raises(ValueError, match="head_lr must be a finite number > 0"):
         TrainConfig(head_lr=0.0)
 
@@ -329,7 +329,8 @@ def test_weight_decay_is_decoupled_and_spares_biases_and_layernorm():
         assert torch.allclose(p.detach(), before[n] * factor, rtol=0, atol=1e-7), n
     assert {n for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2} \
         == {"classifier.bias"}  # the one 1-d trainable tensor here, spared
-    assert len(make_optimizer(model, TrainConfig(lr=1e-3), []).param_groups) == 1  # wd 0: as before
+    one = make_optimizer(model, TrainConfig(lr=1e-3, head_lr=None), [])
+    assert len(one.param_groups) == 1  # wd 0: as before
 
 
 def test_cli_weight_decay_and_warmup(tmp_path):
@@ -437,10 +438,10 @@ class LossAndLogits(Hook):
     """A hook and a forward hook: the loop's loss, and the batch's logits and labels, per step."""
     def __init__(self, model, label_of):
         self.losses, self.seen = [], []
-        model.register_forward_hook(self.forward, with_kwargs=True)
+        model.register_forward_hook(self.record, with_kwargs=True)  # not Hook.forward
         self.label_of = label_of
 
-    def forward(self, module, args, kwargs, out):
+    def record(self, module, args, kwargs, out):
         ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
         rows = [tuple(i[m.bool()].tolist()) for i, m in zip(ids, mask)]
         self.seen.append((out.logits.detach().float(), torch.tensor([self.label_of[r] for r in rows])))
