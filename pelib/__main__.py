@@ -10,7 +10,6 @@ line that names the fix, not as a traceback.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -26,10 +25,10 @@ if "huggingface_hub.constants" in sys.modules:
         os.environ["HF_HUB_OFFLINE"].upper() in ("1", "ON", "YES", "TRUE"))
 
 
-def parser() -> argparse.ArgumentParser:
-    from .options import add_arguments
+def parser():
+    from .options import Parser, add_arguments
 
-    p = argparse.ArgumentParser(prog="pelib", description=__doc__.split("\n")[0])
+    p = Parser(prog="pelib", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("compare", help="every method side by side: `compare --preset workshop|full|smoke`")
     sub.add_parser("bench", help="benchmarks: `bench lora|quant|kernels` (see pelib/bench)")
@@ -46,8 +45,8 @@ def main(argv=None) -> int:
         try:
             compare_main(argv[1:])
         except KeyboardInterrupt:
-            raise SystemExit("pelib: stopped; run the same command again to continue where it "
-                             "stopped (finished runs are kept)") from None
+            stopped("pelib: stopped; run the same command again to continue where it stopped "
+                    "(finished runs are kept)")
     elif argv[:1] == ["bench"]:
         from .bench import main as bench_main
 
@@ -60,7 +59,24 @@ def main(argv=None) -> int:
             finetune(args)
         except (ValueError, TypeError, FileNotFoundError) as e:
             raise SystemExit(f"pelib: {e}") from None
+        except OSError as e:  # a full disk, a file system that refuses a write
+            raise SystemExit(f"pelib: cannot write {e.filename or 'a file'} ({e.strerror or e}); "
+                             "free space or choose another --out, then run again") from None
+        except KeyboardInterrupt:
+            stopped("pelib: stopped; " + ("run the same command again to continue from the last "
+                                          "checkpoint" if args.resume else "the run was not "
+                                          "finished (--resume keeps checkpoints to continue from)"))
     return 0
+
+
+def stopped(message: str):
+    """Ctrl-C: one line (none inside `pelib compare`, which says it itself) and the shell's
+    exit status for SIGINT, 128 + 2."""
+    from .runs import QUIET_STOP
+
+    if not os.environ.get(QUIET_STOP):
+        print(message, file=sys.stderr)
+    raise SystemExit(130)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,10 @@ def save_checkpoint(path, model, optimizer, scheduler, hooks, loop: dict, cfg) -
         trainable={n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
         optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
         hooks=[h.state_dict() for h in hooks], torch_rng=torch.get_rng_state(), loop=loop)
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    try:  # a full disk: the temporary goes, the last complete checkpoint stays
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
 
 
 def load_checkpoint(path, model, optimizer, scheduler, hooks, cfg) -> dict:
@@ -30,7 +33,7 @@ def load_checkpoint(path, model, optimizer, scheduler, hooks, cfg) -> dict:
         state = torch.load(path, weights_only=True)
     except Exception as e:  # truncated, corrupt, or a pickle that asks for code: never trusted
         raise ValueError(f"checkpoint {path} cannot be read as a pelib checkpoint "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); delete it to "
+                         f"({type(e).__name__}: {(str(e).splitlines() or ['empty'])[0][:200]}); delete it to "
                          "start afresh") from None
     if not isinstance(state, dict) or not {"run", "trainable", "loop"} <= state.keys():
         raise ValueError(f"checkpoint {path} is not a pelib checkpoint; delete it to start afresh")

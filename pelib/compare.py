@@ -18,9 +18,9 @@ peak memory, and loss curves (presets other than workshop add their name: summar
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -28,9 +28,9 @@ from pathlib import Path
 
 from .files import atomic_write, writable_dir
 from .methods import METHODS
-from .options import options, parse
+from .options import Parser, options, parse
 from .report import figures, floor, summary
-from .runs import read_args, read_record, run_name, same_run
+from .runs import QUIET_STOP, finished, is_record, read_args, read_record, run_name
 
 # what callers reach through pelib.compare (notebook 10 reads summary; the reliability tests
 # read records through the private names)
@@ -174,6 +174,16 @@ def preset(name: str) -> list[tuple[str, list[str]]]:
     return [run for part in PRESETS[name] for run in expand(part)]
 
 
+def named(argv: list[str], out: Path) -> tuple[str, list[str]]:
+    """A run's file name and its finetune argv with --out and --name. The name carries a hash
+    of the arguments: runs that differ only in, say, the lr or the subset size must not
+    overwrite each other; presets with the same run share it."""
+    digest = hashlib.sha1(" ".join(argv).encode()).hexdigest()[:6]
+    argv = argv + ["--out", str(out)]
+    name = f"{run_name(parse(argv))}_{digest}"
+    return name, argv + ["--name", name]
+
+
 def run_all(runs, out: Path, progress: bool = True, finished_only: bool = False) -> list[dict]:
     """Run (or skip, when already done) every run in its own process; return their records.
     `finished_only`: run nothing, return the records of the runs already done."""
@@ -182,22 +192,20 @@ def run_all(runs, out: Path, progress: bool = True, finished_only: bool = False)
     records = []
     bar = tqdm(runs, desc="comparison", unit="run", disable=not progress, dynamic_ncols=True)
     for label, argv in bar:
-        # The file name carries a hash of the arguments: runs that differ only in, say, the lr
-        # or the subset size must not overwrite each other; presets with the same run share it.
-        digest = hashlib.sha1(" ".join(argv).encode()).hexdigest()[:6]
-        argv = argv + ["--out", str(out)]
-        name = f"{run_name(parse(argv))}_{digest}"
-        argv = argv + ["--name", name]
+        name, argv = named(argv, out)
         args = parse(argv)
         bar.set_postfix_str(name)
         path = out / f"{name}.json"
-        if not (path.exists() and same_run(read_args(path), options(args))):
+        if not finished(path, options(args)):  # absent, other options, or cut short
             if finished_only:
                 continue
             cmd = [sys.executable, "-m", "pelib", "finetune", *argv, "--resume", "--overwrite"]
             if not progress:
                 cmd.append("--no-progress")
-            done = subprocess.run(cmd, stdout=subprocess.DEVNULL)
+            # Ctrl-C reaches the run too; it stops without a word (QUIET_STOP) and this
+            # process prints the one line that says how to continue.
+            done = subprocess.run(cmd, stdout=subprocess.DEVNULL,
+                                  env=dict(os.environ, **{QUIET_STOP: "1"}))
             if done.returncode != 0:
                 raise SystemExit(f"pelib: run {name} failed (exit {done.returncode}); run it alone to "
                                  f"see why: python -m pelib finetune {' '.join(argv)}")
@@ -206,7 +214,7 @@ def run_all(runs, out: Path, progress: bool = True, finished_only: bool = False)
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="pelib compare", description=__doc__.splitlines()[0])
+    ap = Parser(prog="pelib compare", description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="workshop", choices=PRESETS)
     ap.add_argument("--out", default="results")
     ap.add_argument("--only", nargs="+", default=None,
@@ -222,6 +230,11 @@ def main(argv=None) -> None:
     except ValueError as e:
         raise SystemExit(f"pelib: {e}") from None
     runs = preset(args.preset)
+    tag = "" if args.preset == "workshop" else f"_{args.preset}"  # presets share the run files
+    for path in (out / f"summary{tag}.json", out / f"summary{tag}.md"):
+        if is_record(path):  # a run named like a summary, before finetune refused such names
+            raise SystemExit(f"pelib: {path} is a run's record, not a summary; move it away "
+                             "(this preset's summary is written there)")
     if args.only:
         runs = [(label, a) for label, a in runs
                 if any(w.lower() in label.lower() for w in args.only)]
@@ -234,7 +247,6 @@ def main(argv=None) -> None:
                              "run it without --finished")
         print(f"{len(records)} of the {len(runs)} runs have finished; the tables cover those only")
     text = summary(records)
-    tag = "" if args.preset == "workshop" else f"_{args.preset}"  # presets share the run files
     atomic_write(out / f"summary{tag}.md", lambda tmp: Path(tmp).write_text(text))
     atomic_write(out / f"summary{tag}.json", lambda tmp: Path(tmp).write_text(json.dumps(
         [{k: r[k] for k in ("name", "label", "metrics", "trainable_params", "total_params",

@@ -75,6 +75,23 @@ def process_group() -> ProcessGroup:
     return ProcessGroup(acc.process_index, acc.num_processes, acc)
 
 
+def check_launch(env=os.environ) -> None:
+    """A rank belongs to a world: RANK without WORLD_SIZE (a stray variable, no torchrun) would
+    run a process that waits for rank 0's results and writes nothing. Refuse it up front."""
+    rank, world = env.get("RANK"), env.get("WORLD_SIZE")
+    if rank is None and world is None:
+        return
+    try:
+        r, w = int(rank or 0), int(world or 1)
+    except ValueError:
+        raise ValueError(f"RANK={rank} and WORLD_SIZE={world} must be integers (torchrun sets "
+                         "them); unset both to run one process") from None
+    if not 0 <= r < w:
+        raise ValueError(f"RANK={r} with WORLD_SIZE={world or 'unset'}: rank {r} needs a world of "
+                         f"more than {r} processes; unset RANK to run one process, or start the "
+                         "run with torchrun")
+
+
 def rank() -> int:
     """This process's rank without joining a group (0 when not launched by torchrun)."""
     return int(os.environ.get("RANK", "0"))

@@ -9,6 +9,7 @@ table and the figure from pelib.report; this module turns options into a run.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,7 +19,15 @@ from .files import writable_dir
 from .methods import METHODS, Run
 from .options import check, config_of, options, parse
 from .report import plot_losses, table
-from .runs import numbers, only_process, refuse_other_run, run_name, same_run, write_record
+from .runs import (
+    check_outputs,
+    numbers,
+    only_process,
+    refuse_other_run,
+    run_name,
+    same_run,
+    write_record,
+)
 
 # what callers reach through pelib.finetune
 __all__ = ["finetune", "build", "parse", "options", "same_run", "check"]
@@ -63,6 +72,7 @@ def build(args, cfg):
     from .train import total_steps
 
     data = load_nlu(args.data, "train", limit=args.train_limit, seed=args.seed)
+    check_epochs(args, len(data.texts))
     n_labels = len(data.label_names)
     if args.tiny:
         model, tokenizer = tiny_backbone(args.model, n_labels, seed=args.seed, pooling=args.pooling)
@@ -85,16 +95,48 @@ def build(args, cfg):
 def finetune(args) -> dict:
     """One run: build, train, evaluate, write the record and the loss curve; return the record.
     Bad options raise ValueError with a message that names the fix."""
+    distributed.check_launch()
     check(args)
     name = run_name(args)
     if distributed.rank() != 0:  # under torchrun: rank 0 alone checks, locks and writes
         record = _finetune(args, Path(args.out), name)
     else:
         out = writable_dir(args.out)
+        check_outputs(out, name)
+        if getattr(args, "save_adapter", None):  # where the adapter goes, before training
+            writable_dir(args.save_adapter, "--save-adapter")
         with only_process(out, name):
             record = _finetune(args, out, name)
     distributed.finish()  # under torchrun: every process leaves the group after rank 0 wrote
     return record
+
+
+def check_epochs(args, rows: int) -> None:
+    """--epochs below one optimizer step would train one step and call it a fraction of an
+    epoch (the record's time per epoch then extrapolates one step to millions of seconds)."""
+    per_epoch = math.ceil(math.ceil(rows / args.batch_size) / args.grad_accum)
+    if args.epochs * per_epoch < 1:
+        raise ValueError(f"--epochs {args.epochs:g} is less than one optimizer step (an epoch of "
+                         f"{rows} rows is {per_epoch} steps of --batch-size {args.batch_size}); "
+                         f"use --epochs >= {1 / per_epoch:.3g}")
+
+
+def blame(args, config, cfg, error: FloatingPointError) -> ValueError:
+    """The loss overflowed: name the option furthest above the method's recipe. A LoRA-family
+    update moves the output by about lr * alpha / r, so either can be the cause."""
+    recipe = type(config)()
+    factors = {"--lr": (cfg.lr / recipe.lr, cfg.lr, recipe.lr)}
+    r = getattr(config, "r", None) or getattr(config, "init_r", None)
+    if getattr(args, "alpha", None) is not None and r:
+        r0 = getattr(recipe, "r", None) or recipe.init_r
+        factors["--alpha"] = ((config.alpha / r) / (recipe.alpha / r0), config.alpha, recipe.alpha * r / r0)
+    flag, (factor, value, usual) = max(factors.items(), key=lambda kv: kv[1][0])
+    what = str(error).split(";")[0]  # "loss became nan at step 3"
+    if factor <= 1:
+        return ValueError(f"the {what}, at the recipe's settings; clip the gradient with "
+                          "--max-grad-norm 1 or lower --lr")
+    return ValueError(f"the {what}: {flag} {value:g} is {factor:.3g} times the recipe's "
+                      f"{usual:g}; lower {flag}")
 
 
 def _finetune(args, out: Path, name: str) -> dict:
@@ -119,20 +161,27 @@ def _finetune(args, out: Path, name: str) -> dict:
     model, tokenizer, data, hooks = build(args, cfg)
     evaluation = load_nlu(args.data, args.eval_split, limit=args.eval_limit, seed=args.seed)
     dev = load_nlu(args.data, "dev", limit=args.eval_limit, seed=args.seed)
-    result = train(model, tokenizer, data, evaluation, cfg, hooks=hooks, dev_data=dev)
+    try:
+        result = train(model, tokenizer, data, evaluation, cfg, hooks=hooks, dev_data=dev)
+    except FloatingPointError as e:
+        raise blame(args, config, cfg, e) from None
     record = dict(name=name, **asdict(result), seconds_per_epoch=result.train_seconds / args.epochs,
                   args=options(args), eval_split=args.eval_split, train_rows=len(data.texts),
                   eval_rows=len(evaluation.texts), device=device_of(args), bf16=uses_bf16(args),
                   kernels=uses_kernels(args))
     if distributed.rank() != 0:
         return record  # the same weights and metrics as rank 0's, which writes them
-    report = method.report(model, hooks, config, result.steps) if method.report else None
-    if report:
-        record[args.method] = report
-    write_record(out / f"{name}.json", record)
+    path = out / f"{name}.json"
+    write_record(path, record)  # first: nothing after it (a report, an export) can lose the run
     plot_losses(result.losses, out / f"{name}_loss.png", name)
     if ckpt and ckpt.exists():
         ckpt.unlink()  # the results are written: nothing left to resume
+    if method.report:
+        try:
+            record[args.method] = method.report(model, hooks, config, result.steps)
+        except ValueError as e:
+            raise ValueError(f"{e} (the run's record {path} is written)") from None
+        write_record(path, record)
     print(table([record]))
     print(f"wrote {out / name}.json and {out / name}_loss.png")
     return record

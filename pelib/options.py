@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import re
 
 from .backbone import POOLINGS
@@ -17,11 +18,21 @@ from .settings import check_settings
 IMPLS = ("pelib", "peft")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad option answered in one line (argparse prints the whole usage first,
+    dozens of lines for finetune)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def add_arguments(f: argparse.ArgumentParser) -> None:
     """The finetune options: common ones, then one group per method (from the table)."""
     # argparse reads "-1e-3" as an option name (its negative-number rule knows no exponent), so
     # `--lr -1e-3` said "expected one argument"; read it as a number and let the checks answer.
-    f._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+    # "-inf" likewise ("expected one argument"): a negative infinity reaches the checks too.
+    f._negative_number_matcher = re.compile(
+        r"^-((\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|inf|infinity|nan)$", re.IGNORECASE)
     f.add_argument("--model", default="minilm", choices=["minilm", "smollm2"])
     f.add_argument("--data", default="banking77", choices=["banking77", "clinc150"])
     f.add_argument("--method", default="lora", choices=list(METHODS),
@@ -115,7 +126,7 @@ def config_of(args):
 
 def parse(argv: list[str]) -> argparse.Namespace:
     """The finetune options of `argv` (without the word `finetune`)."""
-    p = argparse.ArgumentParser(prog="pelib finetune")
+    p = Parser(prog="pelib finetune")
     add_arguments(p)
     return p.parse_args(argv)
 
@@ -133,6 +144,15 @@ LOOP_SETTINGS = ("epochs", "lr", "head_lr", "max_grad_norm", "weight_decay", "wa
 
 def flag_of(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+# A seed torch, random and numpy all take (torch.manual_seed overflows past 2**64 - 1).
+SEED_MAX = 2**32 - 1
+# The longest --name: its files (NAME.json, NAME_loss.png, .NAME.lock and the temporaries
+# .NAME.json.<pid>.<random>.tmp) must fit a file system's 255 bytes per file name.
+NAME_MAX = 200
+# compare writes summary.json / summary_<preset>.json beside the runs: no run takes those names.
+SUMMARY_NAME = re.compile(r"^summary(_.*)?$")
 
 
 def check(args) -> None:
@@ -165,3 +185,33 @@ def check(args) -> None:
     if args.name is not None and (not args.name or re.search(r"[/\\]|^\.\.?$", args.name)):
         raise ValueError(f"--name {args.name!r} must be a plain file stem (no path separators); "
                          "use --out to choose the folder")
+    check_name(args.name)
+    if args.head_init == "probe" and args.train_limit is not None and args.train_limit < 2:
+        raise ValueError("--head-init probe standardises the features over the training rows, "
+                         f"which needs at least 2; got --train-limit {args.train_limit}; use "
+                         "--train-limit >= 2 or --head-init random")
+    if args.bf16 and args.fp32:
+        raise ValueError("--bf16 and --fp32 contradict each other; pass one of them")
+    if not 0 <= args.seed <= SEED_MAX:
+        raise ValueError(f"--seed must be an integer in [0, {SEED_MAX}], got {args.seed}")
+    for dest, (field, _) in method_options().items():
+        v = getattr(args, dest, None)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{flags_of(field)[0]} must be a finite number, got {v}")
+
+
+def check_name(name: str | None) -> None:
+    """A run name is a file name pelib writes beside others: text, short, not compare's."""
+    if name is None:
+        return
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:  # a byte that is not UTF-8 reaches argv as a lone surrogate
+        raise ValueError(f"--name {name.encode('utf-8', 'replace').decode()!r} is not valid "
+                         "UTF-8 text; pass a name in letters, digits, '-' and '_'") from None
+    if size > NAME_MAX:
+        raise ValueError(f"--name is {size} bytes long; use at most {NAME_MAX} (its files must "
+                         "fit the file system's 255 bytes per name)")
+    if SUMMARY_NAME.match(name):
+        raise ValueError(f"--name {name} is where `pelib compare` writes its summary "
+                         f"({name}.json); choose another name")

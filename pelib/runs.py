@@ -82,11 +82,51 @@ def only_process(out: Path, name: str):
         lock.close()
 
 
+def check_outputs(out: Path, name: str) -> None:
+    """A run's files are files: a folder in the place of one is refused before training (not
+    after, when the record could not be written)."""
+    for path in (out / f"{name}.json", out / f"{name}_loss.png", out / f"{name}.ckpt"):
+        if path.exists() and not path.is_file():
+            raise ValueError(f"{path} is a folder (or not a plain file) where the run writes a "
+                             "file; move it away or pass another --name")
+
+
+# What compare's tables read from a record: one without them (cut short, edited) is unfinished.
+SUMMARY_KEYS = ("name", "metrics", "trainable_params", "total_params", "peak_memory_mb",
+                "seconds_per_step", "train_seconds", "args", "losses", "history", "train_rows",
+                "eval_rows", "eval_split", "memory_kind")
+
+
+def finished(path: Path, opts: dict) -> bool:
+    """Does `path` hold the complete record of a run of these options?"""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and all(k in record for k in SUMMARY_KEYS) and \
+        isinstance(record["metrics"], dict) and same_run(record["args"], opts)
+
+
+def is_record(path: Path) -> bool:
+    """Is `path` a run's record (a JSON object with its options), not compare's summary (a
+    list)? A file of another kind is not a record."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and "args" in record
+
+
+# Set by `pelib compare` for the runs it starts: a run stopped by Ctrl-C then exits without a
+# word, and compare prints the one line that says how to continue.
+QUIET_STOP = "PELIB_QUIET_STOP"
+
+
 def read_args(path: Path) -> dict | None:
     """The options a result file was made with; None for a broken file (the run is redone)."""
     try:
         return json.loads(path.read_text())["args"]
-    except (ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):  # OSError: a folder, unreadable
         return None
 
 

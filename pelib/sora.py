@@ -338,3 +338,34 @@ def prune(model: nn.Module) -> nn.Module:
 def export_lora(model: nn.Module, path, base_model_name_or_path: str | None = None):
     """Save the pruned adapter of a trained SoRA model in peft's LoRA format (model unchanged)."""
     return save_adapter(prune(copy.deepcopy(model)), path, base_model_name_or_path)
+
+
+def report(model: nn.Module, hooks, c: SoRAConfig, steps: int) -> dict:
+    """What a SoRA run adds to its record: live ranks per module, parameter counts before and
+    after pruning, and the exported adapter (c.save_adapter). Every gate at zero is a result,
+    0 live ranks and no adapter left, not an error: the record says so and nothing is written."""
+    from .inject import trainable_parameters
+
+    live = live_ranks(model)
+    gates = torch.cat([m.gate.detach().abs() for _, m in sora_layers(model)])
+    before = trainable_parameters(model)
+    if sum(live.values()):
+        after = trainable_parameters(prune(copy.deepcopy(model)))
+    else:  # pruning leaves the frozen base layers: only the head trains
+        after = before - sum(p.numel() for _, m in sora_layers(model)
+                             for n, p in m.named_parameters() if p.requires_grad
+                             and not n.startswith("base_layer."))
+    out = dict(live_ranks=live, live_ranks_total=sum(live.values()),
+               live_gate_abs_mean=float(gates[gates > 0].mean()) if (gates > 0).any() else 0.0,
+               initial_ranks_total=c.r * len(live), params_before_pruning=before,
+               params_after_pruning=after,
+               live_ranks_history=getattr(hooks[0], "live_history", None), adapter=None)
+    print(f"SoRA: {out['live_ranks_total']} of {out['initial_ranks_total']} ranks live; "
+          f"{after:,} trainable parameters after pruning ({before:,} before)")
+    if c.save_adapter and out["live_ranks_total"]:
+        export_lora(model, c.save_adapter)
+        out["adapter"] = c.save_adapter
+    elif c.save_adapter:
+        print(f"SoRA: every gate is zero, so no adapter is left to write to {c.save_adapter}; "
+              "a lower --sparse-lambda keeps some ranks")
+    return out

@@ -231,6 +231,13 @@ def train(model: nn.Module, tokenizer, train_data, eval_data, cfg: TrainConfig,
             if cfg.checkpoint and loop["step"] < total:
                 checkpoint()
     bar.close()
+    # The last step's loss was measured before its update: the weights it made are checked here,
+    # else an overflow there would be evaluated as if it were a model.
+    bad = next((n for n, p in model.named_parameters()
+                if p.requires_grad and not torch.isfinite(p).all()), None)
+    if bad is not None:
+        raise FloatingPointError(f"weights became inf or nan at step {loop['step']} ({bad}); lower "
+                                 f"the learning rate (now {cfg.lr})")
     result.eval_seconds = loop["eval_seconds"]
     result.train_seconds = time.perf_counter() - start - result.eval_seconds
     result.seconds_per_step = result.train_seconds / loop["step"]
