@@ -13,7 +13,7 @@ One module per technique (see the notebooks for the derivations):
     methods  the registry: each method's config, builders per implementation, loaders
     peers    the peer library's (peft, bitsandbytes) builds of the same methods
     backbone the packaged pretrained models (MiniLM, SmolLM2), offline
-    data     Banking77 / CLINC150 from data/
+    data     Banking77 / CLINC150, shipped in pelib/_data/
     train    the training loop, which knows no method: hooks (the protocol, LP-FT's probe head,
              the floor's feature cache), batching, optim (AdamW's groups), schedule,
              checkpoint, evaluation, settings (one check for the API and the CLI); metrics

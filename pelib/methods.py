@@ -12,19 +12,17 @@ its own module (config, layer, training rule) plus one entry here.
 """
 from __future__ import annotations
 
-import copy
 import functools
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
-import torch
 from torch import nn
 
 from . import io, peers
 from .adalora import AdaLoRAConfig, RankAllocator, apply_adalora
 from .adapter import AdapterConfig, apply_adapters
 from .dora import DoRAConfig, apply_dora, check_dora_file, dora_from_config
-from .inject import train_heads_only, trainable_parameters
+from .inject import train_heads_only
 from .lora import LoRAConfig, LoRALinear, apply_lora, lora_from_config
 from .prefix import PrefixConfig, apply_prefix
 from .quant.qlora import QLoRAConfig, apply_qlora, qlora_from_config
@@ -33,12 +31,9 @@ from .sora import (
     SoRAConfig,
     apply_sora,
     check_gate_shapes,
-    export_lora,
-    live_ranks,
-    prune,
     sora_from_config,
-    sora_layers,
 )
+from .sora import report as sora_report
 
 
 @dataclass(frozen=True)
@@ -166,25 +161,6 @@ def _adalora_report(model, hooks, c: AdaLoRAConfig, steps) -> dict:
                 schedule=dict(tinit=tinit, tfinal=tfinal, deltaT=c.delta_t, total_step=steps))
 
 
-def _sora_report(model, hooks, c: SoRAConfig, steps) -> dict:
-    """Live ranks per module and parameter counts before/after pruning (of a pruned copy)."""
-    live = live_ranks(model)
-    gates = torch.cat([m.gate.detach().abs() for _, m in sora_layers(model)])
-    out = dict(live_ranks=live, live_ranks_total=sum(live.values()),
-               live_gate_abs_mean=float(gates[gates > 0].mean()) if (gates > 0).any() else 0.0,
-               initial_ranks_total=c.r * len(live),
-               params_before_pruning=trainable_parameters(model),
-               params_after_pruning=trainable_parameters(prune(copy.deepcopy(model))),
-               live_ranks_history=getattr(hooks[0], "live_history", None))
-    if c.save_adapter:
-        export_lora(model, c.save_adapter)
-        out["adapter"] = c.save_adapter
-    print(f"SoRA: {out['live_ranks_total']} of {out['initial_ranks_total']} ranks live; "
-          f"{out['params_after_pruning']:,} adapter parameters after pruning "
-          f"({out['params_before_pruning']:,} before)")
-    return out
-
-
 METHODS: dict[str, Method] = {
     "head": Method(HeadConfig, {"pelib": _head},
                    help="the floor: the backbone frozen, only the classification head trains"),
@@ -200,7 +176,7 @@ METHODS: dict[str, Method] = {
                      help="prefix tuning (Li & Liang 2021)"),
     "adalora": Method(AdaLoRAConfig, {"pelib": _adalora, "peft": _adalora_peft},
                       report=_adalora_report, help="AdaLoRA (Zhang et al. 2023)"),
-    "sora": Method(SoRAConfig, {"pelib": _sora}, report=_sora_report,
+    "sora": Method(SoRAConfig, {"pelib": _sora}, report=sora_report,
                    from_config=sora_from_config, check_file=check_gate_shapes,
                    help="SoRA (Ding et al. 2023)"),
     "dora": Method(DoRAConfig, {"pelib": _dora, "peft": _dora_peft}, from_config=dora_from_config,

@@ -25,6 +25,8 @@ def fit_probe(z: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float = 1e-3
     if z.ndim != 2 or len(z) != len(y):
         raise ValueError(f"fit_probe needs features (N, H) and N labels, got {tuple(z.shape)} "
                          f"and {len(y)}")
+    if len(z) < 2:
+        raise ValueError("fit_probe needs at least 2 rows: it standardises the features over them")
     mu = z.mean(0) if bias else torch.zeros(z.shape[1])
     sd = z.std(0) + 1e-6
     zs = (z - mu) / sd                                      # (N, H) standardised

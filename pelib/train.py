@@ -31,7 +31,7 @@ from .measure import PeakMemory
 from .optim import make_optimizer
 from .recipe import Recipe
 from .schedule import lr_schedule, total_steps
-from .settings import check_settings
+from .settings import check_data, check_settings
 
 # what notebooks and benches reach through pelib.train
 __all__ = ["TrainConfig", "TrainResult", "train", "encode", "collate", "length_grouped_batches",
@@ -139,6 +139,8 @@ def train(model: nn.Module, tokenizer, train_data, eval_data, cfg: TrainConfig,
     that file and ends with the same numbers as an uninterrupted run.
     """
     check_inputs(model, tokenizer, cfg)
+    check_data(getattr(getattr(model, "config", None), "num_labels", None),
+               {"train_data": train_data, "eval_data": eval_data, "dev_data": dev_data})
     hooks = check_hooks(hooks)
     hooks += [ProbeHead()] * (cfg.head_init == "probe") + [FeatureCache(hooks)] * cfg.cache_features
     group = process_group()  # one process, or rank r of W under torchrun (pelib.distributed)
