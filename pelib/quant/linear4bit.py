@@ -20,7 +20,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .blockwise import DQ_BLOCKSIZE, QuantState, dequantize_4bit, dynamic_code, quantize_4bit
+from .blockwise import (
+    DQ_BLOCKSIZE,
+    QuantState,
+    _check_blocksize,
+    dequantize_4bit,
+    dynamic_code,
+    quantize_4bit,
+)
 from .codes import get_code
 
 _local = threading.local()
@@ -95,6 +102,7 @@ class Linear4bit(nn.Module):
         weight_dtype: torch.dtype = torch.float32,
     ):
         super().__init__()
+        _check_blocksize(blocksize)  # before sizing the buffers: 64.0 would fail deep in torch.zeros
         self.in_features, self.out_features = in_features, out_features
         self.blocksize, self.quant_type, self.double_quant = blocksize, quant_type, double_quant
         self.compute_dtype, self.weight_dtype = compute_dtype, weight_dtype
