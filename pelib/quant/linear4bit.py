@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..backbone import drop_file_pages
 from .blockwise import (
     DQ_BLOCKSIZE,
     QuantState,
@@ -61,12 +62,13 @@ class Dequant4bitLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, packed, state: QuantState, bias):
-        W = dequantize_4bit(packed, state, dtype=x.dtype,
-                            out=workspace(state.shape, x.dtype, x.device))  # (out, in), not saved
+    def forward(ctx, x, packed, state: QuantState, bias, dtype=None):
+        dtype = dtype or x.dtype  # W~'s dtype: x's, or autocast's (Linear4bit.forward)
+        W = dequantize_4bit(packed, state, dtype=dtype,
+                            out=workspace(state.shape, dtype, x.device))  # (out, in), not saved
         names = list(state.tensors())
         ctx.save_for_backward(packed, *state.tensors().values())
-        ctx.state, ctx.names, ctx.has_bias = state, names, bias is not None
+        ctx.state, ctx.names, ctx.has_bias, ctx.x_dtype = state, names, bias is not None, x.dtype
         return F.linear(x, W, bias)  # (..., out)
 
     @staticmethod
@@ -77,10 +79,10 @@ class Dequant4bitLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             W = dequantize_4bit(packed, state, dtype=grad_y.dtype,
                                 out=workspace(state.shape, grad_y.dtype, grad_y.device))  # again
-            grad_x = grad_y @ W  # (..., in)
+            grad_x = (grad_y @ W).to(ctx.x_dtype)  # (..., in), in x's dtype (autocast's cast back)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)  # (out,)
-        return grad_x, None, None, grad_bias
+        return grad_x, None, None, grad_bias, None
 
 
 class Linear4bit(nn.Module):
@@ -138,6 +140,9 @@ class Linear4bit(nn.Module):
             getattr(layer, name).copy_(t)
         if linear.bias is not None:
             layer.bias.data.copy_(linear.bias.detach())
+        # A weight read in place from the checkpoint file: its fp32 pages are not needed now,
+        # so they leave memory as soon as it is quantised, layer by layer (values unchanged).
+        drop_file_pages(W)
         return layer.to(W.device)
 
     @property
@@ -165,6 +170,12 @@ class Linear4bit(nn.Module):
         return dequantize_4bit(self.packed, self.quant_state, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        if torch.is_autocast_enabled(x.device.type):
+            # As nn.Linear under autocast: the matmul and its output in autocast's dtype. W~ is
+            # dequantised straight into that dtype (the same rounding as autocast casting an fp32
+            # W~, without the fp32 copy), and x and the bias are left for autocast to cast.
+            dtype = torch.get_autocast_dtype(x.device.type)
+            return Dequant4bitLinear.apply(x, self.packed, self.quant_state, self.bias, dtype)
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
         y = Dequant4bitLinear.apply(x.to(self.compute_dtype), self.packed, self.quant_state, bias)
         return y.to(x.dtype)
