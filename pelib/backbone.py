@@ -250,3 +250,22 @@ def _in_file_mapping(start: int, end: int) -> bool:
             if lo <= start and end <= hi:
                 return len(fields) == 6 and fields[5].startswith("/") and fields[1].endswith("p")
     return False
+
+
+def cast_frozen(model, dtype: torch.dtype):
+    """Store every frozen floating-point weight of `model` in `dtype` (bf16 for bf16 training),
+    in place; trainable parameters (LoRA's A and B, a head) keep theirs. Under CPU autocast an
+    fp32 frozen weight is cast to bf16 again on every forward (the cast cache keeps only weights
+    that require grad); stored in bf16 it is read as it is, at half the memory. A 4-bit layer's
+    scales and code tables stay float32 (its bytes are not floats). Returns the model."""
+    from .quant.linear4bit import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            tensors = [module.bias] if module.bias is not None else []
+        else:
+            tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        for t in tensors:
+            if t.is_floating_point() and not t.requires_grad:
+                t.data = t.data.to(dtype)
+    return model
