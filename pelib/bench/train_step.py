@@ -3,6 +3,10 @@ process (peak RSS is per process), on a fixed batch of random tokens:
 
     python -m pelib bench train-step --model smollm2 --method qlora --batch 8 --tokens 128 --steps 4
     python -m pelib bench train-step --model smollm2 --method lora  --batch 8 --tokens 128 --steps 4
+    python -m pelib bench train-step --model smollm2 --method lora  --bf16 --base-dtype bfloat16
+
+With --bf16 the step runs under bf16 autocast; --base-dtype bfloat16 also stores the frozen weights
+in bf16 (pelib.backbone.cast_frozen), so autocast does not cast them again on every forward.
 
 Prints one JSON line: model state bytes by kind (pelib.quant.qlora_nbytes), the bytes autograd
 saves for the backward (activations: storages that are not the model's own tensors), resident

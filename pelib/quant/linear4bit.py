@@ -11,6 +11,8 @@ W~ is written into a reused workspace (one per thread, dtype and device, grown t
 weight seen), as Unsloth does on the GPU: on a CPU a fresh 64 MB output costs the OS ~25 ms of
 page faults and zeroing, five times the dequantisation itself (`python -m pelib bench quant`).
 LoRA adds its trainable path beside this layer (notebook 06); the weight gets no gradient.
+Under autocast the layer acts as nn.Linear does there: W~ is dequantised straight into
+autocast's dtype (2 bytes a weight written, not 4 and then a cast) and the output is in it.
 """
 import math
 import threading
