@@ -11,13 +11,21 @@ smollm2  SmolLM2-135M-Instruct (Llama: 30 layers, hidden 576, 9 query / 3 KV hea
          next load takes seconds instead of ~20 s.
 
 `tiny_backbone` builds the same architectures from a small config with random weights, for tests.
+
+File pages. transformers maps the checkpoint file and the weights read it in place: a weight's
+pages join the resident set when first read and stay while any weight of the file lives. When a
+weight is replaced (QLoRA quantises it), `drop_file_pages` hands its pages back at once.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.util
+import mmap
 import os
 import shutil
+import struct
+import sys
 import tempfile
 from pathlib import Path
 
@@ -214,3 +222,61 @@ def load_tokenizer(name: str):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+MADV_DONTNEED = 4
+_FILE_PAGE, _PRESENT = 1 << 61, 1 << 63  # /proc/self/pagemap bits: file page, page present
+
+
+def drop_file_pages(t: torch.Tensor) -> int:
+    """Hand back the resident pages of a CPU tensor that reads a mapped file, page by page only
+    where the page is still the file's (never written): such a page is read from the file again
+    if touched, so the tensor's values cannot change. Anything else (memory of its own, a page a
+    write has copied) is left alone. Returns the bytes handed back; 0 off Linux."""
+    if t.device.type != "cpu" or not sys.platform.startswith("linux") or not t.is_contiguous():
+        return 0
+    page = mmap.PAGESIZE
+    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    first, last = -(-start // page), end // page  # whole pages inside the tensor only
+    if last <= first or not _in_file_mapping(start, end):
+        return 0
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(8 * first)
+        flags = struct.unpack(f"{last - first}Q", f.read(8 * (last - first)))
+    if any(v & _PRESENT and not v & _FILE_PAGE for v in flags):
+        return 0  # a page was written (copied on write): dropping it would lose the write
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    if libc.madvise(first * page, (last - first) * page, MADV_DONTNEED) != 0:
+        return 0
+    return sum(page for v in flags if v & _PRESENT)
+
+
+def _in_file_mapping(start: int, end: int) -> bool:
+    """Does [start, end) lie in one private mapping of a file (not the heap, not anonymous)?"""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if lo <= start and end <= hi:
+                return len(fields) == 6 and fields[5].startswith("/") and fields[1].endswith("p")
+    return False
+
+
+def cast_frozen(model, dtype: torch.dtype):
+    """Store every frozen floating-point weight of `model` in `dtype` (bf16 for bf16 training),
+    in place; trainable parameters (LoRA's A and B, a head) keep theirs. Under CPU autocast an
+    fp32 frozen weight is cast to bf16 again on every forward (the cast cache keeps only weights
+    that require grad); stored in bf16 it is read as it is, at half the memory. A 4-bit layer's
+    scales and code tables stay float32 (its bytes are not floats). Returns the model."""
+    from .quant.linear4bit import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            tensors = [module.bias] if module.bias is not None else []
+        else:
+            tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        for t in tensors:
+            if t.is_floating_point() and not t.requires_grad:
+                t.data = t.data.to(dtype)
+    return model

@@ -109,3 +109,27 @@ def test_reused_workspace_does_not_leak_between_layers():
     assert torch.equal(y1, y2) and torch.equal(x1.grad, x2.grad)
     ptr = workspace(torch.Size([96, 33]), torch.float32, torch.device("cpu")).data_ptr()
     assert workspace(torch.Size([10, 10]), torch.float32, torch.device("cpu")).data_ptr() == ptr
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_under_autocast_as_nn_linear_on_the_dequantised_weight(x_dtype):
+    """Under bf16 autocast the layer computes what nn.Linear holding W~ (fp32) computes there:
+    the same bf16 output and the same input and bias gradients (W~ is dequantised straight
+    into bf16, which must round as autocast's cast of the fp32 W~ does)."""
+    linear, layer = make()
+    layer.bias.requires_grad_(True)
+    dense = nn.Linear(301, 130)
+    with torch.no_grad():
+        dense.weight.copy_(layer.dequantized_weight(torch.float32))
+        dense.bias.copy_(linear.bias)
+    x = torch.randn(4, 7, 301).to(x_dtype)
+    grads = []
+    for module in (layer, dense):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = module(xi)
+        assert y.dtype == torch.bfloat16
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).bfloat16()
+        grads.append((y, *torch.autograd.grad(y, (xi, module.bias), g)))
+    for ours, ref in zip(*grads):
+        assert ours.dtype == ref.dtype and torch.equal(ours, ref)

@@ -3,6 +3,10 @@ process (peak RSS is per process), on a fixed batch of random tokens:
 
     python -m pelib bench train-step --model smollm2 --method qlora --batch 8 --tokens 128 --steps 4
     python -m pelib bench train-step --model smollm2 --method lora  --batch 8 --tokens 128 --steps 4
+    python -m pelib bench train-step --model smollm2 --method lora  --bf16 --base-dtype bfloat16
+
+With --bf16 the step runs under bf16 autocast; --base-dtype bfloat16 also stores the frozen weights
+in bf16 (pelib.backbone.cast_frozen), so autocast does not cast them again on every forward.
 
 Prints one JSON line: model state bytes by kind (pelib.quant.qlora_nbytes), the bytes autograd
 saves for the backward (activations: storages that are not the model's own tensors), resident
@@ -28,7 +32,7 @@ from ..measure import PeakMemory, count_flops, matmul_rate, time_ms
 
 def main(argv: list[str] | None = None) -> None:
     import pelib
-    from pelib.backbone import DEFAULT_TARGETS
+    from pelib.backbone import DEFAULT_TARGETS, cast_frozen
     from pelib.quant import apply_qlora, qlora_nbytes
 
     ap = argparse.ArgumentParser(prog="pelib bench train-step", description=__doc__.splitlines()[0])
@@ -39,8 +43,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    ap.add_argument("--base-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="dtype of the frozen weights (pelib.backbone.cast_frozen); bfloat16 with --bf16")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = ap.parse_args(argv)
+    for name in ("steps", "batch", "tokens", "r"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads must be at least 1, got {args.threads}")
+    if args.base_dtype == "bfloat16" and not args.bf16:
+        ap.error("--base-dtype bfloat16 stores the frozen weights for bf16 training: add --bf16")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -48,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     model, _ = pelib.load_backbone(args.model, num_labels=77)
     inject = apply_qlora if args.method == "qlora" else pelib.apply_lora
     inject(model, DEFAULT_TARGETS[args.model], r=args.r, alpha=2 * args.r)
+    cast_frozen(model, getattr(torch, args.base_dtype))
     # transformers maps the checkpoint file: the weights are views of one file-backed storage,
     # whose pages stay resident while any tensor of the file lives, even after quantisation has
     # replaced most of them. Copy the tensors out so the file is unmapped, and give the freed heap
@@ -89,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     limit_ms = 1e3 * flops / matmul_rate(dtype=torch.bfloat16 if args.bf16 else torch.float32)
     print(json.dumps(dict(
         model=args.model, method=args.method, r=args.r, batch=f"{args.batch}x{args.tokens}", bf16=args.bf16,
+        base_dtype=args.base_dtype,
         threads=torch.get_num_threads(), load_avg=round(os.getloadavg()[0], 2),
         state_MB={k: round(v / 1e6, 1) for k, v in qlora_nbytes(model).items()},
         saved_activations_MB=round(sum(saved.values()) / 1e6, 1),  # of the last step

@@ -239,6 +239,9 @@ def quantize_4bit(
         raise ValueError("quantize_4bit: W is empty")
     if dq_rounding not in DQ_ROUNDINGS:
         raise ValueError(f"dq_rounding must be one of {DQ_ROUNDINGS}, got {dq_rounding!r}")
+    if W.device.type == "meta":
+        raise ValueError("quantize_4bit: W is on the meta device and holds no values; load or "
+                         "materialise the weights first (model.to_empty(device='cpu'), then load_state_dict)")
     _check_finite(W, "quantize_4bit")
     code = get_code(quant_type).to(W.device)  # also validates quant_type
 
@@ -268,6 +271,8 @@ def _check_blocksize(blocksize) -> None:
 
 
 def _check_state(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> None:
+    """Refuse a state that does not describe these bytes: a wrong blocksize or a scale tensor of
+    the wrong length would otherwise broadcast, or silently scale blocks by another's absmax."""
     _check_blocksize(state.blocksize)
     if dtype is not None and dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dequantize to float32, float16 or bfloat16, not {dtype}")
@@ -276,6 +281,25 @@ def _check_state(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | N
             f"packed must hold ceil({state.numel}/2) = {-(-state.numel // 2)} uint8 bytes, "
             f"got {packed.numel()} of {packed.dtype}"
         )
+    n_blocks = state.n_blocks
+    want = {"code": (16, torch.float32)}
+    if state.double_quant:
+        if type(state.blocksize2) is not int or state.blocksize2 <= 0:
+            raise ValueError(f"state.blocksize2 must be a positive integer, got {state.blocksize2!r}")
+        n_blocks2 = -(-n_blocks // state.blocksize2)
+        want.update(qabsmax=(n_blocks, torch.uint8), absmax2=(n_blocks2, torch.float32),
+                    code2=(256, torch.float32), offset=(1, torch.float32))
+    else:
+        want["absmax"] = (n_blocks, torch.float32)
+    for name, (numel, dt) in want.items():
+        t = getattr(state, name)
+        if t is None or t.numel() != numel or t.dtype != dt:
+            got = "None" if t is None else f"{t.numel()} of {t.dtype}"
+            raise ValueError(
+                f"state.{name} must hold {numel} {dt} values for {state.numel} weights in blocks of "
+                f"{state.blocksize}, got {got}: the state does not belong to these packed bytes "
+                "(pass the state quantize_4bit returned with them)"
+            )
 
 
 def dequantize_4bit_ref(packed: torch.Tensor, state: QuantState,
@@ -338,6 +362,10 @@ def dequantize_4bit(
     dtype, device = dtype or state.dtype, packed.device
     if out is not None and (out.shape != state.shape or out.dtype != dtype or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous {dtype} tensor of shape {tuple(state.shape)}")
+    if chunk_bytes is not None and (type(chunk_bytes) is not int or chunk_bytes <= 0
+                                    or chunk_bytes % (B // 2)):
+        raise ValueError(f"chunk_bytes must be a positive multiple of blocksize // 2 = {B // 2} bytes "
+                         f"(whole blocks), got {chunk_bytes!r}")
     if _triton_wanted(packed):
         from ..kernels.nf4 import dequantize_4bit_triton  # imports Triton: only when it runs
 
@@ -346,8 +374,6 @@ def dequantize_4bit(
         return W.view(state.shape)
     if chunk_bytes is None:
         chunk_bytes = CHUNK_BYTES_1_THREAD if torch.get_num_threads() == 1 else CHUNK_BYTES
-    if chunk_bytes % (B // 2):
-        raise ValueError(f"chunk_bytes ({chunk_bytes}) must hold whole blocks of {B // 2} bytes")
     lut = state.code[_BYTE_NIBBLES.to(device)].reshape(-1).view(torch.int64)  # (256,): two fp32 each
     absmax = state.block_absmax()  # (n_blocks,) fp32
     packed = packed.reshape(-1)  # (n_bytes,) uint8

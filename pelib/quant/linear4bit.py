@@ -11,6 +11,8 @@ W~ is written into a reused workspace (one per thread, dtype and device, grown t
 weight seen), as Unsloth does on the GPU: on a CPU a fresh 64 MB output costs the OS ~25 ms of
 page faults and zeroing, five times the dequantisation itself (`python -m pelib bench quant`).
 LoRA adds its trainable path beside this layer (notebook 06); the weight gets no gradient.
+Under autocast the layer acts as nn.Linear does there: W~ is dequantised straight into
+autocast's dtype (2 bytes a weight written, not 4 and then a cast) and the output is in it.
 """
 import math
 import threading
@@ -20,7 +22,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .blockwise import DQ_BLOCKSIZE, QuantState, dequantize_4bit, dynamic_code, quantize_4bit
+from ..backbone import drop_file_pages
+from .blockwise import (
+    DQ_BLOCKSIZE,
+    QuantState,
+    _check_blocksize,
+    dequantize_4bit,
+    dynamic_code,
+    quantize_4bit,
+)
 from .codes import get_code
 
 _local = threading.local()
@@ -54,12 +64,13 @@ class Dequant4bitLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, packed, state: QuantState, bias):
-        W = dequantize_4bit(packed, state, dtype=x.dtype,
-                            out=workspace(state.shape, x.dtype, x.device))  # (out, in), not saved
+    def forward(ctx, x, packed, state: QuantState, bias, dtype=None):
+        dtype = dtype or x.dtype  # W~'s dtype: x's, or autocast's (Linear4bit.forward)
+        W = dequantize_4bit(packed, state, dtype=dtype,
+                            out=workspace(state.shape, dtype, x.device))  # (out, in), not saved
         names = list(state.tensors())
         ctx.save_for_backward(packed, *state.tensors().values())
-        ctx.state, ctx.names, ctx.has_bias = state, names, bias is not None
+        ctx.state, ctx.names, ctx.has_bias, ctx.x_dtype = state, names, bias is not None, x.dtype
         return F.linear(x, W, bias)  # (..., out)
 
     @staticmethod
@@ -70,10 +81,10 @@ class Dequant4bitLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             W = dequantize_4bit(packed, state, dtype=grad_y.dtype,
                                 out=workspace(state.shape, grad_y.dtype, grad_y.device))  # again
-            grad_x = grad_y @ W  # (..., in)
+            grad_x = (grad_y @ W).to(ctx.x_dtype)  # (..., in), in x's dtype (autocast's cast back)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)  # (out,)
-        return grad_x, None, None, grad_bias
+        return grad_x, None, None, grad_bias, None
 
 
 class Linear4bit(nn.Module):
@@ -95,6 +106,7 @@ class Linear4bit(nn.Module):
         weight_dtype: torch.dtype = torch.float32,
     ):
         super().__init__()
+        _check_blocksize(blocksize)  # before sizing the buffers: 64.0 would fail deep in torch.zeros
         self.in_features, self.out_features = in_features, out_features
         self.blocksize, self.quant_type, self.double_quant = blocksize, quant_type, double_quant
         self.compute_dtype, self.weight_dtype = compute_dtype, weight_dtype
@@ -130,6 +142,9 @@ class Linear4bit(nn.Module):
             getattr(layer, name).copy_(t)
         if linear.bias is not None:
             layer.bias.data.copy_(linear.bias.detach())
+        # A weight read in place from the checkpoint file: its fp32 pages are not needed now,
+        # so they leave memory as soon as it is quantised, layer by layer (values unchanged).
+        drop_file_pages(W)
         return layer.to(W.device)
 
     @property
@@ -157,6 +172,12 @@ class Linear4bit(nn.Module):
         return dequantize_4bit(self.packed, self.quant_state, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        if torch.is_autocast_enabled(x.device.type):
+            # As nn.Linear under autocast: the matmul and its output in autocast's dtype. W~ is
+            # dequantised straight into that dtype (the same rounding as autocast casting an fp32
+            # W~, without the fp32 copy), and x and the bias are left for autocast to cast.
+            dtype = torch.get_autocast_dtype(x.device.type)
+            return Dequant4bitLinear.apply(x, self.packed, self.quant_state, self.bias, dtype)
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
         y = Dequant4bitLinear.apply(x.to(self.compute_dtype), self.packed, self.quant_state, bias)
         return y.to(x.dtype)
