@@ -268,11 +268,10 @@ def cast_frozen(model, dtype: torch.dtype):
     in place; trainable parameters (LoRA's A and B, a head) keep theirs. Under CPU autocast an
     fp32 frozen weight is cast to bf16 again on every forward (the cast cache keeps only weights
     that require grad); stored in bf16 it is read as it is, at half the memory. A 4-bit layer's
-    scales and code tables stay float32 (its bytes are not floats). Returns the model."""
-    from .quant.linear4bit import Linear4bit
-
+    scales and code tables stay float32 (its bytes are not floats: such a layer sets
+    `keeps_own_dtype`). Returns the model."""
     for module in model.modules():
-        if isinstance(module, Linear4bit):
+        if getattr(module, "keeps_own_dtype", False):
             tensors = [module.bias] if module.bias is not None else []
         else:
             tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]

@@ -134,8 +134,9 @@ def merge_qlora(model: nn.Module, strategy: str = "nf4") -> nn.Module:
             new = _dense(W, bias)
         parent, child = get_submodule_parent(model, name)
         setattr(parent, child, new)
-    if hasattr(model, "pelib_adapter"):
-        del model.pelib_adapter
+    for attr in ("pelib_adapter", "pelib_method"):  # no adapter is left: a plain model again
+        if hasattr(model, attr):
+            delattr(model, attr)
     model.pelib_merged = strategy
     return model
 
