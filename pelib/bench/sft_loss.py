@@ -8,9 +8,10 @@
 - chunked: pelib.linear_ce, the head and the loss over the labelled rows in chunks, the
   gradients made in the forward: the logits of one chunk at a time.
 
-For each: the bytes autograd keeps for the backward (the ledger: pelib.measure-style saved
-tensors), the peak RSS the forward + backward add (sampled, a loose upper bound), and the median
-ms of forward + backward, timed in alternating turns. The hidden states are random bf16 (B, T, H)
+For each: the bytes autograd keeps for the backward (the ledger: saved tensors, each storage
+once, without the head and the hidden states, which exist anyway), the peak RSS the forward +
+backward add (sampled, a loose upper bound), and the median ms of forward + backward, timed in
+alternating turns. The hidden states are random bf16 (B, T, H)
 with a frozen head (V, H) (LoRA freezes it; SmolLM2 ties it to the embedding). The limit: the
 head's FLOPs at this machine's measured bf16 matmul rate. A benchmark, not a test.
 """
@@ -32,14 +33,16 @@ def _positive(text: str) -> int:
     return value
 
 
-def _saved_bytes(fn) -> tuple[torch.Tensor, int]:
-    seen, total = set(), [0]
+def _saved_bytes(fn, inputs) -> tuple[torch.Tensor, int]:
+    """fn()'s result and the bytes autograd saved for its backward, each storage once, the
+    storages of `inputs` (the head, the hidden states: they exist anyway) not counted."""
+    seen, total = {t.untyped_storage().data_ptr() for t in inputs}, [0]
 
     def pack(t):
-        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        if key not in seen:
-            seen.add(key)
-            total[0] += key[1]
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total[0] += t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     result = {}
     for name, fn in ways.items():
-        loss, kept = _saved_bytes(fn)
+        loss, kept = _saved_bytes(fn, (w, hidden))
         del loss
         _, rss = peak_added_mb(lambda fn=fn: fn().backward())
         result[name] = {"ledger_mb": round(kept / 2**20, 1), "peak_rss_added_mb": round(rss, 1)}
