@@ -288,7 +288,7 @@ assert torch.allclose(mine.double(), ref) and all(torch.allclose(a, b.to(a.dtype
 # dtype the fine-tune below computes in (bf16 where the CPU has bf16 instructions, else fp32).
 # The ledger counts the bytes autograd keeps for the backward: a `saved_tensors_hooks` pack hook
 # sees every tensor saved (each storage counted once). The time is forward + backward, the
-# median of a few turns taken in alternation (the machine's load moves every timing alike).
+# median of a few turns taken in alternation, so that a change of load hits every way alike.
 
 # %%
 def saved_bytes(fn, inputs):
@@ -328,14 +328,15 @@ for k in ways:
     print(f"{k:14s} {ledger[k] / 2**20:11.2f} {ms[k]:11.1f}")
 
 # %% [markdown]
-# The ledger of the unfused paths is their logits and softmax, $(n, V)$ in fp32; the chunked path
-# keeps $dh$ only (the head is frozen): $n \times H$ values. It does the labelled path's matmuls,
-# in the forward instead of the backward, so the two times should be close. The chunk size is a trade: a chunk bounds the live logits to
-# $C \times V$, but each chunk reads the whole head $W$ again (for $z$ and for $dh$), and with few
-# rows a chunk's matmul is bound by that read. So chunks are large (1,024 rows here); they start to
-# matter when the loss covers every token (pre-training, or the prompt too). At full size, with
-# the machine's load printed beside it: `python -m pelib bench sft-loss --batch 16 --tokens 64`,
-# which adds peak RSS.
+# The ledger of each unfused path is mostly the log-softmax that the cross-entropy keeps, one
+# row of $V$ fp32 values per position it covers (all of them, or the labelled ones); the chunked
+# path keeps $dh$ only (the head is frozen): $n \times H$ values. It does the labelled path's
+# matmuls, in the forward instead of the backward, so the two times should be close. The chunk
+# size is a trade: a chunk bounds the live logits to $C \times V$, but each chunk reads the whole
+# head $W$ again (for $z$ and for $dh$): many small chunks pay that read many times. So chunks
+# are large (1,024 rows here); they start to matter when the loss covers every token
+# (pre-training, or the prompt too). At full size, with the machine's load printed beside it:
+# `python -m pelib bench sft-loss --batch 16 --tokens 64`, which adds peak RSS.
 #
 # ## 4. Decoding: greedy with the KV cache, then constrained to the 77 names
 #
@@ -343,6 +344,8 @@ for k in ways:
 # for every new token costs $O(T^2)$ rows of work per answer; the **KV cache** keeps each
 # layer's keys and values of the tokens already seen, so each step runs the model on the one new
 # token, $(B, 1)$, attending to the cache. With left padding the positions come from the mask.
+# Only the last column's logits are needed: the prompt's pass applies the head to one position
+# (`logits_to_keep=1`), not to $T$ of them.
 #
 # An answer is **valid** if it is exactly one of the 77 names; anything else is invalid (and
 # wrong). **Constrained decoding** makes invalid outputs impossible: the names' token sequences
@@ -379,7 +382,8 @@ def greedy(batch, constrained=False):
     """Greedy decoding of a left-padded batch with the KV cache -> list of new token lists."""
     ids, mask = batch["input_ids"], batch["attention_mask"]             # (B, T)
     pos = (mask.cumsum(1) - 1).clamp(min=0)                              # (B, T)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                logits_to_keep=1)                                         # the head on one column
     cache, logits = out.cache, out.logits[:, -1].float()                 # (B, V)
     written = [[] for _ in range(len(ids))]
     done = torch.zeros(len(ids), dtype=torch.bool)
@@ -601,7 +605,7 @@ print("pelib.sft and pelib.linear_ce == this notebook's prompt, labels, padding,
 
 # %%
 from checks import attempt  # noqa: E402
-from checks.nb11 import exercise_1, exercise_2, exercise_3  # noqa: E402
+from checks.nb11 import exercise_1, exercise_2, exercise_3, exercise_4  # noqa: E402
 
 
 def left_pad(prompts, pad_id):
@@ -649,3 +653,26 @@ def answer_logprobs(model, prompt, answers):
 
 
 attempt(exercise_3, answer_logprobs)
+
+# %% [markdown]
+# **4 (new: packing instead of padding).** Section 2 cut the pads by grouping lengths; packing
+# removes them: several conversations are concatenated into one sequence of at most `capacity`
+# tokens, and `position_ids` restart at 0 where each conversation starts (so RoPE sees every
+# conversation as if it were alone; the attention must then be block-diagonal, each token seeing
+# only its own conversation: transformers derives that from the position resets with
+# flash-attention's variable-length kernels, or takes a 4-D mask). Write
+# `pack(examples, capacity)` for rows of `(input_ids, labels)` returning a list of packs, each a
+# dict of 1-D `input_ids`, `labels`, `position_ids`, using first-fit decreasing (sort by length,
+# put each row in the first pack it fits). Why is no label lost or wrongly paired at a boundary
+# after the shift of section 1? The checker rebuilds every conversation from the position resets,
+# checks each appears once and no pack exceeds `capacity`, and that the number of packs is
+# within first-fit decreasing's bound ($\le \tfrac{11}{9}\,\mathrm{OPT} + 1$, with OPT
+# bounded below by total tokens / capacity). Then measure the pad share of batches of 4 packs of
+# 256 tokens against section 2's length-grouped batches.
+
+# %%
+def pack(examples, capacity):
+    raise NotImplementedError
+
+
+attempt(exercise_4, pack)

@@ -1,5 +1,5 @@
 """Notebook 11's checkers reject the answers that pass by calling the reference, or by doing what
-the exercise rules out (all logits kept for the backward, one forward per answer)."""
+the exercise rules out (all logits kept for the backward, one forward per answer, no packing)."""
 import importlib
 from pathlib import Path
 
@@ -56,3 +56,13 @@ def test_answer_scores_with_one_forward_per_answer_are_rejected(nb11):
 
     with pytest.raises(AssertionError, match="forward calls"):
         checks.exercise_3(one_by_one)
+
+
+def test_one_conversation_per_pack_is_rejected(nb11):
+    checks, sol = nb11
+
+    def no_packing(examples, capacity):
+        return [sol.pack([e], capacity)[0] for e in examples]
+
+    with pytest.raises(AssertionError, match="packs"):
+        checks.exercise_4(no_packing)

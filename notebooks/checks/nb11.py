@@ -1,6 +1,9 @@
 """Checkers for notebook 11 (instruction tuning): left padding for generation, a label-smoothed
-chunked linear cross-entropy that keeps no N x V tensor for the backward, and the log-likelihood
-of every answer (a classifier from the LM) in at most two forward calls."""
+chunked linear cross-entropy that keeps no N x V tensor for the backward, the log-likelihood
+of every answer (a classifier from the LM) in at most two forward calls, and packing."""
+import math
+import random
+
 import torch
 import torch.nn.functional as F
 
@@ -88,3 +91,32 @@ def exercise_3(answer_logprobs):
     assert calls[0] <= 2, f"{calls[0]} forward calls: at most 2 (pad the answers into one batch)"
     print(f"answer_logprobs: {len(answers)} answers of 1-4 tokens scored in {calls[0]} forward "
           f"call(s), equal to one forward per answer")
+
+
+def exercise_4(pack):
+    rng = random.Random(11)
+    examples = []
+    for _ in range(60):                                          # prompts of 20-80, answers of 2-8
+        p, a = rng.randint(20, 80), rng.randint(2, 8)
+        ids = [rng.randint(3, 999) for _ in range(p + a)]
+        examples.append((ids, [-100] * p + ids[p:]))
+    capacity = 256
+    packs = pack(examples, capacity)
+    seen = []
+    for k in packs:
+        ids, labels, pos = ([int(v) for v in k[key]] for key in ("input_ids", "labels", "position_ids"))
+        assert len(ids) == len(labels) == len(pos), "input_ids, labels, position_ids: one length"
+        assert len(ids) <= capacity, f"a pack of {len(ids)} tokens exceeds capacity {capacity}"
+        starts = [i for i, q in enumerate(pos) if q == 0]
+        assert starts[:1] == [0], "a pack's position_ids start at 0"
+        for s, e in zip(starts, starts[1:] + [len(ids)]):
+            assert pos[s:e] == list(range(e - s)), "position_ids count 0, 1, 2, ... in each row"
+            seen.append((tuple(ids[s:e]), tuple(labels[s:e])))
+    want = sorted((tuple(x), tuple(y)) for x, y in examples)
+    assert sorted(seen) == want, (f"the packs hold {len(seen)} conversations rebuilt from the "
+                                  f"position resets, not the {len(examples)} given, each once")
+    lower = math.ceil(sum(len(x) for x, _ in examples) / capacity)
+    assert len(packs) <= 11 / 9 * lower + 1, \
+        f"{len(packs)} packs; first-fit decreasing needs at most {11 / 9 * lower + 1:.1f} here"
+    print(f"pack: {len(examples)} conversations in {len(packs)} packs of <= {capacity} tokens "
+          f"(at least {lower} needed), positions reset per conversation")

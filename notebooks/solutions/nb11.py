@@ -89,5 +89,36 @@ def answer_logprobs_unshifted(model, prompt, answers):  # reads the logits at th
     return per_token.sum(1)
 
 
-SOLUTIONS = {1: left_pad, 2: smoothed_linear_ce, 3: answer_logprobs}
-WRONG = {1: right_pad, 2: smoothed_loss_plain_gradient, 3: answer_logprobs_unshifted}
+def _first_fit_decreasing(examples, capacity):
+    bins = []                                              # [free tokens, [rows]]
+    for j in sorted(range(len(examples)), key=lambda j: -len(examples[j][0])):
+        n = len(examples[j][0])
+        if n > capacity:
+            raise ValueError(f"a conversation of {n} tokens exceeds capacity {capacity}")
+        target = next((b for b in bins if b[0] >= n), None)
+        if target is None:
+            target = [capacity, []]
+            bins.append(target)
+        target[0] -= n
+        target[1].append(j)
+    return [rows for _, rows in bins]
+
+
+def pack(examples, capacity, reset=True):
+    packs = []
+    for rows in _first_fit_decreasing(examples, capacity):
+        ids = [t for j in rows for t in examples[j][0]]
+        labels = [t for j in rows for t in examples[j][1]]
+        pos = [q for j in rows for q in range(len(examples[j][0]))] if reset else list(range(len(ids)))
+        packs.append({"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
+                      "position_ids": torch.tensor(pos)})
+    return packs
+
+
+def pack_positions_run_on(examples, capacity):  # one position count per pack: RoPE sees one text
+    return pack(examples, capacity, reset=False)
+
+
+SOLUTIONS = {1: left_pad, 2: smoothed_linear_ce, 3: answer_logprobs, 4: pack}
+WRONG = {1: right_pad, 2: smoothed_loss_plain_gradient, 3: answer_logprobs_unshifted,
+         4: pack_positions_run_on}
