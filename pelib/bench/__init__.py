@@ -4,6 +4,7 @@
     python -m pelib bench quant [--n 4096] [...]                        NF4 dequant vs bitsandbytes (CPU)
     python -m pelib bench kernels [--gpu] [--out DIR]                  Triton kernels vs torch eager
     python -m pelib bench train-step [--model smollm2] [--method qlora] one method's step: time, memory
+    python -m pelib bench sft-loss [--batch 16] [--tokens 64]         the LM head + loss, chunked vs not
 
 One module per benchmark (lora, quant, kernels with qlora_step, train_step), all measured by
 pelib.measure: one alternating-median timer, one peak-memory helper, the limit from measured
@@ -12,7 +13,8 @@ rates. Each prints three numbers (DESIGN.md): ours, the peer's, and the physical
 """
 from importlib import import_module
 
-COMMANDS = {"lora": "lora", "quant": "quant", "kernels": "kernels", "train-step": "train_step"}
+COMMANDS = {"lora": "lora", "quant": "quant", "kernels": "kernels", "train-step": "train_step",
+            "sft-loss": "sft_loss"}
 
 
 def main(argv: list[str]) -> None:
