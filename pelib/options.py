@@ -46,7 +46,7 @@ def add_arguments(f: argparse.ArgumentParser) -> None:
     f.add_argument("--head-lr", type=float, default=None,
                    help=f"the classification head's own lr (default {HEAD_LR:g}; with --method "
                         "head, --lr is the head's lr)")
-    f.add_argument("--label-smoothing", type=float, default=None,
+    f.add_argument("--label-smoothing", type=float, default=LABEL_SMOOTHING,
                    help="cross-entropy against a target with 1 - eps on the label and eps spread "
                         f"over all classes (default {LABEL_SMOOTHING:g}; 0: plain cross-entropy)")
     f.add_argument("--head-init", default="random", choices=["random", "probe"],

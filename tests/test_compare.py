@@ -109,3 +109,19 @@ def test_bad_inputs_are_clear(tmp_path):
     blocked.write_text("")
     with pytest.raises(SystemExit, match="cannot write results"):
         main(["--preset", "smoke", "--out", str(blocked / "sub")])
+
+
+def test_presets_are_data_that_name_registry_entries():
+    """Every row names a registry entry, every preset draws on the rows by name, and a row's
+    finetune options parse for its method (an option the method lacks would be refused)."""
+    from pelib.compare import PRESETS, ROWS
+    from pelib.methods import METHODS
+    from pelib.options import check, parse
+
+    assert all(row.method in METHODS for row in ROWS.values())
+    assert all(set(part.rows) <= set(ROWS) for parts in PRESETS.values() for part in parts)
+    for name in PRESETS:
+        for label, argv in preset(name):
+            check(parse(argv))  # raises ValueError for an option the method lacks
+    with pytest.raises(SystemExit, match="unknown preset 'nope'"):
+        preset("nope")
