@@ -300,7 +300,7 @@ with open("../docs/tables/lora_rank.csv", newline="") as f:
     rank_rows = sorted(csv.DictReader(f), key=lambda row: int(row["method"].removeprefix("lora-r")))
 for row in rank_rows:
     print(f"{row['label']:<10} test macro-F1 {float(row['test_f1_mean']):.4f} ± "
-          f"{float(row['test_f1_sd']):.4f} ({row['seeds']} seeds)  {int(row['trainable']):>9,} "
+          f"{float(row['test_f1_sd']):.4f} (seeds: {row['seeds']})  {int(row['trainable']):>9,} "
           f"trainable   {row['command']}")
 fig, ax = plt.subplots(figsize=(4.5, 3))
 r_full = [int(row["method"].removeprefix("lora-r")) for row in rank_rows]
