@@ -1,7 +1,11 @@
 """Checkers for notebook 00's exercises: parameter and memory ledgers, by formula, against real
 (tiny, randomly initialised) transformers models."""
+import copy
+
 import torch
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+from checks._guard import forbidden
 
 BERT_CONFIGS = [  # (vocab, hidden, layers, intermediate, max_positions, type_vocab)
     (100, 16, 2, 64, 32, 2), (257, 24, 3, 40, 20, 1), (30522, 384, 6, 1536, 512, 2),
@@ -49,10 +53,22 @@ def exercise_2(llama_parameters):
     print("exercise_2: SmolLM2-135M: 134,515,008. correct")
 
 
-def _measured_bytes(model):
-    """Bytes of every parameter, gradient and AdamW moment after a real optimizer step."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    x = torch.randn(3, 20)
+OPTIMIZERS = {  # the name an answer receives -> the real optimizer the checker steps
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1),
+    "momentum": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
+    "adafactor": lambda ps: torch.optim.Adafactor(ps, lr=1e-2),
+}
+# while the answer runs, no optimizer can step: the bytes must come from the update rules
+_STEPS = [(torch.optim.SGD, "step"), (torch.optim.AdamW, "step"), (torch.optim.Adam, "step"),
+          (torch.optim.Adafactor, "step")]
+
+
+def _measured_bytes(model, optimizer, x):
+    """Bytes of every parameter, gradient and optimizer state tensor after a real step (on a
+    copy, so the model the answer sees has no gradients)."""
+    model = copy.deepcopy(model)
+    opt = OPTIMIZERS[optimizer]([p for p in model.parameters() if p.requires_grad])
     model(x).float().sum().backward()
     opt.step()
     tensors = list(model.parameters())
@@ -61,26 +77,42 @@ def _measured_bytes(model):
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def exercise_3(training_bytes):
-    """training_bytes(model) -> int: weights + gradients + AdamW's two moments, in bytes, with
-    each tensor in its own dtype; frozen parameters (requires_grad False) cost only their weight."""
+def _models():
     torch.manual_seed(0)
-    cases = []
+    x = torch.randn(3, 20)
     m = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.ReLU(), torch.nn.Linear(30, 5))
-    cases.append(("all trainable, fp32", m))
-    m = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.ReLU(), torch.nn.Linear(30, 5))
-    m[0].requires_grad_(False)
-    cases.append(("first layer frozen, fp32", m))
+    yield "all trainable, fp32", m, x
     m = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.ReLU(), torch.nn.Linear(30, 5))
     m[0].to(torch.bfloat16).requires_grad_(False)
-    m = torch.nn.Sequential(_To(torch.bfloat16), m[0], _To(torch.float32), *m[1:])
-    cases.append(("frozen layer in bf16", m))
-    for label, model in cases:
-        expected = _measured_bytes(model)
-        got = training_bytes(model)
-        assert got == expected, f"{label}: you say {got:,} bytes, a real AdamW step holds {expected:,}"
-        print(f"exercise_3: {label}: {expected:,} bytes, as measured after an AdamW step")
+    yield "first layer frozen in bf16", torch.nn.Sequential(_To(torch.bfloat16), m[0],
+                                                              _To(torch.float32), *m[1:]), x
+    yield "an embedding table and a head", _Bag(50, 12, 7), torch.randint(0, 50, (3, 6))
+
+
+def exercise_3(training_bytes):
+    """training_bytes(model, optimizer) -> int: weights + gradients + the optimizer's state after
+    one step, in bytes, each tensor in its own dtype, for optimizer in OPTIMIZERS; frozen
+    parameters (requires_grad False) cost only their weight."""
+    for label, model, x in _models():
+        for name in OPTIMIZERS:
+            with forbidden(*_STEPS):
+                got = training_bytes(model, name)
+            expected = _measured_bytes(model, name, x)
+            assert got == expected, (f"{label}, {name}: you say {got:,} bytes, a real {name} step "
+                                     f"holds {expected:,}")
+            print(f"exercise_3: {label:<30} {name:<9} {expected:>7,} bytes, as measured")
     print("exercise_3: correct")
+
+
+class _Bag(torch.nn.Module):
+    """ids (B, T) -> the mean of their embeddings (B, d) -> logits (B, k)."""
+
+    def __init__(self, vocab, d, k):
+        super().__init__()
+        self.embed, self.head = torch.nn.Embedding(vocab, d), torch.nn.Linear(d, k)
+
+    def forward(self, ids):
+        return self.head(self.embed(ids).mean(1))
 
 
 class _To(torch.nn.Module):

@@ -1,12 +1,14 @@
 """Checkers for notebook 01's exercises: adapter parameter counts (against pelib's adapters on a
 tiny BERT, counted tensor by tensor), a parallel adapter (against its formula), a cosine
-learning-rate schedule (against transformers' own) and a label-smoothed cross-entropy (against
-torch's own)."""
+learning-rate schedule (against transformers' own), a label-smoothed cross-entropy (against
+torch's own) and Compacter's Kronecker-factored weight (against a block-by-block assembly). The
+library references are disabled while the answer runs."""
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
+from checks._guard import forbidden
 from pelib.adapter import apply_adapters
 
 
@@ -69,13 +71,17 @@ def exercise_3(cosine_factor):
     """cosine_factor(s, S, w) -> float: the lr factor of step s of S, the notebook's linear
     warm-up over w steps, then half a cosine from 1 down to 0 over the remaining S - w steps."""
     import transformers
+    import transformers.optimization
 
+    references = [(transformers, "get_cosine_schedule_with_warmup"),
+                  (transformers.optimization, "get_cosine_schedule_with_warmup")]
     for S, w in [(50, 5), (846, 51), (12, 0)]:
         opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
         sched = transformers.get_cosine_schedule_with_warmup(opt, w, S)
         for s in range(S):
             want = (s + 1) / w if s < w else opt.param_groups[0]["lr"]  # ours learns at step 0
-            got = cosine_factor(s, S, w)
+            with forbidden(*references):
+                got = cosine_factor(s, S, w)
             assert abs(got - want) < 1e-9, (f"S={S}, w={w}, step {s}: you say {got:.6f}, expected "
                                             f"{want:.6f} (half a cosine over the S - w steps after "
                                             "the warm-up)")
@@ -94,15 +100,59 @@ def exercise_4(smoothed_cross_entropy):
         logits, labels = 3 * torch.randn(B, K), torch.randint(0, K, (B,))   # (B, K), (B,)
         for eps in (0.0, 0.1, 0.5):
             want = F.cross_entropy(logits, labels, label_smoothing=eps)
-            got = smoothed_cross_entropy(logits, labels, eps)
+            with forbidden((F, "cross_entropy")):
+                got = smoothed_cross_entropy(logits, labels, eps)
             assert torch.is_tensor(got) and got.shape == (), f"return a scalar tensor, not {got!r}"
             assert abs(got.item() - want.item()) < 1e-5, (
                 f"B={B}, K={K}, eps={eps}: you say {got.item():.6f}, torch says {want.item():.6f}"
                 + (" (eps / K goes to every class, the label's own included)" if eps else ""))
     logits = torch.randn(4, 5, requires_grad=True)
-    smoothed_cross_entropy(logits, torch.arange(4), 0.1).backward()
+    with forbidden((F, "cross_entropy")):
+        loss = smoothed_cross_entropy(logits, torch.arange(4), 0.1)
+    loss.backward()
     target = 0.9 * F.one_hot(torch.arange(4), 5) + 0.1 / 5
     grad = (logits.softmax(-1) - target) / 4                        # d loss / d logits
     assert torch.allclose(logits.grad, grad, atol=1e-6), "the gradient is not softmax - target"
     print("exercise_4: equals torch's label_smoothing at eps 0, 0.1, 0.5; gradient softmax - "
           "target. correct")
+
+
+def _phm_blocks(A, s, t):
+    """The reference: W assembled block by block, block (a, b) = sum_i A[i, a, b] s_i t_i^T."""
+    n, p, q = A.shape[0], s.shape[1], t.shape[1]
+    W = torch.zeros(n * p, n * q, dtype=A.dtype)
+    for a in range(n):
+        for b in range(n):
+            for i in range(n):
+                W[a * p:(a + 1) * p, b * q:(b + 1) * q] += A[i, a, b] * torch.outer(s[i], t[i])
+    return W
+
+
+def exercise_5(phm_weight):
+    """phm_weight(A, s, t) -> W (k, d) = sum_i A_i kron (s_i t_i^T), A (n, n, n), s (n, k/n),
+    t (n, d/n); differentiable in A, s and t."""
+    torch.manual_seed(0)
+    for n, k, d in [(2, 6, 4), (4, 8, 12), (3, 9, 3)]:
+        A = torch.randn(n, n, n, dtype=torch.float64, requires_grad=True)
+        s = torch.randn(n, k // n, dtype=torch.float64, requires_grad=True)
+        t = torch.randn(n, d // n, dtype=torch.float64, requires_grad=True)
+        W = phm_weight(A, s, t)
+        assert torch.is_tensor(W) and tuple(W.shape) == (k, d), \
+            f"n={n}: W should be (k, d) = {(k, d)}, got {tuple(getattr(W, 'shape', ()))}"
+        want = _phm_blocks(A.detach(), s.detach(), t.detach())
+        err = (W.detach() - want).abs().max().item()
+        assert err < 1e-10, (f"n={n}, k={k}, d={d}: max |yours - block assembly| = {err:.2e} "
+                             "(block (a, b) of W is sum_i A_i[a, b] * s_i t_i^T)")
+        G = torch.randn(k, d, dtype=torch.float64)                  # an upstream gradient
+        grads = torch.autograd.grad((W * G).sum(), (A, s, t))
+        ref = [A.detach().clone().requires_grad_(), s.detach().clone().requires_grad_(),
+               t.detach().clone().requires_grad_()]
+        want_grads = torch.autograd.grad((_phm_blocks(*ref) * G).sum(), ref)
+        for name, g, h in zip("Ast", grads, want_grads):
+            assert torch.allclose(g, h, atol=1e-10), f"n={n}: the gradient in {name} is wrong"
+        print(f"exercise_5: n={n}, W ({k}, {d}): equals the block assembly; gradients in A, s, t ok")
+    d, m, n, adapters = 384, 64, 4, 12                              # MiniLM, Houlsby's 12 adapters
+    dense = adapters * 2 * d * m
+    compacter = n ** 3 + adapters * 2 * (m + d)                     # shared A + rank-one B per matrix
+    print(f"exercise_5: MiniLM, 12 adapters of m={m} (weights only): dense {dense:,}, "
+          f"Compacter n={n} {compacter:,} ({dense / compacter:.0f}x fewer). correct")

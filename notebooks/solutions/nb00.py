@@ -1,4 +1,5 @@
 """Solutions (and a plausible wrong answer each) for notebook 00's exercises."""
+import math
 
 
 def bert_parameters(vocab, hidden, layers, intermediate, max_positions, type_vocab):
@@ -28,14 +29,33 @@ def llama_parameters_no_gqa(vocab, hidden, layers, intermediate, n_heads, n_kv_h
     return vocab * h + layers * (4 * h * h + 3 * h * intermediate + 2 * h) + h + (0 if tied else vocab * h)
 
 
-def training_bytes(model):
-    # a trainable tensor: weight + gradient + Adam's m and v, all in its dtype; a frozen one: weight
-    return sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1) for p in model.parameters())
+def _state_numel(p, optimizer):
+    """Elements the optimizer remembers for parameter p between steps."""
+    if optimizer == "sgd":
+        return 0
+    if optimizer == "momentum":
+        return p.numel()                                  # the buffer b
+    if optimizer == "adamw":
+        return 2 * p.numel()                              # m and v
+    if p.dim() >= 2:                                      # adafactor: R (rows) and C (columns)
+        *lead, n, m = p.shape
+        return math.prod(lead) * (n + m)
+    return p.numel()                                      # adafactor on a vector: the full v
 
 
-def training_bytes_all_16(model):
-    return sum(16 * p.numel() for p in model.parameters())  # wrong: every parameter as if trained
+def training_bytes(model, optimizer):
+    total = 0
+    for p in model.parameters():
+        total += p.numel() * p.element_size()             # the weight
+        if p.requires_grad:                               # its gradient and the optimizer state
+            total += (p.numel() + _state_numel(p, optimizer)) * p.element_size()
+    return total
+
+
+def training_bytes_adafactor_full(model, optimizer):
+    # wrong: Adafactor as Adam without m, a full v for every matrix (no factoring)
+    return training_bytes(model, "momentum" if optimizer == "adafactor" else optimizer)
 
 
 SOLUTIONS = {1: bert_parameters, 2: llama_parameters, 3: training_bytes}
-WRONG = {1: bert_parameters_no_bias, 2: llama_parameters_no_gqa, 3: training_bytes_all_16}
+WRONG = {1: bert_parameters_no_bias, 2: llama_parameters_no_gqa, 3: training_bytes_adafactor_full}

@@ -1,6 +1,7 @@
 """Solutions (and a plausible wrong answer each) for notebook 01's exercises."""
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -75,6 +76,21 @@ def smoothed_cross_entropy_wrong_classes(logits, labels, eps):
     return ((1 - eps) * nll + eps * others).mean()
 
 
-SOLUTIONS = {1: houlsby_trainable, 2: ParallelAdapter, 3: cosine_factor, 4: smoothed_cross_entropy}
+def phm_weight(A, s, t):
+    B = s[:, :, None] * t[:, None, :]                               # (n, k/n, d/n): B_i = s_i t_i^T
+    n, p, q = B.shape
+    # (A_i kron B_i)[a p + x, b q + y] = A_i[a, b] B_i[x, y]: an outer product, then a reshape
+    return torch.einsum("iab,ixy->axby", A, B).reshape(n * p, n * q)
+
+
+def phm_weight_swapped(A, s, t):
+    """Wrong: B_i kron A_i, the factors in the other order (the same numbers, misplaced)."""
+    B = s[:, :, None] * t[:, None, :]
+    n, p, q = B.shape
+    return torch.einsum("iab,ixy->xayb", A, B).reshape(n * p, n * q)
+
+
+SOLUTIONS = {1: houlsby_trainable, 2: ParallelAdapter, 3: cosine_factor, 4: smoothed_cross_entropy,
+             5: phm_weight}
 WRONG = {1: houlsby_trainable_no_bias, 2: SequentialAdapter, 3: cosine_factor_from_zero,
-         4: smoothed_cross_entropy_wrong_classes}
+         4: smoothed_cross_entropy_wrong_classes, 5: phm_weight_swapped}
