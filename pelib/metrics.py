@@ -1,4 +1,5 @@
-"""Accuracy and macro-averaged precision, recall and F1 (the metrics of the seed's tables).
+"""Accuracy and macro-averaged precision, recall and F1: the metrics of the tables of the source
+article, the 58.com TEG-AI Lab article on PEFT methods (LoRA, QLoRA, AdaLoRA, SoRA, Unsloth).
 
 Macro averaging gives every class the same weight: per class c,
     P_c = TP_c / (TP_c + FP_c),  R_c = TP_c / (TP_c + FN_c),  F1_c = 2 P_c R_c / (P_c + R_c)

@@ -57,7 +57,7 @@ def qlora(model: nn.Module, targets, r: int, alpha: float, dropout: float = 0.0,
 class PeftAdaLoRA(Hook):
     """Training hook for peft's AdaLoRA: peft adds the regulariser in forward, but
     update_and_allocate must be called after every optimizer step, or peft silently trains
-    plain LoRA (peft #1801)."""
+    plain LoRA (github.com/huggingface/peft/issues/1801)."""
 
     def __init__(self, model):
         self.model, self.history = model, []

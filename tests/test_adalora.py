@@ -106,8 +106,8 @@ class Recording(RankAllocator):
 
 
 def test_allocator_runs_through_the_training_loop():
-    """The hook actually prunes inside pelib.train.train (peft issues #1801, #1327: it is easy
-    to forget update_and_allocate and silently train plain LoRA)."""
+    """The hook actually prunes inside pelib.train.train (github.com/huggingface/peft/issues/1801
+    and /1327: it is easy to forget update_and_allocate and silently train plain LoRA)."""
     model, tok = pelib.tiny_backbone("minilm", 77)
     apply_adalora(model, TARGETS, init_r=6, alpha=12)
     alloc = RankAllocator(model, target_r=3, tinit=2, tfinal=3, deltaT=2)  # total from begin()

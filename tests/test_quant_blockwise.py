@@ -206,7 +206,7 @@ def sqnr_db(W, err):
 
 
 def test_round_trip_error_figures():
-    """randn(1024, 1024), blocksize 64 (figures in shared/ENVIRONMENT.md)."""
+    """randn(1024, 1024), blocksize 64: each code's error sits in a narrow band, NF4 < int4 < FP4."""
     W = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0))
     nf4 = round_trip(W, "nf4")
     assert 0.0720 < nf4.abs().mean() < 0.0736

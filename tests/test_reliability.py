@@ -1,5 +1,6 @@
 """Bad input gets a clear error that names the fix, never a traceback from deep inside or a
-silent wrong result (issue 14's list; the CLI, checkpoint and loader cases are in test_methods)."""
+silent wrong result (docs/reliability.md lists the classes; the CLI, checkpoint and loader cases
+are in test_methods)."""
 import copy
 import subprocess
 import sys

@@ -6,12 +6,13 @@
 
 Every case is a forward+backward (or, for NF4 dequant, a forward) over realistic shapes; the
 last is a whole QLoRA training step of a SmolLM2-shaped model with `patch` on vs off
-(qlora_step.py; the issue's goal: a speed-up of at least 1.5x). Each prints three numbers
+(qlora_step.py; the goal: a speed-up of at least 1.5x). Each prints three numbers
 (DESIGN.md): our time, the peer's time, and the limit, which is
-max(bytes moved / bandwidth, FLOPs / matmul rate). The GPU limits use the H200 figures measured
-on the project's device machine (4.3 TB/s copy, 790 TFLOP/s bf16); the measured copy rate of
-the current device is printed beside them. On the CPU the Triton interpreter is a correctness
-tool, not a speed measurement: "ours" is run once, checked against the peer, and not timed.
+max(bytes moved / bandwidth, FLOPs / matmul rate). The GPU limits use the H200's spec-sheet
+figures (4.8 TB/s HBM3e, 989 TFLOP/s dense bf16; no run of this code has measured a GPU yet);
+the measured copy rate of the current device is printed beside them. On the CPU the Triton
+interpreter is a correctness tool, not a speed measurement: "ours" is run once, checked against
+the peer, and not timed.
 Times come from pelib.measure.time_ms (the implementations of a case in alternating turns, CUDA
 events on a GPU); peak memory is what each implementation's first call adds (measure.PeakMemory).
 
@@ -35,7 +36,7 @@ from ..quant import QuantState, dequantize_4bit, dequantize_4bit_ref, get_code
 from .options import Parser
 from .qlora_step import SMOLLM2, TINY, qlora_step_row
 
-H200 = {"bandwidth": 4.3e12, "bf16_flops": 790e12}
+H200 = {"bandwidth": 4.8e12, "bf16_flops": 989e12}  # spec sheet (H200 SXM)
 GPU_SIZES = dict(h=4096, m=14336, r=16, N=8192, V=49152, B=4, T=2048, Hq=32, Hk=8, D=128, qlora=SMOLLM2)
 TINY_SIZES = dict(h=64, m=160, r=4, N=33, V=1003, B=1, T=33, Hq=9, Hk=3, D=64, qlora=TINY)
 REPEATS = {"cuda": (5, 50), "cpu": (1, 3)}  # (warm-up, timed) calls per implementation

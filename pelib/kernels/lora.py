@@ -20,8 +20,8 @@ dropped; the backward dequantises it again. xa is recomputed (2*N*in*r FLOPs, ~r
 forward's cost) instead of being saved.
 
 Why torch matmuls and not a Triton matmul: the five products here are compute-bound (for
-N=8192, in=4096, out=14336 the x W^T product alone is 0.96 TFLOP, ~1.2 ms at ~790 TFLOP/s bf16
-on an H200) and cuBLAS runs them at the hardware's peak, which a hand-written Triton matmul
+N=8192, in=4096, out=14336 the x W^T product alone is 0.96 TFLOP, about 1 ms at the H200's
+spec-sheet 989 TFLOP/s bf16) and cuBLAS runs them at the hardware's peak, which a hand-written Triton matmul
 matches only after per-shape autotuning (unavailable in the interpreter). What fusion can
 save is traffic: the LoRA term is added into y in place (`addmm_`, no (N, out) temporary),
 dx likewise, and the NF4 weight is dequantised by one Triton kernel, read as 4 bits, never
