@@ -151,7 +151,7 @@ plt.show()
 # models the saving is the same ratio, just in megabytes.
 #
 # ## 4. The task: Banking77
-# 13,083 customer-service queries in 77 intents (PolyAI, CC-BY-4.0), shipped in `data/` as TSV.
+# 13,083 customer-service queries in 77 intents (PolyAI, CC-BY-4.0), shipped inside the package (`pelib/_data/`) as TSV.
 # A few rows are quoted multi-line texts, so we read them with the csv module.
 
 # %%
