@@ -253,12 +253,16 @@ class Importance:
 
 
 # %% [markdown]
-# The allocator is a `pelib.train` hook (notebook 01): `loss` adds the regulariser, `begin`
+# The allocator is a hook of pelib's training loop (a subclass of `pelib.hooks.Hook`, whose
+# events are named, so a misspelt one is an error): `loss` adds the regulariser, `begin`
 # learns the run's length T, `step` (after `optimizer.step()`, before `zero_grad()`) scores
 # and, every ΔT steps, keeps the top `budget(t)` triplets over all matrices.
 
 # %%
-class Allocator(Importance):
+from pelib.hooks import Hook  # noqa: E402  (the loop's event names)
+
+
+class Allocator(Importance, Hook):
     def __init__(self, model, target_r, tinit, tfinal, deltaT, w=0.5):
         super().__init__(model)
         self.init_bgt = sum(m.r for m in self.mods.values())

@@ -208,7 +208,7 @@ XIS = [0.2, 0.6, 1.0] if FAST else [0.05, 0.25, 0.45]  # xi per stage (as the CL
 
 
 # %%
-class Prox:
+class Prox(pelib.hooks.Hook):  # the loop's events, by name
     """The SoRA hook: the gates' own AdamW group, and T_{eta * xi} after every optimizer step."""
 
     def __init__(self, gates, gate_lr, xis):

@@ -39,6 +39,7 @@ def test_the_python_api_defaults_train_what_the_cli_trains(tmp_path):
 
 
 @pytest.mark.slow  # two full-size one-epoch MiniLM runs on Banking77: minutes each
+@pytest.mark.timeout(1800)  # above the suite's 600 s per test: two runs of several minutes
 def test_readme_example_reproduces_the_lora_row_of_make_run(tmp_path, monkeypatch, capsys):
     from pelib.__main__ import main
     from pelib.compare import preset

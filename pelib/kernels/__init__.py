@@ -8,7 +8,8 @@
     cross_entropy_kernel  logsumexp cross-entropy, chunked over the vocabulary
     lora                  fused LoRA linear y = x W^T + s (x A^T) B^T, W dense or 4-bit
 
-These are leaves: they import torch and triton only (lora.py reaches pelib.quant's op lazily).
+These are leaves: they import torch and triton only (lora.py reads a 4-bit W through the
+dequantisers pelib.quant registers in kernels.lora.DEQUANTIZERS).
 Swapping them into a transformers model is `pelib.patch`; their benchmark is
 `python -m pelib bench kernels` (pelib/bench/kernels.py).
 
