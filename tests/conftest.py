@@ -62,6 +62,15 @@ def tiny_llama():
     return model
 
 
+def loss_and_grads(model, ids, labels=None):
+    """A causal LM's loss on `ids` (labels: ids) and the gradient of every trainable parameter."""
+    model.zero_grad()
+    loss = model(input_ids=ids, labels=ids if labels is None else labels).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                           if p.requires_grad}
+
+
 def grad_fns(loss):
     """The names of every autograd node behind `loss` (which kernels the backward runs through)."""
     seen, stack, names = set(), [loss.grad_fn], set()

@@ -3,7 +3,7 @@ and a column norm the fused LoRA kernel does not have, and the registry does not
 fusable. A patched DoRA model computes what it computes unpatched (the Triton interpreter runs
 the other swapped kernels: RMSNorm, RoPE, SwiGLU)."""
 import torch
-from conftest import assert_close
+from conftest import assert_close, loss_and_grads
 from conftest import tiny_llama as _model
 
 import pelib
@@ -15,14 +15,6 @@ from pelib.patch import patch, unpatch
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _loss_and_grads(model, ids):
-    model.zero_grad()
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
-                           if p.requires_grad}
-
-
 def test_dora_is_not_fused_and_patch_on_equals_patch_off():
     assert issubclass(DoRALinear, LoRALinear) and DoRALinear not in fusable_layers()
     model = pelib.apply_dora(_model(), TARGETS, r=4)
@@ -32,12 +24,12 @@ def test_dora_is_not_fused_and_patch_on_equals_patch_off():
             m.lora_B.weight.copy_(0.05 * torch.randn(m.lora_B.weight.shape, generator=gen))
             m.lora_magnitude_vector.mul_(1 + 0.2 * torch.randn(m.out_features, generator=gen))
     ids = torch.randint(0, 1003, (2, 17), generator=gen)
-    ref_loss, ref = _loss_and_grads(model, ids)
+    ref_loss, ref = loss_and_grads(model, ids)
 
     patch(model)
     assert not any("forward" in m.__dict__ for _, m in dora_layers(model))  # DoRA's own forward
     assert "forward" in model.model.norm.__dict__  # the rest of the model is patched
-    loss, grads = _loss_and_grads(model, ids)
+    loss, grads = loss_and_grads(model, ids)
     unpatch(model)
 
     mags = [n for n in ref if n.endswith(".lora_magnitude_vector")]

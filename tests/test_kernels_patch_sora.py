@@ -5,7 +5,7 @@ SoRA model patched for the GPU must keep SoRA's own forward: its gates get the g
 unpatched (the Triton interpreter runs the other swapped kernels: RMSNorm, RoPE, SwiGLU).
 """
 import torch
-from conftest import assert_close
+from conftest import assert_close, loss_and_grads
 from conftest import tiny_llama as _model
 
 import pelib
@@ -23,14 +23,6 @@ def _batch():
     return ids, ids.clone()
 
 
-def _loss_and_grads(model, ids, labels):
-    model.zero_grad()
-    loss = model(input_ids=ids, labels=labels).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
-                           if p.requires_grad}
-
-
 def test_the_registry_names_the_exact_fusable_types():
     assert fusable_layers() == (LoRALinear,)
     assert SoRALinear not in fusable_layers() and issubclass(SoRALinear, LoRALinear)
@@ -45,12 +37,12 @@ def test_sora_gates_get_the_same_gradients_with_patch_on():
             m.lora_B.weight.copy_(0.05 * torch.randn(m.lora_B.weight.shape, generator=gen))
             m.gate.copy_(torch.randn(m.gate.shape, generator=gen))
     ids, labels = _batch()
-    ref_loss, ref = _loss_and_grads(model, ids, labels)
+    ref_loss, ref = loss_and_grads(model, ids, labels)
 
     patch(model)
     assert not any("forward" in m.__dict__ for _, m in sora_layers(model))  # SoRA's own forward
     assert "forward" in model.model.norm.__dict__  # the rest of the model is patched
-    loss, grads = _loss_and_grads(model, ids, labels)
+    loss, grads = loss_and_grads(model, ids, labels)
     unpatch(model)
 
     gates = [n for n in ref if n.endswith(".gate")]
