@@ -17,6 +17,13 @@ from pelib.bench import main
     (["lora", "--r", "0"], r"argument --r: must be an integer in \[1, 384\] \(the LoRA rank\), got 0"),
     (["lora", "--r", "1000"], r"argument --r: must be an integer in \[1, 384\]"),
     (["kernels", "--out", "/dev/null"], r"--out /dev/null is not a folder; pass --out DIR"),
+    (["quant", "--n", "0"], r"argument --n: must be an integer >= 64"),
+    (["quant", "--n", "-1"], r"argument --n: must be an integer >= 64"),
+    (["quant", "--repeats", "0"], r"argument --repeats: must be an integer >= 1"),
+    (["quant", "--tokens", "0"], r"argument --tokens: must be an integer in \[1, 16384\]"),
+    (["quant", "--tokens", "100000"], r"argument --tokens: must be an integer in \[1, 16384\]"),
+    (["quant", "--threads", "-1"], r"argument --threads: must be an integer >= 1"),
+    (["sft-loss", "--batch", "0"], r"argument --batch: must be an integer >= 1"),
 ])
 def test_bad_options_end_in_one_line(capsys, argv, message):
     with pytest.raises(SystemExit) as e:

@@ -18,13 +18,13 @@ rows: pelib's Linear4bit (W~ into a reused workspace) against bitsandbytes.nn.Li
 holding the same bytes, and the plain fp32 nn.Linear (its matmuls are the floor).
 A benchmark, not a test: timings on a shared machine are noisy.
 """
-import argparse
 import logging
 
 import torch
 
 from ..measure import copy_bandwidth, peak_added_mb, time_ms
 from ..quant.blockwise import QuantState, dequantize_4bit
+from .options import Parser, int_at_least, positive_int, thread_count
 
 
 def bench_dequant(n: int = 4096, repeats: int = 9, dtype: torch.dtype = torch.float32, seed: int = 0) -> dict:
@@ -114,12 +114,14 @@ def bench_linear(n: int = 4096, tokens: int = 256, repeats: int = 9, seed: int =
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="pelib bench quant", description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=4096)
-    ap.add_argument("--repeats", type=int, default=9)
+    ap = Parser(prog="pelib bench quant", description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int_at_least(64, "the weight is n x n, in blocks of 64"), default=4096)
+    ap.add_argument("--repeats", type=positive_int, default=9)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    ap.add_argument("--tokens", type=int, default=256, help="rows of x for the layer benchmark")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--tokens", type=int_at_least(1, "rows of x", high=16384), default=256,
+                    help="rows of x for the layer benchmark")
+    ap.add_argument("--threads", type=thread_count, default=None,
+                    help="torch.set_num_threads (default: torch's)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -15,7 +15,6 @@ alternating turns. The hidden states are random bf16 (B, T, H)
 with a frozen head (V, H) (LoRA freezes it; SmolLM2 ties it to the embedding). The limit: the
 head's FLOPs at this machine's measured bf16 matmul rate. A benchmark, not a test.
 """
-import argparse
 import json
 import os
 import platform
@@ -24,13 +23,7 @@ import torch
 
 from ..linear_ce import labelled_rows, linear_cross_entropy, linear_cross_entropy_ref
 from ..measure import matmul_rate, peak_added_mb, time_ms
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
-    return value
+from .options import Parser, positive_int
 
 
 def _saved_bytes(fn, inputs) -> tuple[torch.Tensor, int]:
@@ -51,14 +44,14 @@ def _saved_bytes(fn, inputs) -> tuple[torch.Tensor, int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="pelib bench sft-loss", description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=_positive, default=16)
-    ap.add_argument("--tokens", type=_positive, default=64, help="sequence length T")
-    ap.add_argument("--answer", type=_positive, default=6, help="labelled tokens per row")
-    ap.add_argument("--chunk", type=_positive, default=1024, help="rows per chunk")
-    ap.add_argument("--vocab", type=_positive, default=49152)
-    ap.add_argument("--hidden", type=_positive, default=576)
-    ap.add_argument("--repeats", type=_positive, default=5)
+    ap = Parser(prog="pelib bench sft-loss", description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=positive_int, default=16)
+    ap.add_argument("--tokens", type=positive_int, default=64, help="sequence length T")
+    ap.add_argument("--answer", type=positive_int, default=6, help="labelled tokens per row")
+    ap.add_argument("--chunk", type=positive_int, default=1024, help="rows per chunk")
+    ap.add_argument("--vocab", type=positive_int, default=49152)
+    ap.add_argument("--hidden", type=positive_int, default=576)
+    ap.add_argument("--repeats", type=positive_int, default=5)
     args = ap.parse_args(argv)
     if args.answer >= args.tokens:
         raise SystemExit(f"pelib: --answer {args.answer} must be below --tokens {args.tokens}")
