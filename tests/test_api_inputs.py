@@ -80,6 +80,19 @@ def test_training_data_must_fit_the_head_and_have_two_classes():
     check_data(77, {"train_data": data, "eval_data": one})  # an eval split may hold one class
 
 
+def test_train_refuses_data_the_head_cannot_hold():
+    """pelib.train.train checks the data against the head before anything trains."""
+    model, tok = pelib.tiny_backbone("minilm", num_labels=5)
+    names = [f"c{i}" for i in range(77)]
+    data = NLUSplit(["a b", "c d", "e f"], [0, 76, 3], names)
+    cfg = pelib.TrainConfig(epochs=1, batch_size=2, max_length=8, progress=False)
+    with pytest.raises(ValueError, match=r"num_labels=5"):
+        pelib.train.train(model, tok, data, data, cfg)
+    one = NLUSplit(["a b", "c d"], [2, 2], names)
+    with pytest.raises(ValueError, match="single label"):
+        pelib.train.train(model, tok, one, one, cfg)
+
+
 def test_rank_allocator_refuses_a_weight_that_is_not_a_finite_number():
     model = apply_adalora(tiny(), TG, init_r=4)
     for w in (math.nan, math.inf, -1.0, "0.5"):

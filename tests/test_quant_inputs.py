@@ -54,3 +54,18 @@ def test_state_that_does_not_fit_the_bytes_is_refused(double_quant, fn):
         with pytest.raises(ValueError, match=r"state\.\w+ must|state does not belong|blocksize2"):
             fn(packed, s)
     assert torch.equal(fn(packed, state), dequantize_4bit_ref(packed, state))
+
+
+def test_a_bogus_kernels_backend_is_refused_by_the_cpu_dequantiser_too(monkeypatch):
+    """Without pelib.kernels loaded, dequantize_4bit reads PELIB_KERNELS itself: it refuses a
+    value pelib.kernels would refuse, instead of running as auto."""
+    import sys
+
+    from pelib.quant import blockwise
+
+    monkeypatch.setitem(sys.modules, "pelib.kernels._dispatch", None)  # as if never imported
+    monkeypatch.setenv("PELIB_KERNELS", "bogus")
+    with pytest.raises(ValueError, match=r"PELIB_KERNELS='bogus' is not a kernels backend"):
+        blockwise._triton_wanted(torch.zeros(4))
+    monkeypatch.setenv("PELIB_KERNELS", "ref")
+    assert blockwise._triton_wanted(torch.zeros(4)) is False

@@ -318,6 +318,9 @@ def _triton_wanted(t: torch.Tensor) -> bool:
     """
     d = sys.modules.get("pelib.kernels._dispatch")  # loaded only if someone uses the kernels
     backend = d.get_backend() if d else os.environ.get("PELIB_KERNELS", "auto")
+    if backend not in ("auto", "triton", "ref"):  # as pelib.kernels refuses it
+        raise ValueError(f"PELIB_KERNELS={backend!r} is not a kernels backend; set it to one of "
+                         "auto, triton, ref, or unset it")
     return backend == "triton" or (t.is_cuda and backend != "ref")
 
 
