@@ -149,3 +149,16 @@ def test_importing_the_kernels_with_a_bogus_backend_fails_with_one_clear_line():
                        text=True, timeout=300)
     assert r.returncode != 0
     assert "ValueError: PELIB_KERNELS='bogus' is not a kernels backend" in r.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize("packed,n,blocksize", [
+    (torch.zeros(32, dtype=torch.uint8), 64, 63),      # odd blocksize
+    (torch.zeros(31, dtype=torch.uint8), 64, 64),      # a byte short
+    (torch.zeros(32, dtype=torch.int8), 64, 64),       # not uint8
+])
+def test_nf4_dequant_refuses_bytes_that_do_not_fit(packed, n, blocksize):
+    from pelib.kernels.nf4 import dequantize_4bit_triton
+
+    with pytest.raises(ValueError, match="NF4 dequant needs an even blocksize"):
+        dequantize_4bit_triton(packed, torch.zeros(16), n, blocksize, torch.float32,
+                               absmax=torch.ones(1))

@@ -18,7 +18,6 @@ measured matmul rate (bf16 with --bf16). The peer is the other method, run in it
 (peak RSS is per process). A benchmark, not a test: on a shared machine the times move with the
 load (the line includes the load average).
 """
-import argparse
 import ctypes
 import gc
 import json
@@ -28,6 +27,7 @@ import psutil
 import torch
 
 from ..measure import PeakMemory, count_flops, matmul_rate, time_ms
+from .options import Parser, int_at_least, positive_int, thread_count
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,23 +35,18 @@ def main(argv: list[str] | None = None) -> None:
     from pelib.backbone import DEFAULT_TARGETS, cast_frozen
     from pelib.quant import apply_qlora, qlora_nbytes
 
-    ap = argparse.ArgumentParser(prog="pelib bench train-step", description=__doc__.splitlines()[0])
+    ap = Parser(prog="pelib bench train-step", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2", choices=["minilm", "smollm2"])
     ap.add_argument("--method", default="qlora", choices=["lora", "qlora"])
-    ap.add_argument("--r", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--r", type=int_at_least(1, "the LoRA rank"), default=8)
+    ap.add_argument("--batch", type=positive_int, default=8)
+    ap.add_argument("--tokens", type=int_at_least(1, "tokens a row", high=8192), default=128)
+    ap.add_argument("--steps", type=positive_int, default=4)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
     ap.add_argument("--base-dtype", default="float32", choices=["float32", "bfloat16"],
                     help="dtype of the frozen weights (pelib.backbone.cast_frozen); bfloat16 with --bf16")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--threads", type=thread_count, default=None, help="torch.set_num_threads")
     args = ap.parse_args(argv)
-    for name in ("steps", "batch", "tokens", "r"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.threads is not None and args.threads < 1:
-        ap.error(f"--threads must be at least 1, got {args.threads}")
     if args.base_dtype == "bfloat16" and not args.bf16:
         ap.error("--base-dtype bfloat16 stores the frozen weights for bf16 training: add --bf16")
     if args.threads:

@@ -92,7 +92,10 @@ def dequantize_4bit_triton(packed, code, n, blocksize, dtype, absmax=None, qabsm
     """
     double = qabsmax is not None
     packed = packed.reshape(-1)
-    assert blocksize % 2 == 0 and packed.dtype == torch.uint8 and packed.numel() == (n + 1) // 2
+    if blocksize % 2 or packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
+        raise ValueError(f"NF4 dequant needs an even blocksize (got {blocksize}) and (n + 1) // 2 = "
+                         f"{(n + 1) // 2} packed uint8 bytes for n = {n} values (got "
+                         f"{packed.numel()} of {packed.dtype}): pass the state quantize_4bit made")
     if double:                 # DOUBLE=True never reads absmax_ptr: absmax2 stands in
         absmax2, code2 = absmax2.float().contiguous(), code2.float().contiguous()
         absmax, offset = absmax2, offset.reshape(1).float()
