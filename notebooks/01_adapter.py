@@ -290,7 +290,8 @@ a = add_adapters(pelib.load_backbone("minilm", num_labels=77)[0], "pfeiffer", 16
 b = copy.deepcopy(a)                                                 # the same weights
 ours = fit(a, tiny_train, lr=1e-3, epochs=2, bs=16)
 theirs = pelib_train(b, tokenizer, tiny_train, tiny_test,
-                     TrainConfig(epochs=2, lr=1e-3, batch_size=16, progress=False))
+                     TrainConfig(epochs=2, lr=1e-3, batch_size=16, progress=False,
+                                 label_smoothing=0.0, head_lr=None))  # fit's plain loss, one lr
 print("fit:        ", [round(x, 5) for x in ours])
 print("pelib.train:", [round(x, 5) for x in theirs.losses])
 assert len(ours) == len(theirs.losses) == 8

@@ -97,9 +97,10 @@ def _lora_forward(self, x):
 
     One compute dtype c for the whole node: the autocast dtype when autocast is on, else the
     base's (Linear4bit.compute_dtype, or W's dtype as nn.Linear requires). The result has the
-    dtype LoRALinear.forward would give: base output (x's dtype for Linear4bit, c for nn.Linear)
-    promoted with the LoRA output (c under autocast, else lora_A's dtype). Forward hooks on
-    lora_A, lora_B and base_layer are not called (their forwards are not).
+    dtype LoRALinear.forward would give: base output (c under autocast or for nn.Linear, x's dtype
+    for Linear4bit without autocast) promoted with the LoRA output (c under autocast, else
+    lora_A's dtype). Forward hooks on lora_A, lora_B and base_layer are not called (their
+    forwards are not).
     """
     base = self.base_layer
     W = _lora_weight(base)
@@ -111,8 +112,8 @@ def _lora_forward(self, x):
         c = torch.get_autocast_dtype(x.device.type)
     else:
         c = base.compute_dtype if isinstance(W, tuple) else W.dtype
-    out_dtype = torch.promote_types(x.dtype if isinstance(W, tuple) else c,
-                                    c if autocast else A.dtype)
+    base_dtype = x.dtype if isinstance(W, tuple) and not autocast else c  # Linear4bit: as nn.Linear
+    out_dtype = torch.promote_types(base_dtype, c if autocast else A.dtype)
     y = lora_linear(x.to(c), W, A, B, self.scaling, base.bias)               # (..., out) in c
     return y.to(out_dtype)
 
