@@ -218,7 +218,10 @@ def test_ctrl_c_in_a_terminal_during_compare_prints_one_line(tmp_path):
         p = subprocess.Popen([sys.executable, "-m", "pelib", "compare", "--preset", "smoke",
                               "--only", "LoRA r=2", "--no-progress", "--out", str(out)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
-                             start_new_session=True)  # its own group, as a shell gives a job
+                             start_new_session=True,  # its own group, as a shell gives a job
+                             # a terminal's default Ctrl-C, even where this test runs with SIGINT
+                             # ignored (a job started in the background by a script inherits that)
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         while not list(out.glob(".*.lock")) and p.poll() is None:
             time.sleep(0.01)  # until the run holds its lock: it is inside finetune
         try:
