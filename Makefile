@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test lint test-fast lab lab-check notebooks notebook-outputs clean
+.PHONY: install run test lint test-unit test-integration test-fast lab lab-check notebooks notebook-outputs clean
 
 install: $(STAMP)
 
@@ -35,8 +35,18 @@ test: install lint
 lint: install
 	$(BIN)/ruff check .
 
-# The unit tests without the slow ones (real weights, subprocesses, the compare runner) and
-# without the notebooks: the quick check while editing. `make test` still runs everything.
+# The test tiers (markers in pyproject.toml; a file declares its tier with `pytestmark`).
+# unit: every test file without a tier mark; no subprocess, no Triton interpreter, no training
+# beyond a few steps (tests/conftest.py fails a unit test that tries). The check while editing.
+test-unit: install
+	PELIB_FAST=1 $(BIN)/python -m pytest tests -m "not integration and not slow"
+
+# integration: tiny CLI runs, subprocesses, torchrun, Triton kernels in the interpreter.
+test-integration: install
+	PELIB_FAST=1 $(BIN)/python -m pytest tests -m "integration and not slow"
+
+# unit + integration: everything but the slow tests (real weights, full-size runs) and the
+# notebooks. `make test` still runs everything.
 test-fast: install
 	PELIB_FAST=1 $(BIN)/python -m pytest tests -m "not slow"
 

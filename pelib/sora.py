@@ -15,10 +15,8 @@ vanish, so a dead rank can come back if the loss wants it; a rank dead at the en
 The sparsity xi is raised in stages (the paper's sparsifying scheduler).
 
 What we keep, and where we differ from the official code (TsinghuaC3I/SoRA):
-* `soft_threshold` is the exact T_lam. The official update (src/sparse_optimizer.py) applies three
-  masked in-place statements one after the other; a value with lam < |g| < 2 lam is first
-  moved to |g| - lam < lam and then zeroed by the third. `official_threshold` reproduces it (for
-  reproduction only: `SoRA(variant="official")`).
+* The prox is the exact T_lam; the official code's update is there for reproduction
+  (`SoRA(variant="official")`, pelib.proximal says how the two differ).
 * Threshold scale: the paper uses eta_t * xi (`lr_scaled=True`, our default; eta_t is the gate
   group's current lr, read from the optimizer). The official default optimizer uses xi itself
   (`lr_scaled=False`); its `sparse_optimizer_multiply_lr.py` uses lr * xi.
@@ -26,28 +24,41 @@ What we keep, and where we differ from the official code (TsinghuaC3I/SoRA):
   the layer starts as plain LoRA with the same alpha/r, every rank starts alive and equal, and
   which ranks die is decided by the data rather than by the draw (with N(0,1) a tenth of the
   gates start within 0.13 of zero). `gate_init="normal"` gives the official choice.
-* Gates are vectors of shape (r,) (the official code uses (1, r); both broadcast alike).
-* Pruning (`prune`) drops the ranks whose gate is 0, folds g into B and exports plain LoRA with
-  a per-module `rank_pattern`, which peft loads. A module with every gate at 0 has no adapter
-  left (peft needs r >= 1): it is left out of `target_modules` and keeps its frozen base weight.
+
+The parts, one job each (every public name is importable from here):
+
+    pelib.gated_lora   SoRALinear, the gate shapes, prune and export_lora (plain LoRA for peft)
+    pelib.proximal     soft_threshold, the official code's update, SparsitySchedule
+    here               SoRAConfig (the recipe), the SoRA training hook, apply_sora, report
 """
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
-from typing import ClassVar, Iterable, Sequence
+from typing import ClassVar, Iterable
 
 import torch
 from torch import nn
 
+from .gated_lora import (
+    GATE_INITS,
+    SoRALinear,
+    check_gate_shapes,
+    export_lora,
+    live_ranks,
+    prune,
+    sora_layers,
+)
 from .hooks import Hook
 from .inject import adapter_record, check_alpha, inject_linears
-from .io import save_adapter
-from .lora import LoRAConfig, LoRALinear, LowRank, check_rank, dropout_p, fold_into_lora
+from .lora import LoRAConfig, LowRank, check_rank
+from .proximal import SparsitySchedule, official_threshold, soft_threshold
 from .recipe import option
 
-GATE_INITS = ("ones", "normal")
+__all__ = ["GATE_INITS", "VARIANTS", "SoRA", "SoRAConfig", "SoRALinear", "SparsitySchedule",
+           "apply_sora", "check_gate_shapes", "export_lora", "live_ranks", "official_threshold",
+           "prune", "report", "soft_threshold", "sora_from_config", "sora_layers"]
+
 VARIANTS = ("exact", "official")
 
 
@@ -94,105 +105,6 @@ class SoRAConfig(LowRank):
                    dropout=config.get("lora_dropout", 0.0),
                    gate_init=config.get("gate_init", "ones"), targets=config["target_modules"])
 
-
-class SoRALinear(LoRALinear):
-    """LoRALinear with a gate g of shape (r,) between A and B (peft's names for A and B)."""
-
-    def __init__(self, base_layer: nn.Linear, r: int = 8, alpha: float = 16,
-                 dropout: float = 0.0, gate_init: str = "ones"):
-        super().__init__(base_layer, r, alpha, dropout)
-        if gate_init not in GATE_INITS:
-            raise ValueError(f"gate_init must be one of {GATE_INITS}, got {gate_init!r}")
-        w = self.lora_A.weight
-        gate = torch.ones(r, device=w.device, dtype=w.dtype) if gate_init == "ones" else \
-            torch.randn(r, device=w.device, dtype=w.dtype)
-        self.gate = nn.Parameter(gate)  # (r,)
-
-    def between(self, h: torch.Tensor) -> torch.Tensor:
-        return h * self.gate  # (..., r), gated ranks
-
-    def B(self) -> torch.Tensor:
-        return self.lora_B.weight * self.gate  # (out, r): B diag(g)
-
-    def live(self) -> torch.Tensor:
-        return (self.gate != 0).nonzero().flatten()  # indices of live ranks
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", live={int((self.gate != 0).sum())}"
-
-
-def _check_lam(lam) -> float:
-    lam = float(lam)
-    if not lam >= 0 or not math.isfinite(lam):
-        raise ValueError(f"the sparsity threshold must be a finite number >= 0, got {lam}; "
-                         "pass a non-negative sparse lambda (xi)")
-    return lam
-
-
-def soft_threshold(g: torch.Tensor, lam: float) -> torch.Tensor:
-    """T_lam(g) = sign(g) * max(|g| - lam, 0): the prox of lam * ||g||_1, exactly."""
-    lam = _check_lam(lam)
-    return torch.sign(g) * torch.clamp(g.abs() - lam, min=0)
-
-
-def official_threshold(g: torch.Tensor, lam: float) -> torch.Tensor:
-    """The official code's three in-place statements, in their order (for reproduction only).
-    Not T_lam: lam < |g| < 2 lam gives 0 instead of |g| - lam (and |g| == lam is kept)."""
-    lam = _check_lam(lam)
-    p = g.clone()
-    p[p > lam] -= lam
-    p[p < -lam] += lam
-    p[p.abs() < lam] = 0.0
-    return p
-
-
-class SparsitySchedule:
-    """xi raised over stages: xi = lambdas[k] during stage k; stages split the run evenly unless
-    `stage_steps` fixes their length. The last value holds to the end of training."""
-
-    def __init__(self, lambdas: Sequence[float], stage_steps: int | None = None):
-        if not hasattr(lambdas, "__len__"):
-            raise ValueError("the sparsity schedule must be a finite list of lambdas, got a "
-                             f"{type(lambdas).__name__}; pass e.g. [0.1, 0.2, 0.3]")
-        self.lambdas = [_check_lam(v) for v in lambdas]
-        if not self.lambdas:
-            raise ValueError("the sparsity schedule is empty; give at least one lambda")
-        if stage_steps is not None and (not isinstance(stage_steps, int) or stage_steps < 1):
-            raise ValueError(f"stage_steps must be a positive integer, got {stage_steps!r}")
-        self.stage_steps = stage_steps
-        self.total_steps = None
-
-    @classmethod
-    def linear(cls, start: float, end: float, stages: int, stage_steps: int | None = None):
-        """`stages` values from start to end, evenly spaced (the official 'linear' schedule)."""
-        if not isinstance(stages, int) or stages < 1:
-            raise ValueError(f"stages must be a positive integer, got {stages!r}")
-        if stages == 1:
-            return cls([start], stage_steps)
-        return cls([start + (end - start) * k / (stages - 1) for k in range(stages)], stage_steps)
-
-    def begin(self, total_steps: int) -> None:
-        n = len(self.lambdas)
-        if self.stage_steps is None:
-            if n > total_steps:
-                raise ValueError(f"the schedule has {n} stages but training has only "
-                                 f"{total_steps} steps; use fewer stages")
-        elif (n - 1) * self.stage_steps >= total_steps:
-            raise ValueError(
-                f"the schedule does not end within training: its last stage would start at step "
-                f"{(n - 1) * self.stage_steps + 1} of {total_steps}; lower stage_steps (or leave "
-                f"it None to split the run evenly) or use fewer stages")
-        self.total_steps = total_steps
-
-    def __call__(self, step: int) -> float:
-        """xi for optimizer step `step` (1-based, as the training loop counts)."""
-        if self.stage_steps is not None:
-            k = (step - 1) // self.stage_steps
-        else:
-            if self.total_steps is None:
-                raise RuntimeError("call begin(total_steps) first (the training loop does)")
-            k = (step - 1) * len(self.lambdas) // self.total_steps
-        return self.lambdas[min(k, len(self.lambdas) - 1)]
 
 
 class SoRA(Hook):
@@ -255,15 +167,6 @@ class SoRA(Hook):
         self.live_history.append(live)
 
 
-def sora_layers(model: nn.Module) -> list[tuple[str, SoRALinear]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, SoRALinear)]
-
-
-def live_ranks(model: nn.Module) -> dict[str, int]:
-    """Module name -> number of non-zero gates."""
-    return {n: int((m.gate != 0).sum()) for n, m in sora_layers(model)}
-
-
 def apply_sora(model: nn.Module, target_modules: str | Iterable[str], r: int = SoRAConfig.r,
                alpha: float | None = None, dropout: float = SoRAConfig.dropout,
                gate_init: str = SoRAConfig.gate_init,
@@ -290,54 +193,6 @@ def sora_from_config(model: nn.Module, config: dict, modules_to_save=None) -> nn
     return apply_sora(model, c.targets, r=c.r, alpha=c.alpha, dropout=c.dropout,
                       gate_init=c.gate_init, modules_to_save=modules_to_save)
 
-
-def check_gate_shapes(config: dict, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Gates are vectors (r,); the official code saves (1, r): say how to convert."""
-    r = config["r"]
-    bad = {k: tuple(t.shape) for k, t in tensors.items() if k.endswith(".gate") and t.shape != (r,)}
-    if bad:
-        k, shape = next(iter(bad.items()))
-        raise ValueError(f"{source}: gate {k} has shape {shape}, pelib's gates are vectors of "
-                         f"shape (r,) = ({r},) ({len(bad)} bad); an official-code (1, r) gate "
-                         "loads after gate.reshape(-1)")
-
-
-@torch.no_grad()
-def prune(model: nn.Module) -> nn.Module:
-    """Turn a trained SoRA model into plain LoRA, in place, with the same function:
-    keep the live ranks K of each module, A' = A[K], B' = B[:, K] * g[K] * (r'/r) (so that
-    (alpha/r') B' A' = (alpha/r) B diag(g) A with r' = |K|); a module with no live rank becomes
-    its frozen base layer again and leaves target_modules."""
-    layers = sora_layers(model)
-    if not layers:
-        raise ValueError("the model has no SoRA layers to prune")
-    if any(m.merged for _, m in layers):
-        raise ValueError("unmerge the SoRA layers (pelib.lora.unmerge) before pruning")
-    config = model.pelib_adapter
-    r0, alpha = config["r"], config["lora_alpha"]
-    ranks = {}
-    for name, m in layers:
-        keep = m.live()
-        k = fold_into_lora(model, name, m.base_layer, m.lora_A.weight[keep],      # A' = A[K]
-                           lambda s, m=m, keep=keep:                               # B' = B[:, K] g[K] s/s'
-                           m.lora_B.weight[:, keep] * m.gate[keep] * (m.scaling / s),
-                           alpha, dropout_p(m))
-        if k:
-            ranks[name] = k
-    kept = list(ranks)
-    if not kept:
-        raise ValueError("every gate is zero: no adapter is left to export (peft needs r >= 1 "
-                         "in some module); lower the sparse lambda")
-    model.pelib_adapter = dict(
-        peft_type="LORA", r=r0, lora_alpha=alpha, lora_dropout=config["lora_dropout"],
-        use_rslora=False, target_modules=kept, modules_to_save=config["modules_to_save"],
-        rank_pattern={n: k for n, k in ranks.items() if k != r0})
-    return model
-
-
-def export_lora(model: nn.Module, path, base_model_name_or_path: str | None = None):
-    """Save the pruned adapter of a trained SoRA model in peft's LoRA format (model unchanged)."""
-    return save_adapter(prune(copy.deepcopy(model)), path, base_model_name_or_path)
 
 
 def report(model: nn.Module, hooks, c: SoRAConfig, steps: int) -> dict:

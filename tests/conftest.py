@@ -2,9 +2,16 @@
 
 pytest puts tests/ on sys.path (rootdir conftest), so a test imports these from `conftest`; no
 test file imports another. Helpers import pelib lazily: the environment below must be set first.
-"""
-import os
 
+Tiers: a file whose tests start a subprocess, run a Triton kernel in the interpreter or train more
+than a few steps declares `pytestmark = pytest.mark.integration`; real weights and full-size runs
+are `pytest.mark.slow`. Every other test is a unit test, and the guard below holds it to that.
+"""
+import multiprocessing.process
+import os
+import subprocess
+
+import pytest
 import torch
 
 # The tests own their process, as the command line does: Triton kernels (pelib's and the tests'
@@ -16,6 +23,39 @@ for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_k, "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PELIB_FAST", "1")
+
+
+# ---- the unit tier's guard ---------------------------------------------------------------------
+
+TIER_MARKS = ("integration", "slow")
+
+
+def _refuse(what):
+    def refused(*args, **kwargs):
+        raise RuntimeError(f"a unit test may not {what}: mark the file "
+                           "`pytestmark = pytest.mark.integration`")
+    return refused
+
+
+@pytest.fixture(autouse=True)
+def unit_tier_guard(request, monkeypatch):
+    """A test with neither tier mark (a unit test) may not start a process or run a Triton kernel
+    in the interpreter: those are what make a tier slow, so they fail here instead of creeping in."""
+    if any(request.node.get_closest_marker(m) for m in TIER_MARKS):
+        yield
+        return
+    monkeypatch.setattr(subprocess.Popen, "__init__", _refuse("start a subprocess"))
+    monkeypatch.setattr(os, "fork", _refuse("fork a process"))
+    monkeypatch.setattr(os, "system", _refuse("start a subprocess"))
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", _refuse("start a process"))
+    try:  # every interpreted launch, kernel[grid](...), goes through the GridExecutor
+        from triton.runtime.interpreter import GridExecutor
+    except ImportError:  # no Triton: nothing to launch
+        pass
+    else:
+        monkeypatch.setattr(GridExecutor, "__call__",
+                            _refuse("run a Triton kernel in the interpreter"))
+    yield
 
 
 # ---- tiny models and batches -------------------------------------------------------------------

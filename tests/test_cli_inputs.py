@@ -18,6 +18,8 @@ from pelib import methods
 from pelib.__main__ import main
 from pelib.runs import QUIET_STOP
 
+pytestmark = pytest.mark.integration  # tiny runs through the CLI
+
 TINY = ["--tiny", "--train-limit", "16", "--eval-limit", "16", "--epochs", "1", "--batch-size",
         "8", "--max-length", "16", "--no-progress"]
 

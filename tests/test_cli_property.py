@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 from pelib.__main__ import main
 from pelib.methods import METHODS
 
+pytestmark = pytest.mark.integration  # tiny runs through the CLI
+
 TINY = ["--tiny", "--train-limit", "8", "--eval-limit", "8", "--epochs", "1", "--batch-size", "4",
         "--max-length", "8", "--no-progress"]
 

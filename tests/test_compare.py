@@ -5,6 +5,8 @@ import pytest
 
 from pelib.compare import main, preset, summary
 
+pytestmark = pytest.mark.integration  # the compare runner
+
 
 @pytest.mark.slow  # the compare runner trains
 def test_smoke_subset_runs_summarises_and_skips_finished_runs(tmp_path, capsys):

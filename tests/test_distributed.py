@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow  # spawns processes
+pytestmark = pytest.mark.integration  # torchrun: two processes
 
 SCRIPT = """
 import json, sys

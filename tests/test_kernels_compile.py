@@ -11,6 +11,8 @@ import textwrap
 
 import pytest
 
+pytestmark = pytest.mark.integration  # Triton kernels in the interpreter
+
 SCRIPT = textwrap.dedent('''
     import os
     os.environ["TRITON_INTERPRET"] = "0"

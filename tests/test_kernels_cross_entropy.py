@@ -6,6 +6,8 @@ from conftest import assert_close
 
 from pelib.kernels.cross_entropy_kernel import cross_entropy_ref, cross_entropy_triton
 
+pytestmark = pytest.mark.integration  # Triton kernels in the interpreter
+
 LOSS_TOL = (1e-5, 1e-5)  # the loss is fp32 whatever the logits' dtype
 GRAD_TOL = {torch.float32: (1e-7, 1e-5), torch.float16: (1e-6, 2e-3), torch.bfloat16: (1e-5, 1.6e-2)}
 

@@ -16,6 +16,8 @@ from pelib.kernels.rmsnorm import rms_norm_triton
 from pelib.kernels.rope import apply_rope_ref, apply_rope_triton
 from pelib.kernels.swiglu_kernel import swiglu_ref, swiglu_triton
 
+pytestmark = pytest.mark.integration  # Triton kernels in the interpreter
+
 BACKENDS = ["triton", "ref"]  # the check holds whichever path would run
 
 

@@ -6,6 +6,8 @@ from conftest import assert_close
 from pelib.kernels.lora import lora_linear_fused, lora_linear_ref
 from pelib.quant import QuantState
 
+pytestmark = pytest.mark.integration  # Triton kernels in the interpreter
+
 bnbF = pytest.importorskip("bitsandbytes.functional")
 
 # (atol as a fraction of max|ref|, rtol). Matmul outputs are sums of hundreds of products and

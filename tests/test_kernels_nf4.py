@@ -7,6 +7,8 @@ import pelib.kernels as K
 import pelib.kernels.nf4 as nf4
 from pelib.quant import QuantState, dequantize_4bit, dequantize_4bit_ref
 
+pytestmark = pytest.mark.integration  # Triton kernels in the interpreter
+
 bnbF = pytest.importorskip("bitsandbytes.functional")
 
 SHAPES = [(300, 777), (37, 577), (64, 64)]  # padded last block; odd numel (half-used last byte)

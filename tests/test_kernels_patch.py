@@ -1,4 +1,5 @@
 """patch(model): a tiny random Llama gives the same loss and gradients with pelib's kernels."""
+import pytest
 import torch
 import transformers.models.llama.modeling_llama as llama
 from conftest import assert_close
@@ -7,6 +8,8 @@ from conftest import tiny_llama as _model
 
 import pelib.kernels as K
 from pelib.patch import patch, unpatch
+
+pytestmark = pytest.mark.integration  # Triton kernels in the interpreter
 
 
 def _loss_and_grads(model, ids, labels):

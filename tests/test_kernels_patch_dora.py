@@ -2,6 +2,7 @@
 and a column norm the fused LoRA kernel does not have, and the registry does not list it as
 fusable. A patched DoRA model computes what it computes unpatched (the Triton interpreter runs
 the other swapped kernels: RMSNorm, RoPE, SwiGLU)."""
+import pytest
 import torch
 from conftest import assert_close, loss_and_grads
 from conftest import tiny_llama as _model
@@ -11,6 +12,8 @@ from pelib.dora import DoRALinear, dora_layers
 from pelib.lora import LoRALinear
 from pelib.methods import fusable_layers
 from pelib.patch import patch, unpatch
+
+pytestmark = pytest.mark.integration  # Triton kernels in the interpreter
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

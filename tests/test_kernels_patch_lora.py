@@ -15,6 +15,8 @@ from pelib.lora import LoRALinear, lora_layers
 from pelib.patch import patch, unpatch
 from pelib.quant import Linear4bit
 
+pytestmark = pytest.mark.integration  # Triton kernels in the interpreter
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 N_LAYERS = 2 * len(TARGETS)                                                     # 2 decoder layers
 

@@ -4,6 +4,7 @@ SoRALinear is a LoRALinear with a gate between A and B; the fused LoRA kernel ha
 SoRA model patched for the GPU must keep SoRA's own forward: its gates get the gradient they get
 unpatched (the Triton interpreter runs the other swapped kernels: RMSNorm, RoPE, SwiGLU).
 """
+import pytest
 import torch
 from conftest import assert_close, loss_and_grads
 from conftest import tiny_llama as _model
@@ -13,6 +14,8 @@ from pelib.lora import LoRALinear, lora_layers
 from pelib.methods import METHODS, fusable_layers
 from pelib.patch import patch, unpatch
 from pelib.sora import SoRALinear, sora_layers
+
+pytestmark = pytest.mark.integration  # Triton kernels in the interpreter
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

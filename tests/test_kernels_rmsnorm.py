@@ -6,6 +6,8 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from pelib.kernels.rmsnorm import rms_norm_ref, rms_norm_triton
 
+pytestmark = pytest.mark.integration  # Triton kernels in the interpreter
+
 # gradient tolerances: dw sums over all rows, so it gets more room in half precision
 GRAD_TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (6e-2, 3e-2)}
 

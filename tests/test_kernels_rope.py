@@ -7,6 +7,8 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 
 from pelib.kernels.rope import apply_rope_ref, apply_rope_triton
 
+pytestmark = pytest.mark.integration  # Triton kernels in the interpreter
+
 GRAD_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 
 

@@ -5,6 +5,8 @@ from conftest import TOL, assert_close
 
 from pelib.kernels.swiglu_kernel import swiglu_ref, swiglu_triton
 
+pytestmark = pytest.mark.integration  # Triton kernels in the interpreter
+
 GRAD_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 
 

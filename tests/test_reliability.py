@@ -15,6 +15,8 @@ from pelib.data import load_nlu
 from pelib.files import atomic_write
 from pelib.quant import QuantState, dequantize_4bit, dequantize_4bit_ref, quantize_4bit
 
+pytestmark = pytest.mark.integration  # a subprocess, kernels in the interpreter, tiny CLI runs
+
 HEADER = "text\tlabel\n"
 
 

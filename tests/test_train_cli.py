@@ -12,6 +12,8 @@ from pelib.hooks import Hook
 from pelib.schedule import lr_schedule, total_steps
 from pelib.train import TrainConfig, train
 
+pytestmark = pytest.mark.integration  # tiny runs through the CLI
+
 
 def test_schedule_and_batching():
     f = lr_schedule(total=100, warmup=10)
