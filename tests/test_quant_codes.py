@@ -36,6 +36,29 @@ def test_nf4_needs_float32_linspace():
     assert torch.allclose(v64, create_normal_map(), atol=1e-6)
 
 
+def test_normal_map_builds_without_scipy(monkeypatch):
+    """The quantiles come from torch: a QLoRA run need not import scipy.stats (tens of MB)."""
+    import sys
+
+    for name in [m for m in sys.modules if m == "scipy" or m.startswith("scipy.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # `import scipy...` now raises ImportError
+    monkeypatch.setitem(sys.modules, "scipy", None)
+    assert torch.equal(create_normal_map(), bnbF.get_4bit_type("nf4", device="cpu"))
+
+
+@pytest.mark.parametrize("offset", [0.9, 0.95, 0.99, 0.999])
+@pytest.mark.parametrize("use_extra_value", [True, False])
+def test_normal_map_equals_scipy_quantiles(offset, use_extra_value):
+    """torch.special.ndtri and scipy's norm.ppf round to the same float32 codes."""
+    from scipy.stats import norm
+
+    n_pos = 8 if use_extra_value else 7
+    pos = norm.ppf(torch.linspace(offset, 0.5, n_pos + 1)[:-1].numpy())
+    neg = -norm.ppf(torch.linspace(offset, 0.5, 8)[:-1].numpy())
+    v = torch.tensor([*pos, *[0.0] * (9 - n_pos), *neg], dtype=torch.float32).sort().values
+    assert torch.equal(create_normal_map(offset, use_extra_value), v / v.max())
+
+
 def test_nf4_offset_is_mean_of_two_bin_centres():
     assert abs((1 - 1 / (2 * 15) + 1 - 1 / (2 * 16)) / 2 - NF4_OFFSET) < 5e-8
 

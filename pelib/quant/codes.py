@@ -10,7 +10,7 @@ NF4, NormalFloat (Dettmers et al. 2023, "QLoRA", arXiv:2305.14314, section 3).
     sigma. For an information-theoretically optimal code each level should cover the same
     probability mass, so the levels are quantiles of N(0, 1):
 
-        q_i = Phi^-1(p_i),    Phi^-1 = scipy.stats.norm.ppf
+        q_i = Phi^-1(p_i),    Phi^-1 = the normal quantile (torch.special.ndtri; scipy's norm.ppf)
 
     Phi^-1(0) and Phi^-1(1) are infinite, so the outermost probability is pulled in to
     `offset` = 0.9677083. An exact zero matters (padding, sparse weights), and a symmetric
@@ -24,8 +24,10 @@ NF4, NormalFloat (Dettmers et al. 2023, "QLoRA", arXiv:2305.14314, section 3).
     their mean is 0.9677083 to 7 digits. Notebook 04 checks this.
 
     Bit-exactness with bitsandbytes needs its arithmetic: the probabilities are a float32
-    torch.linspace, norm.ppf runs on those float32 inputs in float64, the 16 values are
-    rounded to float32 and divided by their max in float32.
+    torch.linspace, the quantiles are computed from those float32 inputs in float64 (bitsandbytes
+    calls scipy's norm.ppf; torch.special.ndtri agrees with it to 1e-7, far inside a float32
+    step, and spares a QLoRA run importing scipy.stats, tens of MB of resident memory), the 16
+    values are rounded to float32 and divided by their max in float32.
 
 FP4 (the E2M1 float of bitsandbytes): 1 sign bit, 2 exponent bits, 1 mantissa bit. Its
     table is indexed by bit pattern, not sorted, so that a nibble decodes to its value
@@ -53,16 +55,14 @@ def create_normal_map(offset: float = NF4_OFFSET, use_extra_value: bool = True) 
     use_extra_value=True gives the asymmetric 8 + 7 + zero code of QLoRA. False gives a
     symmetric 7 + 7 + zero code; one of the 16 indices is then a second zero (wasted).
     """
-    from scipy.stats import norm  # only needed to build the table
-
     n_pos = 8 if use_extra_value else 7
     # float32 probabilities from offset down to 0.5; the last one (0.5 -> quantile 0) is dropped.
-    p_pos = torch.linspace(offset, 0.5, n_pos + 1)[:-1].numpy()  # (n_pos,) float32
-    p_neg = torch.linspace(offset, 0.5, 8)[:-1].numpy()  # (7,) float32
-    q_pos = norm.ppf(p_pos)  # float64 quantiles of float32 inputs
-    q_neg = -norm.ppf(p_neg)
-    zeros = [0.0] * (16 - n_pos - 7)  # 1 zero, or 2 in the symmetric code
-    values = torch.tensor([*q_pos, *zeros, *q_neg], dtype=torch.float32).sort().values
+    p_pos = torch.linspace(offset, 0.5, n_pos + 1)[:-1]  # (n_pos,) float32
+    p_neg = torch.linspace(offset, 0.5, 8)[:-1]  # (7,) float32
+    q_pos = torch.special.ndtri(p_pos.double())  # float64 quantiles of float32 inputs
+    q_neg = -torch.special.ndtri(p_neg.double())
+    zeros = torch.zeros(16 - n_pos - 7, dtype=torch.float64)  # 1 zero, or 2 in the symmetric code
+    values = torch.cat([q_pos, zeros, q_neg]).float().sort().values
     return values / values.max()  # (16,) float32, max exactly 1.0
 
 
@@ -115,7 +115,7 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
     return code.sort().values
 
 
-# The 4-bit codes quantize_4bit accepts, built once (scipy runs only on first use).
+# The 4-bit codes quantize_4bit accepts, built once.
 _CODES: dict[str, torch.Tensor] = {}
 
 
