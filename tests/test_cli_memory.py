@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-pytestmark = [pytest.mark.slow,  # starts subprocesses
+pytestmark = [pytest.mark.integration,  # starts subprocesses
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")]
 
 # Frees a 4 MiB tensor, then allocates another: is the second one in pages of its own (mmapped)?
