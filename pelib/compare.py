@@ -3,7 +3,7 @@
     python -m pelib compare --preset workshop     # `make run`: MiniLM, 7 rows, one epoch each
     python -m pelib compare --preset seeds        # the workshop rows over 3 seeds
     python -m pelib compare --preset full         # every method, both data sets, 3 epochs x 3 seeds (hours)
-    python -m pelib compare --preset llm          # SmolLM2: head, LoRA, QLoRA, SoRA, one epoch (hours)
+    python -m pelib compare --preset llm          # SmolLM2: head, full, LoRA, QLoRA, SoRA, one epoch (hours)
     python -m pelib compare --preset lr           # each method's lr at 1/2, 1, 2x: dev F1
     python -m pelib compare --preset lr-clinc150  # the same grid on CLINC150's dev split
     python -m pelib compare --preset smoke        # toy models, seconds (runs inside `make test`)
@@ -84,7 +84,7 @@ PEFT_ROWS = ("peft-lora", "peft-qlora", "peft-adalora")
 # the full study adds DoRA (at LoRA's recipe) beside LoRA r=8
 FULL_ROWS = ("head", "full", "lora", "dora", "qlora", "adalora", "sora", "lora-r2", "houlsby",
              "pfeiffer", "prefix")
-LLM_ROWS = ("llm-head", "lora", "qlora", "sora")
+LLM_ROWS = ("llm-head", "full", "lora", "qlora", "sora")
 # `make run`: the floor, full fine-tuning, the four LoRA family methods and one peft twin.
 WORKSHOP_ROWS = ("head", "full", "lora", "qlora", "adalora", "sora", "peft-lora")
 

@@ -85,7 +85,8 @@ def test_presets_cover_every_method_and_the_peer():
     assert [a for _, a in seeds if a[a.index("--seed") + 1] == "0"] == [a for _, a in runs]
     llm = preset("llm")
     assert {a[a.index("--model") + 1] for _, a in llm} == {"smollm2"}
-    assert methods(llm) == {("head", False), ("lora", False), ("qlora", False), ("sora", False)}
+    assert methods(llm) == {("head", False), ("full", False), ("lora", False), ("qlora", False),
+                            ("sora", False)}  # full: the optimizer state LoRA saves
     grid = preset("lr")  # three learning rates per method, judged on the dev split
     assert all(a[a.index("--eval-split") + 1] == "dev" for _, a in grid)
     assert len(grid) == 3 * len({label.split(" lr=")[0] for label, _ in grid})
