@@ -13,8 +13,9 @@ Each run is one `python -m pelib finetune ... --resume` in its own process, so i
 is its own and an interrupted comparison picks up where it stopped: finished runs (their
 results/<name>.json exists with the same arguments) are skipped, and the run that was cut off
 continues from its last checkpoint. At the end: results/summary.md (one table per model and
-data set, mean and spread over seeds) and three figures: F1 against trainable parameters,
-peak memory, and loss curves (presets other than workshop add their name: summary_seeds.md).
+data set, mean and spread over seeds, and each run's memory ledger beside its peak) and three
+figures: F1 against trainable parameters, memory (the ledger stacked by kind, the peak as a
+marker), and loss curves (presets other than workshop add their name: summary_seeds.md).
 """
 from __future__ import annotations
 
@@ -252,6 +253,7 @@ def main(argv=None) -> None:
         [{k: r[k] for k in ("name", "label", "metrics", "trainable_params", "total_params",
                             "peak_memory_mb", "seconds_per_step", "train_seconds", "args", "losses",
                             "history", "train_rows", "eval_rows", "eval_split", "memory_kind")}
+         | {"ledger": r.get("ledger")}  # None in records written before runs kept it
          for r in records], indent=1)))
     paths = figures(records, out, tag)
     print(text)

@@ -24,6 +24,7 @@ from .runs import (
     numbers,
     only_process,
     refuse_other_run,
+    run_ledger,
     run_name,
     same_run,
     write_record,
@@ -168,7 +169,8 @@ def _finetune(args, out: Path, name: str) -> dict:
     record = dict(name=name, **asdict(result), seconds_per_epoch=result.train_seconds / args.epochs,
                   args=options(args), eval_split=args.eval_split, train_rows=len(data.texts),
                   eval_rows=len(evaluation.texts), device=device_of(args), bf16=uses_bf16(args),
-                  kernels=uses_kernels(args))
+                  kernels=uses_kernels(args),
+                  ledger=run_ledger(model, tokenizer, data, cfg) if result.world_size == 1 else None)
     if distributed.rank() != 0:
         return record  # the same weights and metrics as rank 0's, which writes them
     path = out / f"{name}.json"
