@@ -263,19 +263,26 @@ def _in_file_mapping(start: int, end: int) -> bool:
     return False
 
 
+# Normalisation layers by class name (transformers defines an RMSNorm class per model).
+NORMS = ("LayerNorm", "RMSNorm")
+
+
 def cast_frozen(model, dtype: torch.dtype):
-    """Store every frozen floating-point weight of `model` in `dtype` (bf16 for bf16 training),
+    """Store the frozen floating-point weights of `model` in `dtype` (bf16 for bf16 training),
     in place; trainable parameters (LoRA's A and B, a head) keep theirs. Under CPU autocast an
     fp32 frozen weight is cast to bf16 again on every forward (the cast cache keeps only weights
-    that require grad); stored in bf16 it is read as it is, at half the memory. A 4-bit layer's
-    scales and code tables stay float32 (its bytes are not floats: such a layer sets
-    `keeps_own_dtype`). Returns the model."""
+    that require grad); stored in bf16 it is read as it is, at half the memory.
+
+    Kept as they are: buffers, as transformers keeps them in a bf16 checkpoint (RoPE's inv_freq:
+    rounded to bf16, the angle of position t would be off by up to t * 2**-9 times its
+    frequency; a 4-bit layer's scales and code tables), and the normalisation layers' scales
+    and shifts (NORMS; a few numbers per layer): on a CPU, layer_norm takes a bf16 input with
+    fp32 parameters but refuses an fp32 input (an adapter that adds in fp32) with bf16 ones.
+    Returns the model."""
     for module in model.modules():
-        if getattr(module, "keeps_own_dtype", False):
-            tensors = [module.bias] if module.bias is not None else []
-        else:
-            tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-        for t in tensors:
-            if t.is_floating_point() and not t.requires_grad:
-                t.data = t.data.to(dtype)
+        if type(module).__name__.endswith(NORMS):
+            continue
+        for p in module.parameters(recurse=False):
+            if p.is_floating_point() and not p.requires_grad:
+                p.data = p.data.to(dtype)
     return model

@@ -3,7 +3,7 @@
     python -m pelib compare --preset workshop     # `make run`: MiniLM, 7 rows, one epoch each
     python -m pelib compare --preset seeds        # the workshop rows over 3 seeds
     python -m pelib compare --preset full         # every method, both data sets, 3 epochs x 3 seeds (hours)
-    python -m pelib compare --preset llm          # SmolLM2: head, LoRA, QLoRA, SoRA, one epoch (hours)
+    python -m pelib compare --preset llm          # SmolLM2: head, full, LoRA, QLoRA, SoRA, one epoch (hours)
     python -m pelib compare --preset lr           # each method's lr at 1/2, 1, 2x: dev F1
     python -m pelib compare --preset lr-clinc150  # the same grid on CLINC150's dev split
     python -m pelib compare --preset smoke        # toy models, seconds (runs inside `make test`)
@@ -13,8 +13,9 @@ Each run is one `python -m pelib finetune ... --resume` in its own process, so i
 is its own and an interrupted comparison picks up where it stopped: finished runs (their
 results/<name>.json exists with the same arguments) are skipped, and the run that was cut off
 continues from its last checkpoint. At the end: results/summary.md (one table per model and
-data set, mean and spread over seeds) and three figures: F1 against trainable parameters,
-peak memory, and loss curves (presets other than workshop add their name: summary_seeds.md).
+data set, mean and spread over seeds, and each run's memory ledger beside its peak) and three
+figures: F1 against trainable parameters, memory (the ledger stacked by kind, the peak as a
+marker), and loss curves (presets other than workshop add their name: summary_seeds.md).
 """
 from __future__ import annotations
 
@@ -84,7 +85,7 @@ PEFT_ROWS = ("peft-lora", "peft-qlora", "peft-adalora")
 # the full study adds DoRA (at LoRA's recipe) beside LoRA r=8
 FULL_ROWS = ("head", "full", "lora", "dora", "qlora", "adalora", "sora", "lora-r2", "houlsby",
              "pfeiffer", "prefix")
-LLM_ROWS = ("llm-head", "lora", "qlora", "sora")
+LLM_ROWS = ("llm-head", "full", "lora", "qlora", "sora")
 # `make run`: the floor, full fine-tuning, the four LoRA family methods and one peft twin.
 WORKSHOP_ROWS = ("head", "full", "lora", "qlora", "adalora", "sora", "peft-lora")
 
@@ -252,6 +253,7 @@ def main(argv=None) -> None:
         [{k: r[k] for k in ("name", "label", "metrics", "trainable_params", "total_params",
                             "peak_memory_mb", "seconds_per_step", "train_seconds", "args", "losses",
                             "history", "train_rows", "eval_rows", "eval_split", "memory_kind")}
+         | {"ledger": r.get("ledger")}  # None in records written before runs kept it
          for r in records], indent=1)))
     paths = figures(records, out, tag)
     print(text)

@@ -24,6 +24,7 @@ from .runs import (
     numbers,
     only_process,
     refuse_other_run,
+    run_ledger,
     run_name,
     same_run,
     write_record,
@@ -58,6 +59,15 @@ def uses_bf16(args) -> bool:
     return args.bf16 or device_of(args) == "cuda" or cpu_has_fast_bf16()
 
 
+def bf16_base(args) -> bool:
+    """Store the frozen weights in bf16 (pelib.backbone.cast_frozen)? --base-dtype auto: when
+    training runs in bf16; bf16 without bf16 training is refused."""
+    if args.base_dtype == "bf16" and not uses_bf16(args):
+        raise ValueError("--base-dtype bf16 stores the frozen weights for bf16 training, which is "
+                         "off here (no bf16 hardware in this CPU); add --bf16, or use --base-dtype auto")
+    return args.base_dtype != "fp32" and uses_bf16(args)
+
+
 def uses_kernels(args) -> bool:
     """pelib's Triton kernels (pelib.patch) on a GPU for the Llama backbone, unless --no-kernels."""
     return device_of(args) == "cuda" and args.model == "smollm2" and not args.no_kernels
@@ -85,6 +95,10 @@ def build(args, cfg):
               total_steps=total_steps(len(data.texts), cfg), device=device)
     model, hooks = METHODS[args.method].build[args.impl](model, config, run)
     model.to(device)
+    if bf16_base(args):  # else autocast casts every frozen weight again on every forward
+        from .backbone import cast_frozen
+
+        cast_frozen(model, torch.bfloat16)
     if uses_kernels(args):
         from .patch import patch
 
@@ -97,6 +111,7 @@ def finetune(args) -> dict:
     Bad options raise ValueError with a message that names the fix."""
     distributed.check_launch()
     check(args)
+    bf16_base(args)  # refuses a bf16 base without bf16 training, before anything is written
     name = run_name(args)
     if distributed.rank() != 0:  # under torchrun: rank 0 alone checks, locks and writes
         record = _finetune(args, Path(args.out), name)
@@ -168,7 +183,8 @@ def _finetune(args, out: Path, name: str) -> dict:
     record = dict(name=name, **asdict(result), seconds_per_epoch=result.train_seconds / args.epochs,
                   args=options(args), eval_split=args.eval_split, train_rows=len(data.texts),
                   eval_rows=len(evaluation.texts), device=device_of(args), bf16=uses_bf16(args),
-                  kernels=uses_kernels(args))
+                  kernels=uses_kernels(args), base_dtype="bf16" if bf16_base(args) else "fp32",
+                  ledger=run_ledger(model, tokenizer, data, cfg) if result.world_size == 1 else None)
     if distributed.rank() != 0:
         return record  # the same weights and metrics as rank 0's, which writes them
     path = out / f"{name}.json"

@@ -79,6 +79,9 @@ def add_arguments(f: argparse.ArgumentParser) -> None:
                    help="bf16 autocast also on a CPU without bf16 hardware (slower there); it is "
                         "the default on a GPU and on CPUs with AVX-512 BF16 or AMX")
     f.add_argument("--fp32", action="store_true", help="no bf16 autocast, on any device")
+    f.add_argument("--base-dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="how the frozen weights are stored: auto (default) bf16 when training runs "
+                        "under bf16 autocast, fp32 otherwise (pelib.backbone.cast_frozen)")
     f.add_argument("--no-kernels", action="store_true",
                    help="on a GPU, do not swap pelib's Triton kernels into SmolLM2 (pelib.patch)")
     f.add_argument("--train-limit", type=int, default=None, help="train on a seeded subset")
@@ -192,6 +195,12 @@ def check(args) -> None:
                          "--train-limit >= 2 or --head-init random")
     if args.bf16 and args.fp32:
         raise ValueError("--bf16 and --fp32 contradict each other; pass one of them")
+    if args.base_dtype == "bf16" and args.fp32:
+        raise ValueError("--base-dtype bf16 stores the frozen weights for bf16 training, which "
+                         "--fp32 turns off; drop --fp32, or use --base-dtype auto")
+    if args.base_dtype == "bf16" and args.method == "full":
+        raise ValueError("--base-dtype bf16 stores the frozen weights, and --method full trains "
+                         "every weight; drop --base-dtype")
     if not 0 <= args.seed <= SEED_MAX:
         raise ValueError(f"--seed must be an integer in [0, {SEED_MAX}], got {args.seed}")
     for dest, (field, _) in method_options().items():

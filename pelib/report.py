@@ -1,6 +1,11 @@
 """Tables and figures of run records, shared by `pelib finetune` (one run: its row and its loss
 curve) and `pelib compare` (one table per model and data set, F1 against trainable parameters,
-peak memory, loss curves). Every figure is written atomically.
+memory, loss curves). Every figure is written atomically.
+
+Memory is shown twice. The ledger (pelib.measure.memory_ledger, recorded by each run: frozen
+weights, trainable weights, gradients, optimizer state, saved activations) says what a step
+holds and why methods differ; the peak of the process (RSS on a CPU) is what the machine gave.
+A record written before runs kept their ledger shows its peak alone, with a note.
 """
 from __future__ import annotations
 
@@ -96,7 +101,73 @@ def summary(records) -> str:
                 f"{statistics.fmean(r['train_seconds'] for r in rs):.0f} | "
                 f"{_fmt([r['history'][-1].get('dev_f1', float('nan')) for r in rs])} |")
         lines.append("")
+        lines += _memory_table(rows, r0["memory_kind"])
     return "\n".join(lines)
+
+
+MiB = 2**20  # PeakMemory's "MB" are MiB too
+# The ledger's kinds (pelib.measure.LEDGER_KINDS; not imported: that would load torch here) and
+# what the table and the figure call them
+LEDGER_SHORT = {"frozen weights": "frozen weights", "trainable (adapter + head)": "trainable weights",
+                "gradients": "gradients", "optimizer state": "optimizer state",
+                "activations saved for backward": "saved activations"}
+RSS_NOTE = ("Peak RSS adds what no tensor of the step is: the Python interpreter, the code and data "
+            "of torch and the other libraries, and the allocator's arenas that keep freed memory; "
+            "that cost is about the same for every method, so RSS compresses the differences the "
+            "ledger shows.")
+GPU_NOTE = ("max_memory_allocated adds the transient buffers alive at the peak (dequantised "
+            "weights, the logits, temporaries of the backward), which the ledger does not list.")
+
+
+def ledger_of(rs: list[dict]) -> list[float] | None:
+    """The mean ledger of a row's runs in MiB, in LEDGER_SHORT's order; None when a run's record
+    has none (written before runs recorded it, or a data-parallel run)."""
+    if not all(r.get("ledger") for r in rs):
+        return None
+    return [statistics.fmean(r["ledger"]["bytes"][k] for r in rs) / MiB for k in LEDGER_SHORT]
+
+
+def _memory_table(rows: dict, kind: str) -> list[str]:
+    """The ledger of each row beside its peak, in MiB, and the sentence that reads them."""
+    lines = [f"**Memory, MiB.** The ledger: the tensors one training step holds on the run's "
+             f"longest batch (B x T), counted storage by storage; peak: {kind}.", "",
+             "| memory of | batch | " + " | ".join(LEDGER_SHORT.values()) +
+             " | ledger | peak | peak - ledger |", "|---" * (len(LEDGER_SHORT) + 5) + "|"]
+    missing = False
+    for (label, impl), rs in rows.items():
+        led = ledger_of(rs)
+        peak = statistics.fmean(r["peak_memory_mb"] for r in rs)
+        cells = ["-"] * (len(LEDGER_SHORT) + 2) + [f"{peak:,.0f}", "-"] if led is None else \
+            ["x".join(map(str, rs[0]["ledger"]["batch"]))] + [f"{v:,.2f}" for v in led] + \
+            [f"{sum(led):,.2f}", f"{peak:,.0f}", f"{peak - sum(led):,.0f}"]
+        missing |= led is None
+        lines.append(f"| {label}{' (peft)' if impl == 'peft' else ''} | " + " | ".join(cells) + " |")
+    lines += ["", RSS_NOTE if "RSS" in kind else GPU_NOTE]
+    if missing:
+        lines[-1] += " Rows with '-' come from records written before runs kept their ledger: " \
+                     "their peak alone."
+    return lines + [""]
+
+
+def memory_panel(ax, rows: dict, kind: str) -> None:
+    """Per row the ledger stacked by kind (a bar) and the peak of the run (a marker beside it)."""
+    names = [f"{label}{' (peft)' if impl == 'peft' else ''}" for label, impl in rows]
+    y = list(range(len(names)))[::-1]  # the first row on top
+    ledgers = [ledger_of(rs) for rs in rows.values()]
+    colours = ("#9e9e9e", "#1f77b4", "#ff7f0e", "#d62728", "#2ca02c")
+    for i, short in enumerate(LEDGER_SHORT.values()):
+        left = [sum(led[:i]) if led else 0.0 for led in ledgers]
+        ax.barh(y, [led[i] if led else 0.0 for led in ledgers], left=left, height=0.6,
+                color=colours[i], label=short)
+    peaks = [statistics.fmean(r["peak_memory_mb"] for r in rs) for rs in rows.values()]
+    ax.plot(peaks, y, linestyle="none", marker="D", color="black", label=f"peak ({kind})")
+    for yi, peak, led in zip(y, peaks, ledgers):
+        if led is None:
+            ax.annotate("no ledger in this record", (peak, yi), xytext=(-6, 0),
+                        textcoords="offset points", ha="right", va="center", fontsize=7)
+    ax.set_yticks(y, names)
+    ax.set_xlim(0, 1.08 * max(peaks + [sum(led) for led in ledgers if led]))
+    ax.tick_params(axis="y", labelsize=7)
 
 
 def figures(records, out: Path, tag: str = "") -> list[Path]:
@@ -109,9 +180,9 @@ def figures(records, out: Path, tag: str = "") -> list[Path]:
     groups = _group(records)
     paths = []
 
-    def save(fig, name):
+    def save(fig, name, rect=(0, 0, 1, 1)):
         path = out / name.replace(".png", f"{tag}.png")
-        fig.tight_layout()
+        fig.tight_layout(rect=rect)
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
         plt.close(fig)
         paths.append(path)
@@ -147,14 +218,17 @@ def figures(records, out: Path, tag: str = "") -> list[Path]:
         ax.legend(fontsize=7, loc="lower right")
     save(fig, "f1_vs_params.png")
 
-    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
+    kind = records[0]["memory_kind"]
+    fig, axes = plt.subplots(1, len(groups), figsize=(7 * len(groups), 5.2), squeeze=False)
     for ax, ((model, data), rows) in zip(axes[0], groups.items()):
-        names = [f"{label}{' (peft)' if impl == 'peft' else ''}" for label, impl in rows]
-        mb = [statistics.fmean(r["peak_memory_mb"] for r in rs) for rs in rows.values()]
-        ax.barh(names, mb)
-        ax.set(xlabel=f"peak memory, MB ({records[0]['memory_kind']})", title=f"{model} / {data}")
-        ax.tick_params(axis="y", labelsize=7)
-    save(fig, "memory.png")
+        memory_panel(ax, rows, kind)
+        ax.set(xlabel="MiB: bars the ledger of one step, markers the run's peak",
+               title=f"{model} / {data}")
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=6, fontsize=8,
+               bbox_to_anchor=(0.5, 0.07))
+    fig.text(0.01, 0.01, RSS_NOTE if "RSS" in kind else GPU_NOTE, fontsize=8, wrap=True,
+             va="bottom")
+    save(fig, "memory.png", rect=(0, 0.15, 1, 1))  # room for the legend and the note below
 
     fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
     for ax, ((model, data), rows) in zip(axes[0], groups.items()):

@@ -146,3 +146,23 @@ def refuse_other_run(path: Path, opts: dict) -> None:
 
 def write_record(path: Path, record: dict) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
+
+
+def run_ledger(model, tokenizer, data, cfg) -> dict:
+    """The memory ledger of the run's largest step (pelib.measure.memory_ledger): its
+    `cfg.batch_size` longest training rows (batches are grouped by length, so the longest batch
+    is about these), under the run's autocast. Bytes by kind, and the batch shape [B, T]. The
+    record keeps it, so compare's figure reads what the run held instead of counting again."""
+    import torch
+
+    from .batching import collate, encode
+    from .measure import memory_ledger
+
+    ids = encode(tokenizer, data.texts, cfg.max_length)
+    longest = sorted(range(len(ids)), key=lambda i: -len(ids[i]))[:cfg.batch_size]
+    device = next(model.parameters()).device
+    batch = {k: t.to(device) for k, t in collate(ids, longest, tokenizer.pad_token_id).items()}
+    batch["labels"] = torch.tensor([data.labels[i] for i in longest], device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        ledger = memory_ledger(model, batch)
+    return dict(bytes=ledger, batch=list(batch["input_ids"].shape))

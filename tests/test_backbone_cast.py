@@ -11,7 +11,8 @@ def test_frozen_weights_in_bf16_trainable_in_fp32():
     apply_qlora(model, ["query", "value"], r=4)
     cast_frozen(model, torch.bfloat16)
     for name, p in model.named_parameters():
-        assert p.dtype == (torch.float32 if p.requires_grad else torch.bfloat16), name
+        norm = "LayerNorm" in name  # a few numbers per layer, kept fp32 (see the DoRA test)
+        assert p.dtype == (torch.float32 if p.requires_grad or norm else torch.bfloat16), name
     q = model.bert.encoder.layer[0].attention.self.query.base_layer
     assert q.packed.dtype == torch.uint8 and q.absmax2.dtype == q.code.dtype == torch.float32
     ids = torch.randint(5, 1000, (2, 9))
@@ -42,3 +43,32 @@ def test_a_bf16_base_computes_what_autocast_computed_from_fp32():
         outs.append((y, layer[0].lora_A.weight.grad, layer[0].lora_B.weight.grad))
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+def test_buffers_keep_their_dtype():
+    """Weights are parameters: RoPE's frequencies stay fp32, as in a checkpoint loaded in bf16
+    (transformers computes them in fp32 there too), so no rotation angle moves."""
+    from transformers import AutoModelForCausalLM
+
+    model = pelib.tiny_backbone("smollm2", 5, with_tokenizer=False)[0]
+    pelib.apply_lora(model, ["q_proj", "v_proj"], r=4)
+    cast_frozen(model, torch.bfloat16)
+    loaded = AutoModelForCausalLM.from_config(model.config, dtype=torch.bfloat16)
+    for name, b in loaded.named_buffers():  # the reference: what a bf16 load keeps
+        assert dict(model.named_buffers())[name].dtype == b.dtype == torch.float32, name
+    assert model.model.embed_tokens.weight.dtype == loaded.model.embed_tokens.weight.dtype
+
+
+def test_an_adapter_that_adds_in_fp32_trains_on_a_bf16_base():
+    """DoRA's magnitude is fp32, so its output and the residual stream after it are fp32 under
+    autocast; CPU layer_norm refuses an fp32 input with bf16 parameters, which is why the norms
+    stay fp32 (with bf16 norms this step raised 'mixed dtype (CPU)')."""
+    model = pelib.tiny_backbone("minilm", 5, with_tokenizer=False)[0]
+    pelib.apply_dora(model, ["query", "value", "dense"], r=4)
+    cast_frozen(model, torch.bfloat16)
+    assert model.bert.embeddings.word_embeddings.weight.dtype == torch.bfloat16
+    assert model.bert.embeddings.LayerNorm.weight.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=torch.randint(5, 1000, (2, 9)), labels=torch.tensor([0, 3])).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -20,6 +20,10 @@ def test_smoke_subset_runs_summarises_and_skips_finished_runs(tmp_path, capsys):
         assert (tmp_path / fig).stat().st_size > 1000
     records = json.loads((tmp_path / "summary_smoke.json").read_text())
     assert len(records) == 2 and summary(records) == text  # the table rebuilds from the JSON
+    # each run recorded its ledger (the memory figure's bars), beside its peak RSS
+    assert all(list(r["ledger"]["bytes"]) == list(KINDS) and r["ledger"]["batch"][0] == 16
+               for r in records)
+    assert "| memory of |" in text and "| LoRA r=2 | " in text.split("| memory of |")[1]
     assert not list(tmp_path.glob("*.ckpt"))  # checkpoints are removed once results exist
 
     run, = tmp_path.glob("minilm-tiny_banking77_lora-r2_pelib_s0_*.json")
@@ -87,7 +91,8 @@ def test_presets_cover_every_method_and_the_peer():
     assert [a for _, a in seeds if a[a.index("--seed") + 1] == "0"] == [a for _, a in runs]
     llm = preset("llm")
     assert {a[a.index("--model") + 1] for _, a in llm} == {"smollm2"}
-    assert methods(llm) == {("head", False), ("lora", False), ("qlora", False), ("sora", False)}
+    assert methods(llm) == {("head", False), ("full", False), ("lora", False), ("qlora", False),
+                            ("sora", False)}  # full: the optimizer state LoRA saves
     grid = preset("lr")  # three learning rates per method, judged on the dev split
     assert all(a[a.index("--eval-split") + 1] == "dev" for _, a in grid)
     assert len(grid) == 3 * len({label.split(" lr=")[0] for label, _ in grid})
@@ -127,3 +132,52 @@ def test_presets_are_data_that_name_registry_entries():
             check(parse(argv))  # raises ValueError for an option the method lacks
     with pytest.raises(SystemExit, match="unknown preset 'nope'"):
         preset("nope")
+
+
+KINDS = ("frozen weights", "trainable (adapter + head)", "gradients", "optimizer state",
+         "activations saved for backward")
+
+
+def record(label, method, peak_mb, ledger_mib=None):
+    """A run's record as finetune writes it (the fields the tables and figures read)."""
+    r = dict(name=label, label=label, metrics=dict(accuracy=0.5, precision=0.5, recall=0.5, f1=0.5),
+             trainable_params=10, total_params=100, peak_memory_mb=peak_mb, seconds_per_step=0.1,
+             train_seconds=1.0, losses=[1.0, 0.5], history=[dict(epoch=1, loss=0.7)],
+             train_rows=64, eval_rows=32, eval_split="test", memory_kind="process RSS (sampled)",
+             args=dict(model="minilm", tiny=True, data="banking77", method=method, impl="pelib",
+                       epochs=1.0, batch_size=16, max_length=32))
+    if ledger_mib is not None:
+        r["ledger"] = dict(bytes={k: int(v * 2**20) for k, v in zip(KINDS, ledger_mib)}, batch=[16, 32])
+    return r
+
+
+def test_the_memory_figure_stacks_each_runs_ledger_and_marks_its_peak(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pelib.report import RSS_NOTE, _group, figures, memory_panel
+
+    records = [record("full", "full", 900.0, [0.0, 100.0, 100.0, 200.0, 30.0]),
+               record("LoRA", "lora", 700.0, [100.0, 1.0, 1.0, 2.0, 40.0]),
+               record("old QLoRA", "qlora", 800.0)]  # written before runs kept their ledger
+    rows = next(iter(_group(records).values()))
+    fig, ax = plt.subplots()
+    memory_panel(ax, rows, "process RSS (sampled)")
+    # one bar segment per kind and row, as wide as the record says, stacked left to right
+    widths = [round(p.get_width(), 6) for p in ax.patches]
+    lefts = [round(p.get_x(), 6) for p in ax.patches]
+    assert widths == [0.0, 100.0, 0.0, 100.0, 1.0, 0.0, 100.0, 1.0, 0.0, 200.0, 2.0, 0.0,
+                      30.0, 40.0, 0.0]
+    assert lefts[-3:] == [400.0, 104.0, 0.0]  # saved activations start where the rest ends
+    peaks, = [line for line in ax.lines if line.get_marker() == "D"]
+    assert list(peaks.get_xdata()) == [900.0, 700.0, 800.0]
+    assert [t.get_text() for t in ax.texts] == ["no ledger in this record"]
+    plt.close(fig)
+    text = summary(records)
+    assert "| full | 16x32 | 0.00 | 100.00 | 100.00 | 200.00 | 30.00 | 430.00 | 900 | 470 |" in text
+    assert "| old QLoRA | - | - | - | - | - | - | - | 800 | - |" in text
+    assert RSS_NOTE in text and "before runs kept their ledger" in text
+    paths = figures(records, tmp_path)
+    assert tmp_path / "memory.png" in paths and (tmp_path / "memory.png").stat().st_size > 1000

@@ -95,3 +95,58 @@ def test_bad_input_is_refused_with_the_fix():
         memory_ledger(model, step_batch())
     with pytest.raises(ValueError, match="input_ids"):
         memory_ledger(llama(), [1, 2, 3])
+
+
+# -- the ledger a run records (pelib.runs.run_ledger), on the models `pelib finetune` builds ----
+SMOKE = ["--tiny", "--train-limit", "64", "--batch-size", "16", "--max-length", "32"]
+
+
+def built(model, method, *extra):
+    """The model, tokenizer, training rows and loop settings of a tiny finetune run."""
+    from pelib.finetune import build, config_of, parse
+    from pelib.train import TrainConfig
+
+    args = parse(["--model", model, "--method", method, *SMOKE, *extra])
+    cfg = TrainConfig.of(config_of(args), batch_size=args.batch_size, max_length=args.max_length)
+    m, tokenizer, data, _ = build(args, cfg)
+    return m, tokenizer, data, cfg
+
+
+@pytest.mark.parametrize("name", ["minilm", "smollm2"])
+def test_a_runs_ledger_is_the_hand_count_and_full_holds_more_than_lora_than_qlora(name):
+    from pelib.runs import run_ledger
+
+    totals = {}
+    for method in ("full", "lora", "qlora"):
+        model, tokenizer, data, cfg = built(name, method, *(["--r", "8"] if method != "full" else []))
+        led = run_ledger(model, tokenizer, data, cfg)
+        assert list(led["bytes"]) == list(LEDGER_KINDS)
+        # parameters x bytes: AdamW's two fp32 moments per trainable weight (+ a 4-byte step per
+        # tensor), a gradient as large as the trainable weights
+        for kind, value in hand_count(model).items():
+            assert led["bytes"][kind] == value, (method, kind)
+        assert led["bytes"][LEDGER_KINDS[4]] > 0
+        # the run's longest rows, padded to the longest of them
+        lengths = sorted((len(ids) for ids in tokenizer(data.texts, truncation=True, max_length=32)
+                          ["input_ids"]), reverse=True)
+        assert led["batch"] == [16, lengths[0]]
+        totals[method] = sum(led["bytes"].values())
+    assert totals["full"] > totals["lora"] > totals["qlora"], totals
+
+
+def test_full_fine_tuning_holds_gradients_and_two_adamw_states_per_weight():
+    from pelib.runs import run_ledger
+
+    model, tokenizer, data, cfg = built("minilm", "full")
+    led = run_ledger(model, tokenizer, data, cfg)["bytes"]
+    n = sum(p.numel() for p in model.parameters())  # every weight trains, in fp32
+    tensors = len(list(model.parameters()))
+    assert led["trainable (adapter + head)"] == led["gradients"] == 4 * n
+    assert led["optimizer state"] == 2 * 4 * n + 4 * tensors
+    assert led["frozen weights"] == sum(b.numel() * b.element_size() for b in model.buffers())
+
+
+def test_the_report_names_the_ledgers_kinds():
+    from pelib.report import LEDGER_SHORT
+
+    assert tuple(LEDGER_SHORT) == LEDGER_KINDS
