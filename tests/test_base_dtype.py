@@ -98,6 +98,7 @@ def test_the_ledger_counts_a_bf16_base_at_two_bytes_a_weight():
     assert led["trainable (adapter + head)"] == led["gradients"] == 4 * trainable
 
 
+@pytest.mark.integration  # two tiny runs through the command line
 def test_an_fp32_run_never_casts_and_records_its_base(tmp_path):
     """Training in fp32 (no bf16 hardware, --base-dtype auto) takes the path it took before the
     option existed: cast_frozen is never called; a bf16 run records its bf16 base."""

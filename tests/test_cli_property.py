@@ -46,6 +46,7 @@ OPTIONS = {  # option -> the values it is drawn with (None: a switch)
     "--train-limit": ["1", "2", "0", "-5"],
     "--name": ["run", "", "../x", "n" * 300, "summary", "a b"],
     "--bf16": None,
+    "--base-dtype": ["auto", "bf16", "fp32", "fp16"],
     "--fp32": None,
     "--resume": None,
     "--orth-reg-weight": ["0.1", "nan", "inf"],

@@ -94,7 +94,6 @@ class Linear4bit(nn.Module):
     empty buffers of the right sizes, ready for load_state_dict.
     """
 
-    keeps_own_dtype = True  # its scales and code tables stay fp32 (backbone.cast_frozen)
 
     def __init__(
         self,
