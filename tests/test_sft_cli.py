@@ -143,3 +143,26 @@ def test_a_row_longer_than_max_length_names_the_option(tmp_path):
         main(["finetune", *TINY, "--train-limit", "8", "--max-length", "40", "--out",
               str(tmp_path)])
 
+
+def test_the_sft_preset_names_four_methods_at_the_task_recipe():
+    from pelib.compare import preset
+    from pelib.options import check
+
+    runs = preset("sft")
+    assert [a[a.index("--method") + 1] for _, a in runs] == ["lora", "qlora", "sora", "dora"]
+    for _, argv in runs:
+        args = parse(argv)
+        check(args)
+        assert (args.task, args.model, args.r, args.epochs, args.batch_size) == \
+            ("sft", "smollm2", 8, 1, 16)
+    assert [label for label, a in preset("smoke") if "sft" in a] == ["LoRA r=8, SFT"]
+
+
+def test_compare_runs_the_smoke_sft_row_and_tables_it(tmp_path):
+    from pelib.compare import main as compare
+
+    compare(["--preset", "smoke", "--only", "SFT", "--out", str(tmp_path), "--no-progress"])
+    assert "| LoRA r=8, SFT | pelib | 1 | 1 |" in (tmp_path / "summary_smoke.md").read_text()
+    records = json.loads((tmp_path / "summary_smoke.json").read_text())
+    assert [r["args"]["task"] for r in records] == ["sft"]
+    assert "invalid_rate" in records[0]["metrics"]
