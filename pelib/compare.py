@@ -4,6 +4,7 @@
     python -m pelib compare --preset seeds        # the workshop rows over 3 seeds
     python -m pelib compare --preset full         # every method, both data sets, 3 epochs x 3 seeds (hours)
     python -m pelib compare --preset llm          # SmolLM2: head, full, LoRA, QLoRA, SoRA, one epoch (hours)
+    python -m pelib compare --preset sft          # SmolLM2 instruction-tuned: LoRA, QLoRA, SoRA, DoRA
     python -m pelib compare --preset lr           # each method's lr at 1/2, 1, 2x: dev F1
     python -m pelib compare --preset lr-clinc150  # the same grid on CLINC150's dev split
     python -m pelib compare --preset smoke        # toy models, seconds (runs inside `make test`)
@@ -78,6 +79,12 @@ ROWS = {
     # SmolLM2's last-token states have outlier dimensions: its head learns best at a lower lr
     # than MiniLM's, chosen on the dev split (docs/benchmarks.md)
     "llm-head": Row("head only (floor)", "head", ("--lr", "1e-2")),
+    # Instruction tuning (--task sft): the LM writes the intent's name, scored by greedy decoding;
+    # the task's recipe (pelib.recipe.TASKS) sets one epoch, batch 16 and the max length
+    "sft-lora": Row("LoRA r=8, SFT", "lora", ("--r", "8", "--task", "sft")),
+    "sft-qlora": Row("QLoRA r=8 (NF4+DQ), SFT", "qlora", ("--r", "8", "--task", "sft")),
+    "sft-sora": Row("SoRA r=8, SFT", "sora", ("--r", "8", "--task", "sft")),
+    "sft-dora": Row("DoRA r=8, SFT", "dora", ("--r", "8", "--task", "sft")),
 }
 PELIB_ROWS = ("head", "full", "lora", "qlora", "adalora", "sora", "lora-r2", "houlsby",
               "pfeiffer", "prefix")
@@ -86,6 +93,7 @@ PEFT_ROWS = ("peft-lora", "peft-qlora", "peft-adalora")
 FULL_ROWS = ("head", "full", "lora", "dora", "qlora", "adalora", "sora", "lora-r2", "houlsby",
              "pfeiffer", "prefix")
 LLM_ROWS = ("llm-head", "full", "lora", "qlora", "sora")
+SFT_ROWS = ("sft-lora", "sft-qlora", "sft-sora", "sft-dora")
 # `make run`: the floor, full fine-tuning, the four LoRA family methods and one peft twin.
 WORKSHOP_ROWS = ("head", "full", "lora", "qlora", "adalora", "sora", "peft-lora")
 
@@ -100,6 +108,8 @@ FULL_SIZE = ["--epochs", "3"]
 LLM_SIZE = ["--epochs", "1", "--batch-size", "16"]
 SMOKE_SIZE = ["--tiny", "--train-limit", "64", "--eval-limit", "32", "--epochs", "1",
               "--batch-size", "16", "--max-length", "32"]
+# an instruction-tuning row keeps its task's max length: the chat prompt alone is ~40 tokens
+SMOKE_SFT_SIZE = ["--tiny", "--train-limit", "32", "--eval-limit", "16"]
 # Per-method extras: the floor's head trains 3 epochs (the frozen encoder only runs forward);
 # prefix tuning clips its gradient norm at 1: without it its loss spiked at the peak lr and the
 # run ended below the floor (docs/benchmarks.md).
@@ -131,7 +141,8 @@ PRESETS = {
     # bitsandbytes' CPU eval path needs rows that are multiples of 64)
     "smoke": (Part("minilm", B77, PELIB_ROWS + ("peft-lora", "peft-adalora"), SMOKE_SIZE,
                    extras=False),
-              Part("smollm2", B77, LLM_ROWS, SMOKE_SIZE, extras=False)),
+              Part("smollm2", B77, LLM_ROWS, SMOKE_SIZE, extras=False),
+              Part("smollm2", B77, ("sft-lora",), SMOKE_SFT_SIZE, extras=False)),
     # `make run`: full size, one seed, one epoch
     "workshop": (Part("minilm", B77, WORKSHOP_ROWS, WORKSHOP_SIZE, lpft=True),),
     # the workshop rows over seeds 0-2 (seed 0 is reused)
@@ -144,6 +155,9 @@ PRESETS = {
                   for data in (B77, C150)),
     # SmolLM2-135M on all Banking77 rows, one epoch (hours on a CPU)
     "llm": (Part("smollm2", B77, LLM_ROWS, LLM_SIZE),),
+    # SmolLM2-135M instruction-tuned on all Banking77 rows, one epoch each, greedy decoding on
+    # the test split (a zero-shot row is no registry method: notebook 11 prints it)
+    "sft": (Part("smollm2", B77, SFT_ROWS, ()),),
 }
 
 

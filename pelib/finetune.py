@@ -1,6 +1,11 @@
 """`python -m pelib finetune`: fine-tune a packaged backbone on a packaged data set, one run.
 
     python -m pelib finetune --model minilm --data banking77 --method lora --r 8 --epochs 3
+    python -m pelib finetune --model smollm2 --data banking77 --task sft --method lora
+
+`--task classify` (the default) trains a fresh classification head with the method; `--task
+sft` instruction-tunes the causal LM to write the label's name and scores its greedy outputs
+(pelib.sft_train: one epoch, batch 16, the answer-only chunked loss; pelib.recipe.TASKS).
 
 prints a result table and writes results/<run>.json (metrics, trainable parameters, time, peak
 memory, config) and results/<run>_loss.png. The options come from pelib.options (the method
@@ -10,6 +15,7 @@ table and the figure from pelib.report; this module turns options into a run.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -84,11 +90,15 @@ def build(args, cfg):
     data = load_nlu(args.data, "train", limit=args.train_limit, seed=args.seed)
     check_epochs(args, len(data.texts))
     n_labels = len(data.label_names)
+    if args.task == "sft":  # the causal LM itself: no new head, nothing random in it
+        task = dict(task="causal_lm", num_labels=None)
+    else:
+        task = dict(num_labels=n_labels, pooling=args.pooling)
     if args.tiny:
-        model, tokenizer = tiny_backbone(args.model, n_labels, seed=args.seed, pooling=args.pooling)
+        model, tokenizer = tiny_backbone(args.model, seed=args.seed, **task)
     else:
         torch.manual_seed(args.seed)  # the new classification head
-        model, tokenizer = load_backbone(args.model, num_labels=n_labels, pooling=args.pooling)
+        model, tokenizer = load_backbone(args.model, **task)
     device = device_of(args)
     config = config_of(args)
     run = Run(targets=getattr(config, "targets", None) or DEFAULT_TARGETS[args.model],
@@ -113,6 +123,8 @@ def finetune(args) -> dict:
     check(args)
     bf16_base(args)  # refuses a bf16 base without bf16 training, before anything is written
     name = run_name(args)
+    if args.task == "sft" and os.environ.get("WORLD_SIZE", "1") != "1":
+        raise ValueError("--task sft trains in one process; start it without torchrun")
     if distributed.rank() != 0:  # under torchrun: rank 0 alone checks, locks and writes
         record = _finetune(args, Path(args.out), name)
     else:
@@ -162,8 +174,9 @@ def _finetune(args, out: Path, name: str) -> dict:
         refuse_other_run(out / f"{name}.json", options(args))
     ckpt = out / f"{name}.ckpt" if args.resume else None
     method, config = METHODS[args.method], config_of(args)
-    label_smoothing = config.label_smoothing if args.label_smoothing is None else \
-        args.label_smoothing
+    sft = args.task == "sft"
+    label_smoothing = 0.0 if sft else config.label_smoothing if args.label_smoothing is None \
+        else args.label_smoothing
     cfg = TrainConfig.of(config, lr=args.lr, head_lr=args.head_lr, label_smoothing=label_smoothing,
                          epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
                          max_length=args.max_length, bf16=uses_bf16(args), seed=args.seed,
@@ -175,16 +188,27 @@ def _finetune(args, out: Path, name: str) -> dict:
                          run=numbers(options(args)))
     model, tokenizer, data, hooks = build(args, cfg)
     evaluation = load_nlu(args.data, args.eval_split, limit=args.eval_limit, seed=args.seed)
-    dev = load_nlu(args.data, "dev", limit=args.eval_limit, seed=args.seed)
+    extra = {}
     try:
-        result = train(model, tokenizer, data, evaluation, cfg, hooks=hooks, dev_data=dev)
+        if sft:
+            from .sft_train import train_sft
+
+            result, texts = train_sft(model, tokenizer, data, evaluation, cfg, hooks=hooks,
+                                      constrained=args.constrained)
+            extra = dict(task="sft", decoding="constrained" if args.constrained else "greedy",
+                         generate_seconds=result.eval_seconds, outputs=texts[:20])
+        else:
+            dev = load_nlu(args.data, "dev", limit=args.eval_limit, seed=args.seed)
+            result = train(model, tokenizer, data, evaluation, cfg, hooks=hooks, dev_data=dev)
     except FloatingPointError as e:
         raise blame(args, config, cfg, e) from None
     record = dict(name=name, **asdict(result), seconds_per_epoch=result.train_seconds / args.epochs,
                   args=options(args), eval_split=args.eval_split, train_rows=len(data.texts),
                   eval_rows=len(evaluation.texts), device=device_of(args), bf16=uses_bf16(args),
                   kernels=uses_kernels(args), base_dtype="bf16" if bf16_base(args) else "fp32",
-                  ledger=run_ledger(model, tokenizer, data, cfg) if result.world_size == 1 else None)
+                  # the ledger's batch is a classifier's; an SFT run's record shows its peak alone
+                  ledger=run_ledger(model, tokenizer, data, cfg)
+                  if result.world_size == 1 and not sft else None, **extra)
     if distributed.rank() != 0:
         return record  # the same weights and metrics as rank 0's, which writes them
     path = out / f"{name}.json"

@@ -10,6 +10,12 @@ labels (scikit-learn's default), with 0 where a denominator is 0 (zero_division=
 the confusion matrix is divided by its class's count, so a frequent class's mistakes weigh no
 more than a rare one's. Recall is unchanged; precision is the one a class-balanced test split
 would show. Banking77's dev split has 3-19 rows an intent, its test split 40 each.
+
+Scored by generation (pelib.sft), a model may write text that is no label name. Such an output
+is wrong, and `generation_metrics` gives it a class of its own, K (after the K labels): it
+lowers the recall of the true class as any wrong answer does, and the invalid class itself
+enters the macro mean (with F1 0, as it is never true) when it occurs, so invalid outputs cost
+more than a wrong name spread over the real classes.
 """
 from __future__ import annotations
 
@@ -38,3 +44,21 @@ def classification_metrics(y_true, y_pred, balanced: bool = False) -> dict[str, 
                 precision=precision[present].mean().item(),
                 recall=recall[present].mean().item(),
                 f1=f1[present].mean().item())
+
+
+INVALID = -1  # a generated answer that is no label name (pelib.sft.Generated.predictions)
+
+
+def generation_metrics(y_true, y_pred, num_labels: int) -> dict[str, float]:
+    """The metrics of generated answers: y_pred holds label indices or INVALID (-1); an invalid
+    output is class `num_labels`, and `invalid_rate` is its share of the rows."""
+    t, p = torch.as_tensor(y_true).long(), torch.as_tensor(y_pred).long()
+    if t.numel() == 0:
+        raise ValueError("no rows to score")
+    if ((t < 0) | (t >= num_labels)).any():
+        raise ValueError(f"y_true holds labels outside 0..{num_labels - 1}")
+    if ((p < INVALID) | (p >= num_labels)).any():
+        raise ValueError(f"y_pred holds values outside {INVALID} (invalid) and 0..{num_labels - 1}")
+    invalid = p == INVALID
+    metrics = classification_metrics(t, torch.where(invalid, num_labels, p))
+    return dict(metrics, invalid_rate=invalid.double().mean().item())

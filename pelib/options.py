@@ -12,7 +12,7 @@ import re
 
 from .backbone import POOLINGS
 from .methods import METHODS
-from .recipe import HEAD_LR, LABEL_SMOOTHING, flags_of
+from .recipe import HEAD_LR, LABEL_SMOOTHING, TASKS, flags_of
 from .settings import check_settings
 
 IMPLS = ("pelib", "peft")
@@ -24,6 +24,24 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        """The loop's settings left out take the --task's defaults (pelib.recipe.TASKS), so a
+        parsed run always holds the values it trains with."""
+        ns, rest = super().parse_known_args(args, namespace)
+        task = TASKS.get(getattr(ns, "task", None))
+        for k in TASK_DEFAULTS if task else ():
+            if getattr(ns, k, None) is None:
+                setattr(ns, k, getattr(task, k))
+        return ns, rest
+
+
+# The finetune options whose default depends on --task.
+TASK_DEFAULTS = ("epochs", "batch_size", "max_length")
+
+
+def task_default(name: str) -> str:
+    return ", ".join(f"{t} {getattr(v, name):g}" for t, v in TASKS.items())
 
 
 def add_arguments(f: argparse.ArgumentParser) -> None:
@@ -40,13 +58,19 @@ def add_arguments(f: argparse.ArgumentParser) -> None:
     f.add_argument("--impl", default="pelib", choices=IMPLS,
                    help="build the model with pelib or with the peer library peft (methods: "
                         + ", ".join(k for k, m in METHODS.items() if "peft" in m.build) + ")")
-    f.add_argument("--epochs", type=float, default=3)
+    f.add_argument("--task", default="classify", choices=list(TASKS),
+                   help="classify: a fresh classification head (default); sft: instruction "
+                        "tuning of a causal LM, which writes the label's name (pelib.sft; smollm2)")
+    f.add_argument("--constrained", action="store_true",
+                   help="--task sft: decode only label names (a prefix trie), not free text")
+    f.add_argument("--epochs", type=float, default=None,
+                   help=f"default per --task: {task_default('epochs')}")
     f.add_argument("--lr", type=float, default=None,
                    help="default per method: " + ", ".join(f"{k} {m.lr:g}" for k, m in METHODS.items()))
     f.add_argument("--head-lr", type=float, default=None,
                    help=f"the classification head's own lr (default {HEAD_LR:g}; with --method "
                         "head, --lr is the head's lr)")
-    f.add_argument("--label-smoothing", type=float, default=LABEL_SMOOTHING,
+    f.add_argument("--label-smoothing", type=float, default=None,
                    help="cross-entropy against a target with 1 - eps on the label and eps spread "
                         f"over all classes (default {LABEL_SMOOTHING:g}; 0: plain cross-entropy)")
     f.add_argument("--head-init", default="random", choices=["random", "probe"],
@@ -69,9 +93,11 @@ def add_arguments(f: argparse.ArgumentParser) -> None:
     f.add_argument("--layer-decay", type=float, default=1.0,
                    help="layer-wise lr decay: layer l of L at lr * d**(L - l), the embeddings "
                         "one step lower (default 1: every layer at --lr)")
-    f.add_argument("--batch-size", type=int, default=32)
+    f.add_argument("--batch-size", type=int, default=None,
+                   help=f"default per --task: {task_default('batch_size')}")
     f.add_argument("--grad-accum", type=int, default=1)
-    f.add_argument("--max-length", type=int, default=64)
+    f.add_argument("--max-length", type=int, default=None,
+                   help=f"tokens per row; default per --task: {task_default('max_length')}")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: a CUDA GPU when there is one, else the CPU")
@@ -161,6 +187,7 @@ SUMMARY_NAME = re.compile(r"^summary(_.*)?$")
 def check(args) -> None:
     """Options that do not fit the method: a clear error, never silently ignored."""
     method = METHODS[args.method]
+    check_task(args)
     if args.impl not in method.build:
         peft = [k for k, m in METHODS.items() if args.impl in m.build]
         raise ValueError(f"--impl {args.impl} is only for --method {', '.join(peft)}, "
@@ -207,6 +234,41 @@ def check(args) -> None:
         v = getattr(args, dest, None)
         if isinstance(v, float) and not math.isfinite(v):
             raise ValueError(f"{flags_of(field)[0]} must be a finite number, got {v}")
+
+
+# Methods that train nothing but a classification head: nothing to train without one.
+HEAD_ONLY = ("head",)
+# Options of the classification head, refused by --task sft (a causal LM writes its answer with
+# its own LM head): the flag and why.
+HEAD_OPTIONS = {"head_lr": "--head-lr", "label_smoothing": "--label-smoothing",
+                "pooling": "--pooling"}
+
+
+def check_task(args) -> None:
+    """--task sft: a causal LM (smollm2), a method that trains more than a head, no head options."""
+    if args.task != "sft":
+        if args.constrained:
+            raise ValueError("--constrained is a decoding option of --task sft; drop it, or pass "
+                             "--task sft")
+        return
+    if args.model != "smollm2":
+        raise ValueError(f"--task sft needs a causal LM: {args.model} is an encoder without an LM "
+                         "head; use --model smollm2")
+    if args.method in HEAD_ONLY:
+        raise ValueError(f"--method {args.method} trains only a classification head, and --task "
+                         "sft has none (the LM head writes the answer); choose another method, "
+                         "e.g. --method lora, or --task classify")
+    if args.impl != "pelib":
+        raise ValueError(f"--impl {args.impl} builds --task classify runs; with --task sft pelib "
+                         "builds the method (pelib.save_adapter writes a file peft loads); drop "
+                         "--impl")
+    for dest, flag in HEAD_OPTIONS.items():
+        if getattr(args, dest) is not None:
+            raise ValueError(f"{flag} is an option of the classification head (--task classify); "
+                             "--task sft has no head: drop it")
+    if args.head_init != "random":
+        raise ValueError(f"--head-init {args.head_init} initialises a classification head (--task "
+                         "classify); --task sft has no head: drop it")
 
 
 def check_name(name: str | None) -> None:

@@ -51,8 +51,9 @@ def run_name(args) -> str:
     if args.name:
         return args.name
     model = args.model + ("-tiny" if args.tiny else "") + (f"-{args.pooling}" if args.pooling else "")
-    return "_".join([model, args.data, args.method + config_of(args).tag(), args.impl,
-                     f"s{args.seed}"])
+    parts = [model, args.data, args.method + config_of(args).tag(), args.impl, f"s{args.seed}"]
+    # an instruction-tuning run must not share the classifier's name for the same method
+    return "_".join(parts + (["sft"] if getattr(args, "task", "classify") == "sft" else []))
 
 
 @contextlib.contextmanager

@@ -129,12 +129,13 @@ def generate_answers(model, tokenizer, texts: list[str], label_names: list[str],
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     out_texts, preds = [], []
     was_training = model.training
+    device = next(model.parameters()).device
     model.eval()
     try:
         for s in range(0, len(texts), batch_size):
             prompts = [prompt_ids(tokenizer, t, label_names if zero_shot else None)
                        for t in texts[s:s + batch_size]]
-            batch = collate_prompts(prompts, pad)
+            batch = {k: v.to(device) for k, v in collate_prompts(prompts, pad).items()}
             T = batch["input_ids"].shape[1]
 
             def allowed(_, ids, T=T):

@@ -12,7 +12,7 @@ RANK = {"files": 0, "recipe": 0, "linear_ce": 0, "metrics": 0, "data": 0, "class
         "backbone": 1, "inject": 1, "io": 1, "evaluation": 1, "checkpoint": 1, "settings": 1,
         "lora": 2, "adapter": 2, "prefix": 2, "hooks": 2, "optim": 2, "sft": 2,
         "svd_adaptation": 3, "gated_lora": 3, "dora": 3, "quant": 3,
-        "rank_allocation": 4, "sora": 4, "train": 4, "adalora": 5, "peers": 5, "methods": 6,
+        "rank_allocation": 4, "sora": 4, "train": 4, "adalora": 5, "peers": 5, "sft_train": 5, "methods": 6,
         "patch": 7, "options": 7, "report": 7, "runs": 8, "finetune": 9, "bench": 9,
         "compare": 10, "__main__": 11, "__init__": 12}
 # No exceptions: kernels/ are leaves (a 4-bit W's dequantisers are handed to the LoRA kernel
