@@ -543,6 +543,30 @@ with open(Path("..") / "docs" / "tables" / "smollm2_banking77.csv") as f:
                   f"  ({row['seeds']} seed(s), {row['date']}, one epoch)")
 
 # %% [markdown]
+# The full-size fine-tunes are `python -m pelib compare --preset sft`: LoRA, QLoRA (NF4 + DQ), SoRA
+# and DoRA at r=8, one epoch over all 9,003 training rows, scored by free greedy decoding on the
+# whole test split (`python -m pelib finetune --task sft` is one of them). The cell below reads
+# their records from `results/` when they exist, and trains nothing: on 2 CPU cores they take
+# hours.
+
+# %%
+from pelib.compare import preset, run_all  # noqa: E402
+
+ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
+done = run_all(preset("sft"), ROOT / "results", progress=False, finished_only=True)
+if not done:
+    print("NO RECORDS OF `python -m pelib compare --preset sft` IN results/: the rows above are this "
+          "notebook's own runs")
+else:
+    print(f"READ FROM results/: {len(done)} of {len(preset('sft'))} runs of `python -m pelib compare "
+          "--preset sft`")
+for r in done:
+    m = r["metrics"]
+    print(f"{r['label']:26s} {r['eval_rows']:5d} {m['f1']:6.3f} {m['precision']:6.3f} "
+          f"{m['recall']:6.3f} {100 * m['invalid_rate']:7.1f}% {r['trainable_params']:10,d} "
+          f"{r['seconds_per_step']:7.2f}  peak RSS {r['peak_memory_mb']:,.0f} MB")
+
+# %% [markdown]
 # Read the rows against each other: zero-shot against LoRA is what fine-tuning buys; the
 # constrained rows against the free ones say how many of the misses were answers outside the
 # list; the classifier rows hold the same backbone and LoRA, with a new head and a cross-entropy
