@@ -11,6 +11,8 @@ from pelib.adalora import RankAllocator, SVDLinear, apply_adalora, orthogonal_re
 from pelib.hooks import Hook
 from pelib.train import TrainConfig, train
 
+pytestmark = pytest.mark.integration  # runs through the CLI and trainings of whole schedules
+
 TARGETS = ["query", "value", "dense"]
 
 

@@ -27,6 +27,8 @@ from pelib.sora import (
 )
 from pelib.train import TrainConfig, train
 
+pytestmark = pytest.mark.integration  # runs through the CLI and trainings of whole schedules
+
 TARGETS = ["query", "value", "dense"]
 
 
