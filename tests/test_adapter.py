@@ -96,6 +96,7 @@ def test_bad_inputs_name_the_fix():
         apply_adapters(apply_adapters(tiny(), "houlsby", 2), "pfeiffer", 2)
 
 
+@pytest.mark.integration  # a tiny run through the command line
 def test_cli_adapter(tmp_path):
     from pelib.__main__ import main
 

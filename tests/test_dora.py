@@ -356,6 +356,7 @@ def test_load_adapter_reads_a_dora_file_as_dora(tmp_path):
 
 # ---- training --------------------------------------------------------------------------------
 
+@pytest.mark.integration  # trains a few dozen steps
 def test_a_few_steps_train_m_and_lower_the_loss():
     torch.manual_seed(0)
     model = apply_dora(tiny(), TARGETS["minilm"], r=4, alpha=8).train()

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration  # runs every solution and wrong answer (Triton: interpreted)
+
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 SOLUTIONS = sorted((NOTEBOOKS / "solutions").glob("nb[0-9][0-9].py"))
 

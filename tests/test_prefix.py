@@ -185,6 +185,7 @@ def test_bad_inputs_name_the_fix():
         fold(tiny("smollm2"))
 
 
+@pytest.mark.integration  # a tiny run through the command line
 def test_cli_prefix(tmp_path):
     from pelib.__main__ import main
 

@@ -11,6 +11,8 @@ from pelib.hooks import probe_head
 from pelib.probe import fit_probe
 from pelib.train import TrainConfig
 
+pytestmark = pytest.mark.integration  # fits L-BFGS probes and trains tiny models
+
 
 def _blobs(n=300, h=6, c=4, seed=0):
     """Gaussian classes with an offset and uneven scales: standardisation matters."""

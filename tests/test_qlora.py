@@ -122,6 +122,7 @@ def peft_bnb_qlora(name, tmp_path, ours):
     return theirs
 
 
+@pytest.mark.integration  # builds both libraries' QLoRA models and trains a step
 @pytest.mark.parametrize("name", ["minilm", "smollm2"])
 def test_parity_with_peft_bitsandbytes(name, tmp_path):
     """Same base weights, same A/B/head: pelib's QLoRA logits and gradients equal peft +
@@ -240,6 +241,7 @@ def test_rank_checked_before_quantising():
         apply_qlora(tiny(), ["word_embeddings"], r=4)
 
 
+@pytest.mark.integration  # trains through the loop and the command line
 def test_train_loop_and_cli(tmp_path):
     from pelib.__main__ import main
     from pelib.train import TrainConfig, train

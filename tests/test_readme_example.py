@@ -15,6 +15,7 @@ def first_python_block(text: str) -> str:
     return block.group(1)
 
 
+@pytest.mark.integration  # trains through the API and the command line
 def test_the_python_api_defaults_train_what_the_cli_trains(tmp_path):
     """The README example's calls with the library's defaults, on a toy model and a subset, give
     bit for bit the losses and metrics of the command line's LoRA row on the same subset."""
