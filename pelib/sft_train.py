@@ -15,7 +15,6 @@ output that is no label name is a class of its own.
 """
 from __future__ import annotations
 
-import math
 import os
 import random
 import time
@@ -33,7 +32,7 @@ from .metrics import generation_metrics
 from .optim import make_optimizer
 from .schedule import lr_schedule, total_steps
 from .sft import collate_train, encode, generate_answers, sft_loss
-from .train import TrainConfig, TrainResult, begin_epoch, end_epoch
+from .train import TrainConfig, TrainResult, begin_epoch, check_weights, end_epoch, optimizer_step
 
 
 def encode_rows(tokenizer, data, max_length: int) -> list[tuple[list[int], list[int]]]:
@@ -102,28 +101,7 @@ def train_sft(model: nn.Module, tokenizer, train_data, eval_data, cfg: TrainConf
             batches = begin_epoch(loop, rng, [len(x) for x, _ in rows], cfg.batch_size)
             while loop["k"] < len(batches) and loop["step"] < total:
                 micro = batches[loop["k"]:loop["k"] + cfg.grad_accum]
-                loss_sum = 0.0
-                for index in micro:
-                    loss = micro_loss(index)
-                    (loss / len(micro)).backward()
-                    loss_sum += loss.item() / len(micro)
-                if not math.isfinite(loss_sum):
-                    raise FloatingPointError(f"loss became {loss_sum} at step {loop['step']}; lower "
-                                             f"the learning rate (now {cfg.lr})")
-                if cfg.max_grad_norm is not None:
-                    nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                             cfg.max_grad_norm)
-                optimizer.step()
-                loop["step"] += 1
-                for h in hooks:
-                    h.step(model, loop["step"])
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                loop["k"] += cfg.grad_accum
-                loop["losses"].append(loss_sum)
-                loop["epoch_losses"].append(loss_sum)
-                bar.update(1)
-                bar.set_postfix(epoch=loop["epoch"], loss=f"{loss_sum:.3f}")
+                optimizer_step(loop, micro, micro_loss, model, optimizer, scheduler, hooks, cfg, bar)
                 if cfg.checkpoint and loop["step"] % cfg.checkpoint_every == 0 and loop["step"] < total:
                     loop["seconds"] = time.perf_counter() - start
                     save_checkpoint(cfg.checkpoint, model, optimizer, scheduler, hooks, loop, cfg)
@@ -132,11 +110,7 @@ def train_sft(model: nn.Module, tokenizer, train_data, eval_data, cfg: TrainConf
                 loop["seconds"] = time.perf_counter() - start
                 save_checkpoint(cfg.checkpoint, model, optimizer, scheduler, hooks, loop, cfg)
     bar.close()
-    bad = next((n for n, p in model.named_parameters()
-                if p.requires_grad and not torch.isfinite(p).all()), None)
-    if bad is not None:
-        raise FloatingPointError(f"weights became inf or nan at step {loop['step']} ({bad}); lower "
-                                 f"the learning rate (now {cfg.lr})")
+    check_weights(model, loop["step"], cfg.lr)
     result.train_seconds = time.perf_counter() - start
     result.seconds_per_step = result.train_seconds / loop["step"]
     result.steps, result.resumed_at_step = loop["step"], loop["resumed_at"]

@@ -130,6 +130,46 @@ def check_inputs(model: nn.Module, tokenizer, cfg: TrainConfig) -> None:
                          f"tokenizer's {specials} special tokens; use max_length >= {specials + 1}")
 
 
+def optimizer_step(loop: dict, micro: list, micro_loss, model: nn.Module, optimizer, scheduler,
+                   hooks, cfg: TrainConfig, bar, mean=lambda x: x) -> None:
+    """One optimizer step over the accumulated batches `micro` (each a list of row indices):
+    the backward of each batch's loss, the step's mean loss (over the processes by `mean`), the
+    overflow check, clipping, the update, the hooks, the schedule and the loop's bookkeeping."""
+    loss_sum = 0.0
+    for index in micro:
+        loss = micro_loss(index)
+        (loss / len(micro)).backward()
+        loss_sum += loss.item() / len(micro)
+    loss_sum = mean(loss_sum)
+    if not math.isfinite(loss_sum):
+        raise FloatingPointError(f"loss became {loss_sum} at step {loop['step']}; lower "
+                                 f"the learning rate (now {cfg.lr})")
+    if cfg.max_grad_norm is not None:  # the averaged gradient, after DDP's all-reduce
+        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                 cfg.max_grad_norm)
+    optimizer.step()
+    loop["step"] += 1
+    for h in hooks:  # the gradients are still there
+        h.step(model, loop["step"])
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    loop["k"] += cfg.grad_accum
+    loop["losses"].append(loss_sum)
+    loop["epoch_losses"].append(loss_sum)
+    bar.update(1)
+    bar.set_postfix(epoch=loop["epoch"], loss=f"{loss_sum:.3f}")
+
+
+def check_weights(model: nn.Module, step: int, lr: float) -> None:
+    """The last step's loss was measured before its update: the weights it made are checked
+    here, else an overflow there would be evaluated as if it were a model."""
+    bad = next((n for n, p in model.named_parameters()
+                if p.requires_grad and not torch.isfinite(p).all()), None)
+    if bad is not None:
+        raise FloatingPointError(f"weights became inf or nan at step {step} ({bad}); lower "
+                                 f"the learning rate (now {lr})")
+
+
 def train(model: nn.Module, tokenizer, train_data, eval_data, cfg: TrainConfig,
           hooks=(), dev_data=None) -> TrainResult:
     """Fine-tune the trainable parameters of `model` on train_data; evaluate on eval_data.
@@ -204,42 +244,15 @@ def train(model: nn.Module, tokenizer, train_data, eval_data, cfg: TrainConfig,
             batches = begin_epoch(loop, rng, [len(x) for x in ids], cfg.batch_size)
             while loop["k"] < len(batches) and loop["step"] < total:
                 micro = batches[loop["k"]:loop["k"] + cfg.grad_accum]  # accumulated batches
-                loss_sum = 0.0
-                for index in micro:
-                    loss = micro_loss(index)
-                    (loss / len(micro)).backward()
-                    loss_sum += loss.item() / len(micro)
-                loss_sum = group.mean(loss_sum)
-                if not math.isfinite(loss_sum):
-                    raise FloatingPointError(f"loss became {loss_sum} at step {loop['step']}; lower "
-                                             f"the learning rate (now {cfg.lr})")
-                if cfg.max_grad_norm is not None:  # the averaged gradient, after DDP's all-reduce
-                    nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                             cfg.max_grad_norm)
-                optimizer.step()
-                loop["step"] += 1
-                for h in hooks:  # the gradients are still there
-                    h.step(model, loop["step"])
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                loop["k"] += cfg.grad_accum
-                loop["losses"].append(loss_sum)
-                loop["epoch_losses"].append(loss_sum)
-                bar.update(1)
-                bar.set_postfix(epoch=loop["epoch"], loss=f"{loss_sum:.3f}")
+                optimizer_step(loop, micro, micro_loss, model, optimizer, scheduler, hooks, cfg, bar,
+                               mean=group.mean)
                 if cfg.checkpoint and loop["step"] % cfg.checkpoint_every == 0 and loop["step"] < total:
                     checkpoint()
             end_epoch(loop, rng, model, dev_ids, dev_data, pad_id, cfg, group)
             if cfg.checkpoint and loop["step"] < total:
                 checkpoint()
     bar.close()
-    # The last step's loss was measured before its update: the weights it made are checked here,
-    # else an overflow there would be evaluated as if it were a model.
-    bad = next((n for n, p in model.named_parameters()
-                if p.requires_grad and not torch.isfinite(p).all()), None)
-    if bad is not None:
-        raise FloatingPointError(f"weights became inf or nan at step {loop['step']} ({bad}); lower "
-                                 f"the learning rate (now {cfg.lr})")
+    check_weights(model, loop["step"], cfg.lr)
     result.eval_seconds = loop["eval_seconds"]
     result.train_seconds = time.perf_counter() - start - result.eval_seconds
     result.seconds_per_step = result.train_seconds / loop["step"]
