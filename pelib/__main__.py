@@ -55,7 +55,6 @@ def main(argv=None) -> int:
         args = parser().parse_args(argv)
         from .finetune import finetune
 
-        return_freed_memory()
         try:
             finetune(args)
         except (ValueError, TypeError, FileNotFoundError) as e:
@@ -68,29 +67,6 @@ def main(argv=None) -> int:
                                           "checkpoint" if args.resume else "the run was not "
                                           "finished (--resume keeps checkpoints to continue from)"))
     return 0
-
-
-MMAP_THRESHOLD = 256 * 1024  # bytes: a tensor this large or larger gets pages of its own
-
-
-def return_freed_memory() -> None:
-    """A training run hands freed tensors back to the OS (glibc on Linux; elsewhere nothing).
-
-    glibc serves a large allocation (mmap) from pages of its own that go back when freed, but
-    after the first such free it raises that threshold up to 32 MiB, and from then on tensors
-    come from its heap, which keeps freed pages: a run's peak RSS then grows with fragmentation
-    (up to twice the memory in use, step after step) and no longer ranks the methods by their
-    memory. A fixed threshold (mallopt M_MMAP_THRESHOLD) keeps the peak close to the memory in
-    use. A threshold the user set (MALLOC_MMAP_THRESHOLD_) is kept."""
-    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(ctypes.c_int(-3), ctypes.c_int(MMAP_THRESHOLD))  # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt): nothing to change
-        pass
 
 
 def stopped(message: str):
