@@ -175,28 +175,6 @@ def test_fast_equals_reference(shape, dtype):
             assert dequantize_4bit(packed, state, out_dtype, out=out) is not None and torch.equal(out, ref)
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_fast_equals_reference_on_any_number_of_threads(threads):
-    """Threading by blocks: each worker writes its own run of chunks, ragged tails included."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        shapes = [((1023, 257), torch.float32), ((333, 65), torch.bfloat16), ((129,), torch.float16)]
-        for shape, dtype in shapes:
-            W = weight(shape, dtype, seed=2)
-            packed, state = quantize_4bit(W, 64, "nf4", True)
-            for out_dtype in DTYPES:
-                ref = dequantize_4bit_ref(packed, state, out_dtype)
-                for chunk_bytes in (224, 4096, None):  # many chunks a worker, and the default
-                    W = dequantize_4bit(packed, state, out_dtype, chunk_bytes=chunk_bytes)
-                    assert torch.equal(W, ref)
-                out = torch.full(shape, float("nan"), dtype=out_dtype)
-                dequantize_4bit(packed, state, out_dtype, out=out)
-                assert torch.equal(out, ref)
-    finally:
-        torch.set_num_threads(before)
-
-
 def test_pack_layout():
     q = torch.tensor([1, 2, 15, 0, 7, 9], dtype=torch.uint8)
     packed = pack_4bit(q)
