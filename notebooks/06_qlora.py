@@ -452,12 +452,12 @@ plt.show()
 #   two seconds-a-step figures the line above prints (the ratio depends on the batch, the
 #   model and the machine).
 # * *What the process shows.* The ledger counts tensors. A process's peak resident memory (RSS,
-#   what `top` shows) adds the interpreter, the code and data of torch and the other libraries,
-#   and the allocator's free lists: a cost about the same for every method, so RSS compresses the
-#   differences the ledger shows. glibc also keeps freed tensors in its heap, so a process's
-#   peak grows with the heap's fragmentation rather than with the memory in use (the results
-#   page measures the trade of handing them back at once: less RSS, slower steps). `make run`'s
-#   memory figure draws both: the ledger of each run stacked by kind, its peak RSS as a marker. On a GPU, `torch.cuda.max_memory_allocated()` counts tensors
+#   what `top` shows) adds the interpreter and the code and data of torch and the other
+#   libraries, the same for every method, and the freed tensors glibc keeps in its heap, which
+#   vary with the heap's fragmentation and can exceed the differences between methods: RSS
+#   compresses, and can reorder, what the ledger shows (the results page measures it, and the
+#   trade of handing freed tensors back at once: less RSS, slower steps). `make run`'s memory
+#   figure draws both: the ledger of each run stacked by kind, its peak RSS as a marker. On a GPU, `torch.cuda.max_memory_allocated()` counts tensors
 #   only and stays close to the ledger.
 #
 # The numbers that matter for a decision come from the machine you will train on: measure

@@ -111,10 +111,11 @@ MiB = 2**20  # PeakMemory's "MB" are MiB too
 LEDGER_SHORT = {"frozen weights": "frozen weights", "trainable (adapter + head)": "trainable weights",
                 "gradients": "gradients", "optimizer state": "optimizer state",
                 "activations saved for backward": "saved activations"}
-RSS_NOTE = ("Peak RSS adds what no tensor of the step is: the Python interpreter, the code and data "
-            "of torch and the other libraries, and the allocator's arenas that keep freed memory; "
-            "that cost is about the same for every method, so RSS compresses the differences the "
-            "ledger shows.")
+RSS_NOTE = ("Peak RSS adds what no tensor of the step is: the Python interpreter and the code and "
+            "data of torch and the other libraries, the same for every method, and the freed memory "
+            "the allocator keeps, which varies from run to run and can exceed the differences "
+            "between methods; so RSS compresses, and can even reorder, what the ledger shows (the "
+            "ledger is what the method needs).")
 GPU_NOTE = ("max_memory_allocated adds the transient buffers alive at the peak (dequantised "
             "weights, the logits, temporaries of the backward), which the ledger does not list.")
 
