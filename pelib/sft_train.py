@@ -15,24 +15,19 @@ output that is no label name is a class of its own.
 """
 from __future__ import annotations
 
-import os
 import random
 import time
-from dataclasses import asdict
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import save_checkpoint
 from .hooks import check_hooks
-from .inject import count_parameters
 from .measure import PeakMemory
 from .metrics import generation_metrics
-from .optim import make_optimizer
-from .schedule import lr_schedule, total_steps
 from .sft import collate_train, encode, generate_answers, sft_loss
-from .train import TrainConfig, TrainResult, begin_epoch, check_weights, end_epoch, optimizer_step
+from .train import TrainConfig, TrainResult, begin_epoch, check_weights, end_epoch, optimizer_step, start_loop
 
 
 def encode_rows(tokenizer, data, max_length: int) -> list[tuple[list[int], list[int]]]:
@@ -68,20 +63,7 @@ def train_sft(model: nn.Module, tokenizer, train_data, eval_data, cfg: TrainConf
     rng = random.Random(cfg.seed)
     device = next(model.parameters()).device
     rows, pad_id = encode_rows(tokenizer, train_data, cfg.max_length), tokenizer.pad_token_id
-    total = total_steps(len(rows), cfg)
-    optimizer = make_optimizer(model, cfg, hooks)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_schedule(total, round(cfg.warmup_ratio * total), cfg.schedule))
-    result = TrainResult(metrics={}, config=asdict(cfg))
-    result.trainable_params, result.total_params = count_parameters(model)
-    loop = dict(step=0, epoch=0, k=0, rng=None, rng_after=None, epoch_losses=[], seconds=0.0,
-                losses=result.losses, history=result.history, eval_seconds=0.0, resumed_at=None)
-    if cfg.checkpoint and os.path.exists(cfg.checkpoint):
-        loop = load_checkpoint(cfg.checkpoint, model, optimizer, scheduler, hooks, cfg)
-        loop["resumed_at"] = loop["step"]
-        result.losses, result.history = loop["losses"], loop["history"]
-    for h in hooks:
-        h.begin(model, optimizer, total)
+    total, optimizer, scheduler, result, loop = start_loop(model, cfg, hooks, len(rows))
     model.train()
     bar = tqdm(total=total, initial=loop["step"], desc="sft", disable=not cfg.progress,
                dynamic_ncols=True)

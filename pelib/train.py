@@ -130,6 +130,26 @@ def check_inputs(model: nn.Module, tokenizer, cfg: TrainConfig) -> None:
                          f"tokenizer's {specials} special tokens; use max_length >= {specials + 1}")
 
 
+def start_loop(model: nn.Module, cfg: TrainConfig, hooks, rows: int):
+    """What a loop starts from: its step count, optimizer, schedule, result and its own state,
+    restored from cfg.checkpoint when that file exists (a resumed run picks up mid-epoch)."""
+    total = total_steps(rows, cfg)
+    optimizer = make_optimizer(model, cfg, hooks)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_schedule(total, round(cfg.warmup_ratio * total), cfg.schedule))
+    result = TrainResult(metrics={}, config=asdict(cfg))
+    result.trainable_params, result.total_params = count_parameters(model)
+    loop = dict(step=0, epoch=0, k=0, rng=None, rng_after=None, epoch_losses=[], seconds=0.0,
+                losses=result.losses, history=result.history, eval_seconds=0.0, resumed_at=None)
+    if cfg.checkpoint and os.path.exists(cfg.checkpoint):
+        loop = load_checkpoint(cfg.checkpoint, model, optimizer, scheduler, hooks, cfg)
+        loop["resumed_at"] = loop["step"]
+        result.losses, result.history = loop["losses"], loop["history"]
+    for h in hooks:  # after a resume: optimizer.load_state_dict made new param-group dicts
+        h.begin(model, optimizer, total)
+    return total, optimizer, scheduler, result, loop
+
+
 def optimizer_step(loop: dict, micro: list, micro_loss, model: nn.Module, optimizer, scheduler,
                    hooks, cfg: TrainConfig, bar, mean=lambda x: x) -> None:
     """One optimizer step over the accumulated batches `micro` (each a list of row indices):
@@ -191,21 +211,7 @@ def train(model: nn.Module, tokenizer, train_data, eval_data, cfg: TrainConfig,
     ids, pad_id = encode(tokenizer, train_data.texts, cfg.max_length), tokenizer.pad_token_id
     labels = torch.tensor(train_data.labels)
     dev_ids = encode(tokenizer, dev_data.texts, cfg.max_length) if dev_data else None
-    total = total_steps(len(ids), cfg)
-    optimizer = make_optimizer(model, cfg, hooks)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_schedule(total, round(cfg.warmup_ratio * total), cfg.schedule))
-    result = TrainResult(metrics={}, config=asdict(cfg))
-    result.trainable_params, result.total_params = count_parameters(model)
-    # The loop's own state; a checkpoint stores it, so a resumed run picks up mid-epoch.
-    loop = dict(step=0, epoch=0, k=0, rng=None, rng_after=None, epoch_losses=[], seconds=0.0,
-                losses=result.losses, history=result.history, eval_seconds=0.0, resumed_at=None)
-    if cfg.checkpoint and os.path.exists(cfg.checkpoint):
-        loop = load_checkpoint(cfg.checkpoint, model, optimizer, scheduler, hooks, cfg)
-        loop["resumed_at"] = loop["step"]
-        result.losses, result.history = loop["losses"], loop["history"]
-    for h in hooks:  # after a resume: optimizer.load_state_dict made new param-group dicts
-        h.begin(model, optimizer, total)
+    total, optimizer, scheduler, result, loop = start_loop(model, cfg, hooks, len(ids))
     model.train()
     runner = group.wrap(model)  # DDP averages the gradients when W > 1; hooks see `model`
     bar = tqdm(total=total, initial=loop["step"], desc="train",
