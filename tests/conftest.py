@@ -175,3 +175,17 @@ def assert_close(out, ref, atol, rtol, what=""):
         f"{what}: {int(bad.sum())}/{err.numel()} elements off; max |err| {err.max().item():.3g}, "
         f"max err/bound {(err / bound).max().item():.3g} (atol {atol}, rtol {rtol})"
     )
+
+
+
+def stop_at(at: int):
+    """A training hook that interrupts the run (like Ctrl-C) right after optimizer step `at`:
+    the resume tests stop a run this way."""
+    from pelib.hooks import Hook
+
+    class StopAt(Hook):
+        def step(self, model, step):
+            if step == at:
+                raise KeyboardInterrupt
+
+    return StopAt()

@@ -7,11 +7,11 @@ import os
 
 import pytest
 import torch
+from conftest import stop_at
 
 import pelib
 from pelib.__main__ import main
 from pelib.finetune import build
-from pelib.hooks import Hook
 from pelib.options import config_of, options, parse
 from pelib.recipe import TASKS
 from pelib.runs import finished, same_run
@@ -100,17 +100,6 @@ def test_every_method_that_trains_more_than_a_head_learns_by_sft(method):
     assert len(texts) == 4 and 0 <= result.metrics["invalid_rate"] <= 1
 
 
-class StopAt(Hook):
-    """Interrupts the run (like Ctrl-C) right after optimizer step `at`."""
-
-    def __init__(self, at):
-        self.at = at
-
-    def step(self, model, step):
-        if step == self.at:
-            raise KeyboardInterrupt
-
-
 @pytest.mark.parametrize("method", ["lora", "sora"])
 def test_an_interrupted_sft_run_resumes_to_the_same_numbers(tmp_path, method):
     """2 epochs of 4 steps with LoRA's dropout on, stopped after step 5 (last checkpoint at 4):
@@ -129,7 +118,7 @@ def test_an_interrupted_sft_run_resumes_to_the_same_numbers(tmp_path, method):
     ref, texts_ref, w_ref = run(None)
     ckpt = str(tmp_path / "run.ckpt")
     with pytest.raises(KeyboardInterrupt):
-        run(ckpt, hooks=[StopAt(5)])
+        run(ckpt, hooks=[stop_at(5)])
     assert os.path.exists(ckpt)
     res, texts, w = run(ckpt)
     assert res.resumed_at_step == 4 and ref.resumed_at_step is None

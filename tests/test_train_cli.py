@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from conftest import stop_at
 
 import pelib
 from pelib.__main__ import main
@@ -162,16 +163,6 @@ def test_bench_lora_prints_both_and_ratio(capsys):
         main(["bench", "nothing"])
 
 
-class StopAt(Hook):
-    """A hook that interrupts the run (like Ctrl-C) right after optimizer step `at`."""
-    def __init__(self, at):
-        self.at = at
-
-    def step(self, model, step):
-        if step == self.at:
-            raise KeyboardInterrupt
-
-
 @pytest.mark.parametrize("stop", [5, 9])  # last save mid-epoch (4), at an epoch end (8)
 def test_interrupted_run_resumes_to_the_same_numbers(tmp_path, stop):
     """3 epochs of 4 steps with dropout on: stopped after step `stop`, started again on a
@@ -190,7 +181,7 @@ def test_interrupted_run_resumes_to_the_same_numbers(tmp_path, stop):
     ref, w_ref = run(None)
     ckpt = str(tmp_path / "run.ckpt")
     with pytest.raises(KeyboardInterrupt):
-        run(ckpt, hooks=[StopAt(stop)])
+        run(ckpt, hooks=[stop_at(stop)])
     assert os.path.exists(ckpt)
     res, w = run(ckpt)
     assert res.resumed_at_step == stop - 1 and ref.resumed_at_step is None
@@ -206,7 +197,7 @@ def test_checkpoint_of_another_run_is_refused(tmp_path):
     ckpt = str(tmp_path / "c.ckpt")
     with pytest.raises(KeyboardInterrupt):
         train(model, tok, data, data, TrainConfig(epochs=2, batch_size=8, progress=False,
-              checkpoint=ckpt, checkpoint_every=1), hooks=[StopAt(2)])
+              checkpoint=ckpt, checkpoint_every=1), hooks=[stop_at(2)])
     with pytest.raises(ValueError, match="another run"):
         train(model, tok, data, data, TrainConfig(epochs=2, batch_size=8, lr=1e-3, progress=False,
               checkpoint=ckpt, checkpoint_every=1))
