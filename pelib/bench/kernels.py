@@ -53,7 +53,7 @@ def _grad_fn(f, inputs, dy):
 
 def _nf4_weight(shape, device, dtype):
     """An NF4+DQ weight as (packed, QuantState), and bitsandbytes' (packed, state) pair: quantised
-    by bitsandbytes when importable (the GPU machine has none), else random bytes and scales."""
+    by bitsandbytes when importable (it is optional on a GPU), else random bytes and scales."""
     try:
         import bitsandbytes.functional as bnbF
         W = torch.randn(shape, device=device, dtype=dtype)
