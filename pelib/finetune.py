@@ -206,9 +206,8 @@ def _finetune(args, out: Path, name: str) -> dict:
                   args=options(args), eval_split=args.eval_split, train_rows=len(data.texts),
                   eval_rows=len(evaluation.texts), device=device_of(args), bf16=uses_bf16(args),
                   kernels=uses_kernels(args), base_dtype="bf16" if bf16_base(args) else "fp32",
-                  # the ledger's batch is a classifier's; an SFT run's record shows its peak alone
-                  ledger=run_ledger(model, tokenizer, data, cfg)
-                  if result.world_size == 1 and not sft else None, **extra)
+                  ledger=run_ledger(model, tokenizer, data, cfg, args.task)
+                  if result.world_size == 1 else None, **extra)
     if distributed.rank() != 0:
         return record  # the same weights and metrics as rank 0's, which writes them
     path = out / f"{name}.json"

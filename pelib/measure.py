@@ -174,7 +174,7 @@ def _adamw(params):
 
 
 def memory_ledger(model: torch.nn.Module, batch: dict, optimizer_factory: Callable = _adamw,
-                  checkpointing: bool = False) -> dict[str, int]:
+                  checkpointing: bool = False, loss_fn: Callable | None = None) -> dict[str, int]:
     """Bytes a training step holds, by kind (LEDGER_KINDS), counted from the tensors themselves
     during one real step: forward, backward, optimizer step. Each storage counts once.
 
@@ -190,7 +190,9 @@ def memory_ledger(model: torch.nn.Module, batch: dict, optimizer_factory: Callab
                             keeps for its recomputation (the saves inside it are not kept)
 
     `batch` is the model's keyword input (input_ids, attention_mask and, for a loss, labels;
-    without labels the sum of the logits is back-propagated). `checkpointing=True` measures
+    without labels the sum of the logits is back-propagated). `loss_fn(model, batch)`, when
+    given, is the step's loss instead of the model's own (an instruction-tuning run's answer-only
+    loss, pelib.sft.sft_loss, which reads the batch itself). `checkpointing=True` measures
     with transformers' non-reentrant activation checkpointing on. The model is left as found:
     its weights, gradients, train/eval mode, checkpointing flags and torch's RNG state.
     """
@@ -253,8 +255,13 @@ def memory_ledger(model: torch.nn.Module, batch: dict, optimizer_factory: Callab
         for p in trainable:
             p.grad = None
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = model(**batch)
-        loss = out.loss if getattr(out, "loss", None) is not None else out.logits.float().sum()
+            out = model(**batch) if loss_fn is None else loss_fn(model, batch)
+        if loss_fn is not None:  # the loss itself
+            loss = out
+        elif getattr(out, "loss", None) is not None:
+            loss = out.loss
+        else:
+            loss = out.logits.float().sum()
         ledger[LEDGER_KINDS[4]] = sum(saved.values())
         loss.backward()
         del out, loss

@@ -155,3 +155,9 @@ def test_compare_runs_the_smoke_sft_row_and_tables_it(tmp_path):
     records = json.loads((tmp_path / "summary_smoke.json").read_text())
     assert [r["args"]["task"] for r in records] == ["sft"]
     assert "invalid_rate" in records[0]["metrics"]
+    # the SFT row carries its own step's ledger (tests/test_ledger.py checks its bytes), so the
+    # memory table has its numbers, not the note of a record that kept its peak alone
+    assert all(r["ledger"]["bytes"]["optimizer state"] > 0 for r in records)
+    assert records[0]["ledger"]["batch"][0] == 16
+    assert "their peak alone" not in (tmp_path / "summary_smoke.md").read_text()
+    assert (tmp_path / "memory_smoke.png").stat().st_size > 0
