@@ -24,6 +24,7 @@ Ledger. `memory_ledger(model, batch)` runs one real training step and counts, st
 storage, the bytes of frozen weights, trainable parameters, gradients, optimizer state and the
 activations autograd saves for backward (RSS and max_memory_allocated give one total; this says
 what it is made of). Unlike RSS it excludes the allocator's caches and transient buffers.
+`weights_ledger(model)` is the same count for a model that only runs forward (no step).
 """
 from __future__ import annotations
 
@@ -171,6 +172,14 @@ def _tensors(obj):
 
 def _adamw(params):
     return torch.optim.AdamW(params, lr=1e-3)
+
+
+def weights_ledger(model: torch.nn.Module) -> dict[str, int]:
+    """The ledger of a model that does not train (a zero-shot row): its weights and buffers, all
+    frozen, and none of a training step's other kinds."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return {LEDGER_KINDS[0]: sum(dict(_storage(t) for t in tensors).values()),
+            **{k: 0 for k in LEDGER_KINDS[1:]}}
 
 
 def memory_ledger(model: torch.nn.Module, batch: dict, optimizer_factory: Callable = _adamw,

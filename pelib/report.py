@@ -89,7 +89,9 @@ def summary(records) -> str:
              "Peak memory: process RSS on a CPU, max_memory_allocated on a GPU. Time: optimizer "
              "steps only.", ""]
     for (model, data), rows in _group(records).items():
-        r0 = next(iter(rows.values()))[0]
+        # the header's settings: of the first row that trained (a zero-shot floor trains nothing)
+        firsts = [rs[0] for rs in rows.values()]
+        r0 = next((r for r in firsts if r["train_rows"]), firsts[0])
         # scored by generation: the share of outputs that are no label name (a classifier's
         # row has none, "-")
         sft = any(r["args"].get("task") == "sft" for rs in rows.values() for r in rs)
@@ -106,7 +108,8 @@ def summary(records) -> str:
             invalid = (_fmt(m("invalid_rate")) if all("invalid_rate" in r["metrics"] for r in rs)
                        else "-") + " | " if sft else ""
             lines.append(
-                f"| {label} | {impl} | {len(rs)} | {t['args']['epochs']:g} | {_fmt(m('accuracy'))} | "
+                f"| {label} | {impl} | {len(rs)} | {0 if t.get('steps') == 0 else t['args']['epochs']:g} | "
+                f"{_fmt(m('accuracy'))} | "
                 f"{_fmt(m('precision'))} | "
                 f"{_fmt(m('recall'))} | {_fmt(m('f1'))} | {invalid}{t['trainable_params']:,} | "
                 f"{100 * t['trainable_params'] / t['total_params']:.2f} | "
@@ -153,7 +156,7 @@ def _memory_table(rows: dict, kind: str) -> list[str]:
         led = ledger_of(rs)
         peak = statistics.fmean(r["peak_memory_mb"] for r in rs)
         cells = ["-"] * (len(LEDGER_SHORT) + 2) + [f"{peak:,.0f}", "-"] if led is None else \
-            ["x".join(map(str, rs[0]["ledger"]["batch"]))] + [f"{v:,.2f}" for v in led] + \
+            ["x".join(map(str, rs[0]["ledger"]["batch"])) or "no step"] + [f"{v:,.2f}" for v in led] + \
             [f"{sum(led):,.2f}", f"{peak:,.0f}", f"{peak - sum(led):,.0f}"]
         missing |= led is None
         lines.append(f"| {label}{' (peft)' if impl == 'peft' else ''} | " + " | ".join(cells) + " |")
@@ -219,7 +222,8 @@ def figures(records, out: Path, tag: str = "") -> list[Path]:
             # a legend, not labels at the points: methods with equal counts would stack them
             ax.scatter(rs[0]["trainable_params"], f1, s=40, label=f"{name}: {f1:.3f}",
                        marker="x" if impl == "peft" else next(markers, "o"))
-        counts = [rs[0]["trainable_params"] for rs in rows.values()]
+        counts = [rs[0]["trainable_params"] for rs in rows.values()
+                  if rs[0]["trainable_params"]] or [1]  # a zero-shot floor trains none
         wide = max(counts) > 3 * min(counts)  # a log axis only where the counts span a range
         split = next(iter(rows.values()))[0]["eval_split"]
         ax.set(xscale="log" if wide else "linear", ylabel=f"macro-F1 ({split})",

@@ -157,11 +157,14 @@ def run_ledger(model, tokenizer, data, cfg, task: str = "classify") -> dict:
 
     task "sft": the rows are the run's chat conversations (pelib.sft.encode: labels -100 outside
     the answer), padded on the right, and the step's loss is the answer-only chunked loss
-    (pelib.sft.sft_loss), so the activations are the ones an instruction-tuning step saves."""
+    (pelib.sft.sft_loss), so the activations are the ones an instruction-tuning step saves. A
+    model that trains nothing (--method zero-shot) holds its weights alone: batch [] (no step)."""
     import torch
 
-    from .measure import memory_ledger
+    from .measure import memory_ledger, weights_ledger
 
+    if not any(p.requires_grad for p in model.parameters()):  # a zero-shot row: no step at all
+        return dict(bytes=weights_ledger(model), batch=[])
     device = next(model.parameters()).device
     if task == "sft":
         from .sft import collate_train, sft_loss
