@@ -37,7 +37,7 @@ def test_the_prompt_lists_every_label_name_exactly_once():
 
 
 def test_a_tiny_zero_shot_run_trains_nothing_and_scores_its_outputs(tmp_path, capsys):
-    main(["finetune", *TINY, "--eval-limit", "8", "--out", str(tmp_path)])
+    main(["finetune", *TINY, "--eval-limit", "8", "--fp32", "--out", str(tmp_path)])
     name = "smollm2-tiny_banking77_zero-shot_pelib_s0_sft"
     rec = json.loads((tmp_path / f"{name}.json").read_text())
     assert (rec["trainable_params"], rec["steps"], rec["losses"], rec["train_rows"]) == (0, 0, [], 0)
@@ -50,12 +50,11 @@ def test_a_tiny_zero_shot_run_trains_nothing_and_scores_its_outputs(tmp_path, ca
     preds = [by_text.get(o, -1) for o in rec["outputs"]]
     assert rec["metrics"] == generation_metrics(evaluation.labels, preds, 77)
     assert rec["metrics"]["invalid_rate"] == preds.count(-1) / 8
-    # its ledger: the weights alone (no step), as many bytes as the model's tensors hold
+    # its ledger: the weights alone (no step), as many bytes as the model's tensors hold (fp32;
+    # parameters() lists the tied LM head and embedding once)
     model, _ = pelib.tiny_backbone("smollm2", None, task="causal_lm", with_tokenizer=False)
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    bf16 = rec["base_dtype"] == "bf16"  # the frozen weights cast to bf16 (the buffers kept)
-    if bf16:
-        weights -= sum(2 * p.numel() for p in model.parameters() if p.is_floating_point())
+    assert rec["base_dtype"] == "fp32"
     assert rec["ledger"]["bytes"] == {LEDGER_KINDS[0]: weights, **{k: 0 for k in LEDGER_KINDS[1:]}}
     assert rec["ledger"]["batch"] == []
     assert f"| {name} |" in capsys.readouterr().out
