@@ -4,7 +4,7 @@
     python -m pelib compare --preset seeds        # the workshop rows over 3 seeds
     python -m pelib compare --preset full         # every method, both data sets, 3 epochs x 3 seeds (hours)
     python -m pelib compare --preset llm          # SmolLM2: head, full, LoRA, QLoRA, SoRA, one epoch (hours)
-    python -m pelib compare --preset sft          # SmolLM2 instruction-tuned: LoRA, QLoRA, SoRA, DoRA
+    python -m pelib compare --preset sft          # SmolLM2 SFT: zero-shot floor, LoRA, QLoRA, SoRA, DoRA
     python -m pelib compare --preset lr           # each method's lr at 1/2, 1, 2x: dev F1
     python -m pelib compare --preset lr-clinc150  # the same grid on CLINC150's dev split
     python -m pelib compare --preset smoke        # toy models, seconds (runs inside `make test`)
@@ -81,6 +81,8 @@ ROWS = {
     "llm-head": Row("head only (floor)", "head", ("--lr", "1e-2")),
     # Instruction tuning (--task sft): the LM writes the intent's name, scored by greedy decoding;
     # the task's recipe (pelib.recipe.TASKS) sets one epoch, batch 16 and the max length
+    # the floor of the SFT table: the untrained Instruct model, every label name in its prompt
+    "sft-zero-shot": Row("zero-shot (floor), SFT", "zero-shot", ("--task", "sft")),
     "sft-lora": Row("LoRA r=8, SFT", "lora", ("--r", "8", "--task", "sft")),
     "sft-qlora": Row("QLoRA r=8 (NF4+DQ), SFT", "qlora", ("--r", "8", "--task", "sft")),
     "sft-sora": Row("SoRA r=8, SFT", "sora", ("--r", "8", "--task", "sft")),
@@ -93,7 +95,7 @@ PEFT_ROWS = ("peft-lora", "peft-qlora", "peft-adalora")
 FULL_ROWS = ("head", "full", "lora", "dora", "qlora", "adalora", "sora", "lora-r2", "houlsby",
              "pfeiffer", "prefix")
 LLM_ROWS = ("llm-head", "full", "lora", "qlora", "sora")
-SFT_ROWS = ("sft-lora", "sft-qlora", "sft-sora", "sft-dora")
+SFT_ROWS = ("sft-zero-shot", "sft-lora", "sft-qlora", "sft-sora", "sft-dora")
 # `make run`: the floor, full fine-tuning, the four LoRA family methods and one peft twin.
 WORKSHOP_ROWS = ("head", "full", "lora", "qlora", "adalora", "sora", "peft-lora")
 
@@ -110,6 +112,7 @@ SMOKE_SIZE = ["--tiny", "--train-limit", "64", "--eval-limit", "32", "--epochs",
               "--batch-size", "16", "--max-length", "32"]
 # an instruction-tuning row keeps its task's max length: the chat prompt alone is ~40 tokens
 SMOKE_SFT_SIZE = ["--tiny", "--train-limit", "32", "--eval-limit", "16"]
+SMOKE_ZERO_SHOT_SIZE = ["--tiny", "--eval-limit", "16"]  # no training rows: it trains nothing
 # Per-method extras: the floor's head trains 3 epochs (the frozen encoder only runs forward);
 # prefix tuning clips its gradient norm at 1: without it its loss spiked at the peak lr and the
 # run ended below the floor (docs/benchmarks.md).
@@ -142,6 +145,7 @@ PRESETS = {
     "smoke": (Part("minilm", B77, PELIB_ROWS + ("peft-lora", "peft-adalora"), SMOKE_SIZE,
                    extras=False),
               Part("smollm2", B77, LLM_ROWS, SMOKE_SIZE, extras=False),
+              Part("smollm2", B77, ("sft-zero-shot",), SMOKE_ZERO_SHOT_SIZE, extras=False),
               Part("smollm2", B77, ("sft-lora",), SMOKE_SFT_SIZE, extras=False)),
     # `make run`: full size, one seed, one epoch
     "workshop": (Part("minilm", B77, WORKSHOP_ROWS, WORKSHOP_SIZE, lpft=True),),
@@ -156,7 +160,7 @@ PRESETS = {
     # SmolLM2-135M on all Banking77 rows, one epoch (hours on a CPU)
     "llm": (Part("smollm2", B77, LLM_ROWS, LLM_SIZE),),
     # SmolLM2-135M instruction-tuned on all Banking77 rows, one epoch each, greedy decoding on
-    # the test split (a zero-shot row is no registry method: notebook 11 prints it)
+    # the test split, below the zero-shot floor (the same model untrained, the names in its prompt)
     "sft": (Part("smollm2", B77, SFT_ROWS, ()),),
 }
 

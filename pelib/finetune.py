@@ -175,6 +175,7 @@ def _finetune(args, out: Path, name: str) -> dict:
     ckpt = out / f"{name}.ckpt" if args.resume else None
     method, config = METHODS[args.method], config_of(args)
     sft = args.task == "sft"
+    trains_nothing = args.method == "zero-shot"  # the SFT table's floor: 0 steps, no loss curve
     label_smoothing = 0.0 if sft else config.label_smoothing if args.label_smoothing is None \
         else args.label_smoothing
     cfg = TrainConfig.of(config, lr=args.lr, head_lr=args.head_lr, label_smoothing=label_smoothing,
@@ -191,10 +192,11 @@ def _finetune(args, out: Path, name: str) -> dict:
     extra = {}
     try:
         if sft:
-            from .sft_train import train_sft
+            from .sft_train import train_sft, zero_shot
 
-            result, texts = train_sft(model, tokenizer, data, evaluation, cfg, hooks=hooks,
-                                      constrained=args.constrained)
+            result, texts = zero_shot(model, tokenizer, evaluation, cfg, args.constrained) \
+                if trains_nothing else train_sft(model, tokenizer, data, evaluation, cfg,
+                                                 hooks=hooks, constrained=args.constrained)
             extra = dict(task="sft", decoding="constrained" if args.constrained else "greedy",
                          generate_seconds=result.eval_seconds, outputs=texts[:20])
         else:
@@ -203,17 +205,18 @@ def _finetune(args, out: Path, name: str) -> dict:
     except FloatingPointError as e:
         raise blame(args, config, cfg, e) from None
     record = dict(name=name, **asdict(result), seconds_per_epoch=result.train_seconds / args.epochs,
-                  args=options(args), eval_split=args.eval_split, train_rows=len(data.texts),
+                  args=options(args), eval_split=args.eval_split,
+                  train_rows=0 if trains_nothing else len(data.texts),
                   eval_rows=len(evaluation.texts), device=device_of(args), bf16=uses_bf16(args),
                   kernels=uses_kernels(args), base_dtype="bf16" if bf16_base(args) else "fp32",
-                  # the ledger's batch is a classifier's; an SFT run's record shows its peak alone
-                  ledger=run_ledger(model, tokenizer, data, cfg)
-                  if result.world_size == 1 and not sft else None, **extra)
+                  ledger=run_ledger(model, tokenizer, data, cfg, args.task)
+                  if result.world_size == 1 else None, **extra)
     if distributed.rank() != 0:
         return record  # the same weights and metrics as rank 0's, which writes them
     path = out / f"{name}.json"
     write_record(path, record)  # first: nothing after it (a report, an export) can lose the run
-    plot_losses(result.losses, out / f"{name}_loss.png", name)
+    if result.losses:
+        plot_losses(result.losses, out / f"{name}_loss.png", name)
     if ckpt and ckpt.exists():
         ckpt.unlink()  # the results are written: nothing left to resume
     if method.report:
@@ -223,5 +226,5 @@ def _finetune(args, out: Path, name: str) -> dict:
             raise ValueError(f"{e} (the run's record {path} is written)") from None
         write_record(path, record)
     print(table([record]))
-    print(f"wrote {out / name}.json and {out / name}_loss.png")
+    print(f"wrote {out / name}.json" + (f" and {out / name}_loss.png" if result.losses else ""))
     return record

@@ -24,6 +24,7 @@ Ledger. `memory_ledger(model, batch)` runs one real training step and counts, st
 storage, the bytes of frozen weights, trainable parameters, gradients, optimizer state and the
 activations autograd saves for backward (RSS and max_memory_allocated give one total; this says
 what it is made of). Unlike RSS it excludes the allocator's caches and transient buffers.
+`weights_ledger(model)` is the same count for a model that only runs forward (no step).
 """
 from __future__ import annotations
 
@@ -173,8 +174,16 @@ def _adamw(params):
     return torch.optim.AdamW(params, lr=1e-3)
 
 
+def weights_ledger(model: torch.nn.Module) -> dict[str, int]:
+    """The ledger of a model that does not train (a zero-shot row): its weights and buffers, all
+    frozen, and none of a training step's other kinds."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return {LEDGER_KINDS[0]: sum(dict(_storage(t) for t in tensors).values()),
+            **{k: 0 for k in LEDGER_KINDS[1:]}}
+
+
 def memory_ledger(model: torch.nn.Module, batch: dict, optimizer_factory: Callable = _adamw,
-                  checkpointing: bool = False) -> dict[str, int]:
+                  checkpointing: bool = False, loss_fn: Callable | None = None) -> dict[str, int]:
     """Bytes a training step holds, by kind (LEDGER_KINDS), counted from the tensors themselves
     during one real step: forward, backward, optimizer step. Each storage counts once.
 
@@ -190,7 +199,9 @@ def memory_ledger(model: torch.nn.Module, batch: dict, optimizer_factory: Callab
                             keeps for its recomputation (the saves inside it are not kept)
 
     `batch` is the model's keyword input (input_ids, attention_mask and, for a loss, labels;
-    without labels the sum of the logits is back-propagated). `checkpointing=True` measures
+    without labels the sum of the logits is back-propagated). `loss_fn(model, batch)`, when
+    given, is the step's loss instead of the model's own (an instruction-tuning run's answer-only
+    loss, pelib.sft.sft_loss, which reads the batch itself). `checkpointing=True` measures
     with transformers' non-reentrant activation checkpointing on. The model is left as found:
     its weights, gradients, train/eval mode, checkpointing flags and torch's RNG state.
     """
@@ -253,8 +264,13 @@ def memory_ledger(model: torch.nn.Module, batch: dict, optimizer_factory: Callab
         for p in trainable:
             p.grad = None
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = model(**batch)
-        loss = out.loss if getattr(out, "loss", None) is not None else out.logits.float().sum()
+            out = model(**batch) if loss_fn is None else loss_fn(model, batch)
+        if loss_fn is not None:  # the loss itself
+            loss = out
+        elif getattr(out, "loss", None) is not None:
+            loss = out.loss
+        else:
+            loss = out.logits.float().sum()
         ledger[LEDGER_KINDS[4]] = sum(saved.values())
         loss.backward()
         del out, loss

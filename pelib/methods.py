@@ -69,6 +69,15 @@ class HeadConfig(Recipe):
 
 
 @dataclass(frozen=True)
+class ZeroShotConfig(Recipe):
+    """The floor of the instruction-tuning table (--task sft only): the Instruct model as it is,
+    nothing trained, asked with every label name in its prompt (pelib.sft.zero_shot_prompt). No
+    options; it has no head, so it is a floor as the head-only row is (head_lr None)."""
+
+    head_lr: ClassVar[float | None] = None
+
+
+@dataclass(frozen=True)
 class FullConfig(Recipe):
     """Every weight trains, at lr 1e-4 (chosen on the dev split, docs/benchmarks.md)."""
 
@@ -87,6 +96,10 @@ def _head(model, c: HeadConfig, run):
         if isinstance(m, nn.Dropout) and name not in ("dropout", "classifier", "score"):
             m.p = 0.0
     return train_heads_only(model), []
+
+
+def _zero_shot(model, c: ZeroShotConfig, run):
+    return model.requires_grad_(False), []  # nothing trains (pelib.sft_train.zero_shot)
 
 
 def _lora(model, c: LoRAConfig, run):
@@ -164,6 +177,9 @@ def _adalora_report(model, hooks, c: AdaLoRAConfig, steps) -> dict:
 METHODS: dict[str, Method] = {
     "head": Method(HeadConfig, {"pelib": _head},
                    help="the floor: the backbone frozen, only the classification head trains"),
+    "zero-shot": Method(ZeroShotConfig, {"pelib": _zero_shot},
+                        help="--task sft's floor: the Instruct model untrained, the label names "
+                             "listed in its prompt"),
     "full": Method(FullConfig, {"pelib": _full}, help="every weight trains"),
     "lora": Method(LoRAConfig, {"pelib": _lora, "peft": _lora_peft}, from_config=lora_from_config,
                    fusable=(LoRALinear,), help="LoRA (Hu et al. 2021)"),

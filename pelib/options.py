@@ -30,9 +30,15 @@ class Parser(argparse.ArgumentParser):
         parsed run always holds the values it trains with."""
         ns, rest = super().parse_known_args(args, namespace)
         task = TASKS.get(getattr(ns, "task", None))
+        filled = []
         for k in TASK_DEFAULTS if task else ():
             if getattr(ns, k, None) is None:
                 setattr(ns, k, getattr(task, k))
+                filled.append(k)
+        # which were not given (options() leaves "_" names out of a record); a subcommand's
+        # parser has set it already, and its caller finds nothing left to fill
+        if task and not hasattr(ns, "_from_task"):
+            ns._from_task = tuple(filled)
         return ns, rest
 
 
@@ -244,8 +250,29 @@ HEAD_OPTIONS = {"head_lr": "--head-lr", "label_smoothing": "--label-smoothing",
                 "pooling": "--pooling"}
 
 
+# What the zero-shot row does not do: train. Its options, with the value that means "not given".
+TRAINING = {"lr": None, "max_grad_norm": None, "train_limit": None, "grad_accum": 1,
+            "weight_decay": 0.0, "warmup_ratio": 0.06, "schedule": "linear", "layer_decay": 1.0}
+
+
+def check_zero_shot(args) -> None:
+    """--method zero-shot scores the untrained model by generation: --task sft, and no option
+    of training (one given would be silently ignored)."""
+    if args.task != "sft":
+        raise ValueError("--method zero-shot scores the untrained Instruct model by generation, "
+                         "which is --task sft; add --task sft (the classifier's floor is --method "
+                         "head)")
+    given = [k for k in TASK_DEFAULTS if k not in getattr(args, "_from_task", TASK_DEFAULTS)]
+    given += [k for k, v in TRAINING.items() if getattr(args, k) != v]
+    if given:
+        raise ValueError(f"{flag_of(given[0])} is an option of training, and --method zero-shot "
+                         "trains nothing (0 steps); drop it")
+
+
 def check_task(args) -> None:
     """--task sft: a causal LM (smollm2), a method that trains more than a head, no head options."""
+    if args.method == "zero-shot":
+        check_zero_shot(args)
     if args.task != "sft":
         if args.constrained:
             raise ValueError("--constrained is a decoding option of --task sft; drop it, or pass "

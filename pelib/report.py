@@ -72,34 +72,51 @@ def _fmt(xs, digits=4):
     return f"{m:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
 
 
+def _dev_f1(rs) -> str:
+    """The dev F1 after the last epoch; "-" where a run scored no dev split (an instruction-tuned
+    run, which is scored by generation on the evaluation split only)."""
+    last = [r["history"][-1] if r["history"] else {} for r in rs]
+    return _fmt([h["dev_f1"] for h in last]) if all("dev_f1" in h for h in last) else "-"
+
+
 def summary(records) -> str:
     """The markdown tables: one per model and data set."""
     lines = ["# Results", "",
              "Macro precision / recall / F1 on the evaluation split (dev F1: the dev split after the last "
-             "epoch, what choices are made on); ± is the standard deviation over "
+             "epoch, what choices are made on; invalid: the share of generated answers that are no "
+             "label name, in tables with instruction-tuned rows); ± is the standard deviation over "
              "seeds (none with one seed: then differences of about 0.01 F1 are inside the noise). "
              "Peak memory: process RSS on a CPU, max_memory_allocated on a GPU. Time: optimizer "
              "steps only.", ""]
     for (model, data), rows in _group(records).items():
-        r0 = next(iter(rows.values()))[0]
+        # the header's settings: of the first row that trained (a zero-shot floor trains nothing)
+        firsts = [rs[0] for rs in rows.values()]
+        r0 = next((r for r in firsts if r["train_rows"]), firsts[0])
+        # scored by generation: the share of outputs that are no label name (a classifier's
+        # row has none, "-")
+        sft = any(r["args"].get("task") == "sft" for rs in rows.values() for r in rs)
         lines += [f"## {model} on {data}", "",
                   f"train rows {r0['train_rows']}, eval rows {r0['eval_rows']} ({r0['eval_split']}), "
                   f"batch {r0['args']['batch_size']}, max length {r0['args']['max_length']}", "",
-                  "| method | impl | seeds | epochs | accuracy | precision | recall | macro-F1 | "
+                  "| method | impl | seeds | epochs | accuracy | precision | recall | macro-F1 | " +
+                  ("invalid | " if sft else "") +
                   "trainable | % of model | peak MB | s/step | train s | dev F1 |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---" * (15 if sft else 14) + "|"]
         for (label, impl), rs in rows.items():
             m = lambda k: [r["metrics"][k] for r in rs]  # noqa: E731
             t = rs[0]
+            invalid = (_fmt(m("invalid_rate")) if all("invalid_rate" in r["metrics"] for r in rs)
+                       else "-") + " | " if sft else ""
             lines.append(
-                f"| {label} | {impl} | {len(rs)} | {t['args']['epochs']:g} | {_fmt(m('accuracy'))} | "
+                f"| {label} | {impl} | {len(rs)} | {0 if t.get('steps') == 0 else t['args']['epochs']:g} | "
+                f"{_fmt(m('accuracy'))} | "
                 f"{_fmt(m('precision'))} | "
-                f"{_fmt(m('recall'))} | {_fmt(m('f1'))} | {t['trainable_params']:,} | "
+                f"{_fmt(m('recall'))} | {_fmt(m('f1'))} | {invalid}{t['trainable_params']:,} | "
                 f"{100 * t['trainable_params'] / t['total_params']:.2f} | "
                 f"{statistics.fmean(r['peak_memory_mb'] for r in rs):,.0f} | "
                 f"{statistics.fmean(r['seconds_per_step'] for r in rs):.3f} | "
                 f"{statistics.fmean(r['train_seconds'] for r in rs):.0f} | "
-                f"{_fmt([r['history'][-1].get('dev_f1', float('nan')) for r in rs])} |")
+                f"{_dev_f1(rs)} |")
         lines.append("")
         lines += _memory_table(rows, r0["memory_kind"])
     return "\n".join(lines)
@@ -139,7 +156,7 @@ def _memory_table(rows: dict, kind: str) -> list[str]:
         led = ledger_of(rs)
         peak = statistics.fmean(r["peak_memory_mb"] for r in rs)
         cells = ["-"] * (len(LEDGER_SHORT) + 2) + [f"{peak:,.0f}", "-"] if led is None else \
-            ["x".join(map(str, rs[0]["ledger"]["batch"]))] + [f"{v:,.2f}" for v in led] + \
+            ["x".join(map(str, rs[0]["ledger"]["batch"])) or "no step"] + [f"{v:,.2f}" for v in led] + \
             [f"{sum(led):,.2f}", f"{peak:,.0f}", f"{peak - sum(led):,.0f}"]
         missing |= led is None
         lines.append(f"| {label}{' (peft)' if impl == 'peft' else ''} | " + " | ".join(cells) + " |")
@@ -205,7 +222,8 @@ def figures(records, out: Path, tag: str = "") -> list[Path]:
             # a legend, not labels at the points: methods with equal counts would stack them
             ax.scatter(rs[0]["trainable_params"], f1, s=40, label=f"{name}: {f1:.3f}",
                        marker="x" if impl == "peft" else next(markers, "o"))
-        counts = [rs[0]["trainable_params"] for rs in rows.values()]
+        counts = [rs[0]["trainable_params"] for rs in rows.values()
+                  if rs[0]["trainable_params"]] or [1]  # a zero-shot floor trains none
         wide = max(counts) > 3 * min(counts)  # a log axis only where the counts span a range
         split = next(iter(rows.values()))[0]["eval_split"]
         ax.set(xscale="log" if wide else "linear", ylabel=f"macro-F1 ({split})",

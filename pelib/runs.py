@@ -149,21 +149,40 @@ def write_record(path: Path, record: dict) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
 
 
-def run_ledger(model, tokenizer, data, cfg) -> dict:
+def run_ledger(model, tokenizer, data, cfg, task: str = "classify") -> dict:
     """The memory ledger of the run's largest step (pelib.measure.memory_ledger): its
     `cfg.batch_size` longest training rows (batches are grouped by length, so the longest batch
     is about these), under the run's autocast. Bytes by kind, and the batch shape [B, T]. The
-    record keeps it, so compare's figure reads what the run held instead of counting again."""
+    record keeps it, so compare's figure reads what the run held instead of counting again.
+
+    task "sft": the rows are the run's chat conversations (pelib.sft.encode: labels -100 outside
+    the answer), padded on the right, and the step's loss is the answer-only chunked loss
+    (pelib.sft.sft_loss), so the activations are the ones an instruction-tuning step saves. A
+    model that trains nothing (--method zero-shot) holds its weights alone: batch [] (no step)."""
     import torch
 
-    from .batching import collate, encode
-    from .measure import memory_ledger
+    from .measure import memory_ledger, weights_ledger
 
-    ids = encode(tokenizer, data.texts, cfg.max_length)
-    longest = sorted(range(len(ids)), key=lambda i: -len(ids[i]))[:cfg.batch_size]
+    if not any(p.requires_grad for p in model.parameters()):  # a zero-shot row: no step at all
+        return dict(bytes=weights_ledger(model), batch=[])
     device = next(model.parameters()).device
-    batch = {k: t.to(device) for k, t in collate(ids, longest, tokenizer.pad_token_id).items()}
-    batch["labels"] = torch.tensor([data.labels[i] for i in longest], device=device)
+    if task == "sft":
+        from .sft import collate_train, sft_loss
+        from .sft_train import encode_rows
+
+        rows = encode_rows(tokenizer, data, cfg.max_length)
+        longest = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))[:cfg.batch_size]
+        batch = collate_train([rows[i] for i in longest], tokenizer.pad_token_id)  # (B, T) each
+        loss_fn = sft_loss
+    else:
+        from .batching import collate, encode
+
+        ids = encode(tokenizer, data.texts, cfg.max_length)
+        longest = sorted(range(len(ids)), key=lambda i: -len(ids[i]))[:cfg.batch_size]
+        batch = collate(ids, longest, tokenizer.pad_token_id)
+        batch["labels"] = torch.tensor([data.labels[i] for i in longest])
+        loss_fn = None  # the classifier's own loss (its output's .loss)
+    batch = {k: t.to(device) for k, t in batch.items()}
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-        ledger = memory_ledger(model, batch)
+        ledger = memory_ledger(model, batch, loss_fn=loss_fn)
     return dict(bytes=ledger, batch=list(batch["input_ids"].shape))

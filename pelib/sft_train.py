@@ -9,6 +9,9 @@ method's hooks (SoRA's proximal step, AdaLoRA's allocator and regulariser) are t
 the classifier's loop uses, so a method trains here by the same rule and a killed run resumes
 to the same numbers.
 
+The zero-shot row (`--method zero-shot`, `zero_shot` below) is the table's floor: the untrained
+Instruct model, the label names listed in its prompt, scored the same way, 0 steps.
+
 Evaluation is by generation: greedy decoding with the KV cache, free (the model may write
 anything) or constrained to the label names, then pelib.metrics.generation_metrics, where an
 output that is no label name is a class of its own.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import asdict
 
 import torch
 from torch import nn
@@ -24,6 +28,7 @@ from tqdm import tqdm
 
 from .checkpoint import save_checkpoint
 from .hooks import check_hooks
+from .inject import count_parameters
 from .measure import PeakMemory
 from .metrics import generation_metrics
 from .sft import collate_train, encode, generate_answers, sft_loss
@@ -102,6 +107,33 @@ def train_sft(model: nn.Module, tokenizer, train_data, eval_data, cfg: TrainConf
         out = generate_answers(model, tokenizer, eval_data.texts, eval_data.label_names,
                                constrained=constrained, batch_size=cfg.eval_batch_size)
     result.eval_seconds = time.perf_counter() - t0  # the generation of every evaluation row
+    result.metrics = generation_metrics(eval_data.labels, out.predictions,
+                                        len(eval_data.label_names))
+    return result, out.texts
+
+
+def zero_shot(model: nn.Module, tokenizer, eval_data, cfg: TrainConfig,
+              constrained: bool = False) -> tuple[TrainResult, list[str]]:
+    """The floor of the instruction-tuning table: the model as it is (0 trainable parameters,
+    0 steps) writes the answer to every eval_data row, asked with every label name listed in its
+    prompt (pelib.sft.zero_shot_prompt); scored as train_sft's outputs are. The peak memory is
+    the generation's, as there is no training to measure."""
+    check_model(model)
+    result = TrainResult(metrics={}, config=asdict(cfg))
+    result.trainable_params, result.total_params = count_parameters(model)
+    if result.trainable_params:
+        raise ValueError(f"a zero-shot row trains nothing, and this model has "
+                         f"{result.trainable_params:,} trainable parameters; freeze it first "
+                         "(model.requires_grad_(False))")
+    device = next(model.parameters()).device
+    with PeakMemory(device) as mem:
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            out = generate_answers(model, tokenizer, eval_data.texts, eval_data.label_names,
+                                   constrained=constrained, zero_shot=True,
+                                   batch_size=cfg.eval_batch_size)
+        result.eval_seconds = time.perf_counter() - t0
+    result.peak_memory_mb, result.memory_kind = mem.mb, mem.kind
     result.metrics = generation_metrics(eval_data.labels, out.predictions,
                                         len(eval_data.label_names))
     return result, out.texts

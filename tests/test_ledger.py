@@ -150,3 +150,50 @@ def test_the_report_names_the_ledgers_kinds():
     from pelib.report import LEDGER_SHORT
 
     assert tuple(LEDGER_SHORT) == LEDGER_KINDS
+
+
+# -- an instruction-tuning run's ledger: its chat rows, its answer-only loss ----------------------
+def sft_built(method, *extra):
+    """A tiny `--task sft` run's model, tokenizer, rows and settings (fp32: the bytes are exact)."""
+    from pelib.finetune import build, config_of, parse
+    from pelib.train import TrainConfig
+
+    args = parse(["--model", "smollm2", "--task", "sft", "--method", method, "--tiny", "--fp32",
+                  "--train-limit", "24", "--batch-size", "8", *extra])
+    cfg = TrainConfig.of(config_of(args), batch_size=args.batch_size, max_length=args.max_length,
+                         label_smoothing=0.0)
+    m, tokenizer, data, _ = build(args, cfg)
+    return m, tokenizer, data, cfg
+
+
+def test_an_sft_runs_ledger_is_the_hand_count_of_its_longest_conversations():
+    from pelib.runs import run_ledger
+    from pelib.sft import encode
+
+    model, tokenizer, data, cfg = sft_built("lora", "--r", "4")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    led = run_ledger(model, tokenizer, data, cfg, "sft")
+    for kind, value in hand_count(model).items():  # gradients = trainable, AdamW = 2 x (+ steps)
+        assert led["bytes"][kind] == value, kind
+    assert led["bytes"][LEDGER_KINDS[4]] > 0
+    # B = --batch-size rows, T = the longest whole conversation (prompt + answer + eos)
+    T = max(len(encode(tokenizer, t, data.label_names[y], cfg.max_length)[0])
+            for t, y in zip(data.texts, data.labels))
+    assert led["batch"] == [8, T]
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # left as found
+
+
+def test_the_sft_ledger_runs_the_answer_only_loss_not_the_models_own():
+    """The same batch through the model's own loss (labels -100 outside the answer, but the
+    logits of every position made and saved) holds more activations than pelib.sft.sft_loss,
+    which applies the LM head to the answer's rows only; the weights' rows are equal."""
+    from pelib.sft import collate_train, encode, sft_loss
+
+    model, tokenizer, data, cfg = sft_built("lora", "--r", "4")
+    rows = [encode(tokenizer, t, data.label_names[y]) for t, y in zip(data.texts[:4], data.labels)]
+    b = collate_train(rows, tokenizer.pad_token_id)
+    ours = memory_ledger(model, b, loss_fn=sft_loss)
+    own = memory_ledger(model, b)  # LlamaForCausalLM's loss over the whole (B, T, V) logits
+    act = LEDGER_KINDS[4]
+    assert 0 < ours[act] < own[act]
+    assert {k: v for k, v in ours.items() if k != act} == {k: v for k, v in own.items() if k != act}

@@ -133,25 +133,40 @@ def test_a_row_longer_than_max_length_names_the_option(tmp_path):
               str(tmp_path)])
 
 
-def test_the_sft_preset_names_four_methods_at_the_task_recipe():
+def test_the_sft_preset_names_the_zero_shot_floor_and_four_methods_at_the_task_recipe():
     from pelib.compare import preset
     from pelib.options import check
 
     runs = preset("sft")
-    assert [a[a.index("--method") + 1] for _, a in runs] == ["lora", "qlora", "sora", "dora"]
+    assert [a[a.index("--method") + 1] for _, a in runs] == ["zero-shot", "lora", "qlora", "sora",
+                                                             "dora"]
     for _, argv in runs:
         args = parse(argv)
         check(args)
-        assert (args.task, args.model, args.r, args.epochs, args.batch_size) == \
-            ("sft", "smollm2", 8, 1, 16)
-    assert [label for label, a in preset("smoke") if "sft" in a] == ["LoRA r=8, SFT"]
+        assert (args.task, args.model, args.epochs, args.batch_size) == ("sft", "smollm2", 1, 16)
+        assert args.r == (None if args.method == "zero-shot" else 8)
+    assert [label for label, a in preset("smoke") if "sft" in a] == ["zero-shot (floor), SFT",
+                                                                     "LoRA r=8, SFT"]
 
 
-def test_compare_runs_the_smoke_sft_row_and_tables_it(tmp_path):
+def test_compare_runs_the_smoke_sft_rows_and_tables_them(tmp_path):
     from pelib.compare import main as compare
 
     compare(["--preset", "smoke", "--only", "SFT", "--out", str(tmp_path), "--no-progress"])
-    assert "| LoRA r=8, SFT | pelib | 1 | 1 |" in (tmp_path / "summary_smoke.md").read_text()
+    text = (tmp_path / "summary_smoke.md").read_text()
+    assert "| zero-shot (floor), SFT | pelib | 1 | 0 |" in text  # 0 epochs: it trains nothing
+    assert "| LoRA r=8, SFT | pelib | 1 | 1 |" in text
+    assert "| macro-F1 | invalid | trainable |" in text
     records = json.loads((tmp_path / "summary_smoke.json").read_text())
-    assert [r["args"]["task"] for r in records] == ["sft"]
-    assert "invalid_rate" in records[0]["metrics"]
+    assert [r["args"]["task"] for r in records] == ["sft", "sft"]
+    assert all("invalid_rate" in r["metrics"] for r in records)
+    # each SFT row carries its own ledger (tests/test_ledger.py checks the bytes): the trained
+    # row its largest step's, the zero-shot row its weights alone; so the memory table has
+    # numbers, not the note of a record that kept its peak alone
+    zero, lora = records
+    assert zero["trainable_params"] == 0 and zero["ledger"]["batch"] == []
+    assert zero["ledger"]["bytes"]["frozen weights"] > 0 == zero["ledger"]["bytes"]["gradients"]
+    assert lora["ledger"]["bytes"]["optimizer state"] > 0 and lora["ledger"]["batch"][0] == 16
+    assert "| zero-shot (floor), SFT | no step |" in text
+    assert "their peak alone" not in text
+    assert (tmp_path / "memory_smoke.png").stat().st_size > 0
