@@ -549,9 +549,10 @@ with open(Path("..") / "docs" / "tables" / "smollm2_banking77.csv") as f:
                   f"  ({row['seeds']} seed(s), {row['date']}, one epoch)")
 
 # %% [markdown]
-# The full-size fine-tunes are `python -m pelib compare --preset sft`: LoRA, QLoRA (NF4 + DQ), SoRA
-# and DoRA at r=8, one epoch over all 9,003 training rows, scored by free greedy decoding on the
-# whole test split (`python -m pelib finetune --task sft` is one of them). The cell below reads
+# The full-size rows are `python -m pelib compare --preset sft`: the zero-shot floor (section 5's
+# prompt, `--method zero-shot`), then LoRA, QLoRA (NF4 + DQ), SoRA and DoRA at r=8, one epoch over
+# all 9,003 training rows, each scored by free greedy decoding on the whole test split (`python -m
+# pelib finetune --task sft` is one of them). The cell below reads
 # their records from `results/` when they exist, and trains nothing: on 2 CPU cores they take
 # hours.
 
@@ -593,7 +594,7 @@ rows = examples[:5]
 assert all(torch.equal(a, b) for a, b in zip(pad_right(rows, 2).values(), sft.collate_train(rows, 2).values()))
 prompts = [build_prompt(t) for t in test.texts[:4]]
 assert all(torch.equal(a, b) for a, b in zip(pad_left(prompts, 2).values(), sft.collate_prompts(prompts, 2).values()))
-assert sft.prompt_ids(tok, zs_texts[0], names) == zero_shot_prompt(zs_texts[0])
+assert sft.zero_shot_prompt(tok, zs_texts[0], names) == zero_shot_prompt(zs_texts[0])
 
 # the chunked loss and gradients: this notebook's == pelib.linear_ce's, fp32, trainable head
 h = torch.randn(50, 24, requires_grad=True)
