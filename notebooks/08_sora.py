@@ -39,11 +39,14 @@
 import copy
 import math
 import os
+import warnings
 
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing")  # peft reads a deprecated property
 
 FAST = os.environ.get("PELIB_FAST") == "1"  # CI: tiny sizes
 torch.manual_seed(0)

@@ -57,6 +57,7 @@ import os
 import statistics
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -68,6 +69,7 @@ from pelib.compare import preset, run_all, summary
 from pelib.measure import LEDGER_KINDS, memory_ledger
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU import logs a warning
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing")  # peft reads a deprecated property
 FAST = os.environ.get("PELIB_FAST") == "1"  # CI: tiny models
 ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
 TOY = " (TOY NUMBERS)" if FAST else ""  # on every table and figure title
@@ -84,7 +86,7 @@ t0 = time.time()
 records = run_all(runs, OUT, progress=False)
 reused = [r["name"] for r in records if before.get(r["name"] + ".json") is not None
           and (OUT / (r["name"] + ".json")).stat().st_mtime == before[r["name"] + ".json"]]
-print(f"{len(records)} runs in {OUT}: {len(reused)} read from finished runs there, "
+print(f"{len(records)} runs in {'a scratch folder' if FAST else 'results/'}: {len(reused)} read from finished runs there, "
       f"{len(records) - len(reused)} trained now ({time.time() - t0:.0f} s)")
 if reused and len(reused) == len(records):
     print("READ FROM results/: these runs were written earlier by `python -m pelib compare "
