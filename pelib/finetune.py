@@ -8,9 +8,11 @@ sft` instruction-tunes the causal LM to write the label's name and scores its gr
 (pelib.sft_train: one epoch, batch 16, the answer-only chunked loss; pelib.recipe.TASKS).
 
 prints a result table and writes results/<run>.json (metrics, trainable parameters, time, peak
-memory, config) and results/<run>_loss.png. The options come from pelib.options (the method
-options from the registry's configs), the run's name, lock and record from pelib.runs, the
-table and the figure from pelib.report; this module turns options into a run.
+memory, config) and results/<run>_loss.png; with `--save-adapter DIR`, the trained adapter in
+peft's format too (the method's `save`, pelib.methods; the record's "adapter"). The options
+come from pelib.options (the method options from the registry's configs), the run's name, lock
+and record from pelib.runs, the table and the figure from pelib.report; this module turns
+options into a run.
 """
 from __future__ import annotations
 
@@ -130,12 +132,23 @@ def finetune(args) -> dict:
     else:
         out = writable_dir(args.out)
         check_outputs(out, name)
-        if getattr(args, "save_adapter", None):  # where the adapter goes, before training
-            writable_dir(args.save_adapter, "--save-adapter")
+        if args.save_adapter is not None:  # where the adapter goes, before training
+            check_adapter_dir(writable_dir(args.save_adapter, "--save-adapter"), args.overwrite)
         with only_process(out, name):
             record = _finetune(args, out, name)
     distributed.finish()  # under torchrun: every process leaves the group after rank 0 wrote
     return record
+
+
+def check_adapter_dir(folder: Path, overwrite: bool) -> None:
+    """An adapter already in --save-adapter DIR is replaced only with --overwrite (the folder's
+    other files are never touched: save_adapter writes its two files alone)."""
+    from .io import CONFIG_NAME, WEIGHTS_NAME
+
+    there = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if os.path.lexists(folder / n)]
+    if there and not overwrite:
+        raise ValueError(f"--save-adapter {folder} holds an adapter already ({', '.join(there)}); "
+                         "pass --overwrite to replace it, or another --save-adapter DIR")
 
 
 def check_epochs(args, rows: int) -> None:
@@ -225,6 +238,15 @@ def _finetune(args, out: Path, name: str) -> dict:
         except ValueError as e:
             raise ValueError(f"{e} (the run's record {path} is written)") from None
         write_record(path, record)
+    if args.save_adapter is not None:
+        try:
+            saved = method.save(model, args.save_adapter)
+        except ValueError as e:
+            raise ValueError(f"{e} (the run's record {path} is written)") from None
+        record["adapter"] = args.save_adapter if saved else None
+        write_record(path, record)
+        if saved:
+            print(f"wrote the adapter to {args.save_adapter}")
     print(table([record]))
     print(f"wrote {out / name}.json" + (f" and {out / name}_loss.png" if result.losses else ""))
     return record

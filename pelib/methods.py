@@ -1,13 +1,14 @@
 """The registry: every way pelib fine-tunes a backbone, in one plain dict.
 
-    METHODS[name] = Method(config, build={impl: builder}, report, from_config, check_file)
+    METHODS[name] = Method(config, build={impl: builder}, report, save, from_config, check_file)
 
 `config` is the method's recipe (pelib.recipe: its options with their tuned defaults, its lr,
 its adapter file). `python -m pelib finetune` generates its method options from the configs,
 `python -m pelib compare`'s presets name entries of this dict, `pelib.load_adapter` picks the
 reader of a file here, and pelib.patch asks it which layers it may fuse; nothing else lists
 the methods. A builder takes the fresh backbone, the method's config and a `Run` (targets, run
-length) and returns the model to train and its training hooks (pelib.train). Adding a method is
+length) and returns the model to train and its training hooks (pelib.train); `save` writes the
+trained adapter in peft's format (`finetune --save-adapter`). Adding a method is
 its own module (config, layer, training rule) plus one entry here.
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ from .sora import (
     sora_from_config,
 )
 from .sora import report as sora_report
+from .sora import save as sora_save
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,9 @@ class Method:
     config: type[Recipe]  # the recipe: options and defaults, lr, adapter file
     build: dict[str, Callable]  # impl ("pelib", "peft") -> build(model, config, run) -> (model, hooks)
     report: Callable | None = None  # report(model, hooks, config, steps) -> dict for the run's record
+    # save(model, folder) -> the folder, or None if nothing is left to write: its adapter file
+    # (only a model pelib built, --impl pelib); None: the method has no file peft reads
+    save: Callable | None = None
     from_config: Callable | None = None  # from_config(model, peft config, modules_to_save): inject
     check_file: Callable | None = None  # check_file(config, tensors, source) before loading
     fusable: tuple[type, ...] = ()  # its layer types pelib.patch may run on the fused LoRA kernel
@@ -181,9 +186,9 @@ METHODS: dict[str, Method] = {
                         help="--task sft's floor: the Instruct model untrained, the label names "
                              "listed in its prompt"),
     "full": Method(FullConfig, {"pelib": _full}, help="every weight trains"),
-    "lora": Method(LoRAConfig, {"pelib": _lora, "peft": _lora_peft}, from_config=lora_from_config,
-                   fusable=(LoRALinear,), help="LoRA (Hu et al. 2021)"),
-    "qlora": Method(QLoRAConfig, {"pelib": _qlora, "peft": _qlora_peft},
+    "lora": Method(LoRAConfig, {"pelib": _lora, "peft": _lora_peft}, save=io.save_adapter,
+                   from_config=lora_from_config, fusable=(LoRALinear,), help="LoRA (Hu et al. 2021)"),
+    "qlora": Method(QLoRAConfig, {"pelib": _qlora, "peft": _qlora_peft}, save=io.save_adapter,
                     from_config=qlora_from_config, fusable=(LoRALinear,),
                     help="LoRA on an NF4 + DQ base (Dettmers 2023)"),
     "adapter": Method(AdapterConfig, {"pelib": _adapter},
@@ -191,11 +196,13 @@ METHODS: dict[str, Method] = {
     "prefix": Method(PrefixConfig, {"pelib": _prefix, "peft": _prefix_peft},
                      help="prefix tuning (Li & Liang 2021)"),
     "adalora": Method(AdaLoRAConfig, {"pelib": _adalora, "peft": _adalora_peft},
-                      report=_adalora_report, help="AdaLoRA (Zhang et al. 2023)"),
-    "sora": Method(SoRAConfig, {"pelib": _sora}, report=sora_report,
+                      report=_adalora_report, save=io.save_adapter,
+                      help="AdaLoRA (Zhang et al. 2023)"),
+    "sora": Method(SoRAConfig, {"pelib": _sora}, report=sora_report, save=sora_save,
                    from_config=sora_from_config, check_file=check_gate_shapes,
                    help="SoRA (Ding et al. 2023)"),
-    "dora": Method(DoRAConfig, {"pelib": _dora, "peft": _dora_peft}, from_config=dora_from_config,
+    "dora": Method(DoRAConfig, {"pelib": _dora, "peft": _dora_peft}, save=io.save_adapter,
+                   from_config=dora_from_config,
                    check_file=check_dora_file, help="DoRA (Liu et al. 2024)"),
 }
 

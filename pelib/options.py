@@ -122,8 +122,13 @@ def add_arguments(f: argparse.ArgumentParser) -> None:
     f.add_argument("--tiny", action="store_true", help="a toy-size random model (for tests)")
     f.add_argument("--out", default="results")
     f.add_argument("--name", default=None, help="run name (file stem under --out)")
+    f.add_argument("--save-adapter", default=None, metavar="DIR",
+                   help="write the trained adapter in peft's format to DIR (--method "
+                        + ", ".join(k for k, m in METHODS.items() if m.save) + "; sora's pruned "
+                        "to plain LoRA)")
     f.add_argument("--overwrite", action="store_true",
-                   help="replace results of a run with other options under the same name")
+                   help="replace results of a run with other options under the same name, and "
+                        "the adapter files in --save-adapter DIR")
     f.add_argument("--no-progress", action="store_true")
     f.add_argument("--resume", action="store_true",
                    help="checkpoint to OUT/NAME.ckpt while training and continue from it if it "
@@ -203,6 +208,14 @@ def check(args) -> None:
         if dest not in own and getattr(args, dest, None) is not None:
             raise ValueError(f"{flags_of(field)[0]} is an option of --method {', '.join(owners)}, "
                              f"not {args.method}")
+    if args.save_adapter is not None and method.save is None:
+        savers = ", ".join(k for k, m in METHODS.items() if m.save)
+        raise ValueError(f"--save-adapter writes an adapter file peft reads, and --method "
+                         f"{args.method} has none; drop --save-adapter, or train --method {savers}")
+    if args.save_adapter is not None and args.impl != "pelib":
+        raise ValueError(f"--save-adapter writes the adapter of pelib's build, and --impl "
+                         f"{args.impl} builds peft's model; drop --impl {args.impl} (pelib writes "
+                         "the same file format)")
     if method.config.head_lr is None and args.head_lr is not None:
         raise ValueError(f"--method {args.method} trains only the head: set its lr with --lr, "
                          "not --head-lr")

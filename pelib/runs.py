@@ -19,7 +19,8 @@ from .options import config_of, method_options, options, parse
 BEFORE = {"label_smoothing": 0.0}
 
 # Options that do not change a run's numbers: where it writes, whether it shows progress.
-NOT_NUMBERS = {"no_progress", "resume", "checkpoint_every", "command", "out", "name", "overwrite"}
+NOT_NUMBERS = {"no_progress", "resume", "checkpoint_every", "command", "out", "name", "overwrite",
+               "save_adapter"}
 
 
 def numbers(opts: dict) -> dict:

@@ -29,7 +29,7 @@ The parts, one job each (every public name is importable from here):
 
     pelib.gated_lora   SoRALinear, the gate shapes, prune and export_lora (plain LoRA for peft)
     pelib.proximal     soft_threshold, the official code's update, SparsitySchedule
-    here               SoRAConfig (the recipe), the SoRA training hook, apply_sora, report
+    here               SoRAConfig (the recipe), the SoRA training hook, apply_sora, report, save
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ from .recipe import option
 
 __all__ = ["GATE_INITS", "VARIANTS", "SoRA", "SoRAConfig", "SoRALinear", "SparsitySchedule",
            "apply_sora", "check_gate_shapes", "export_lora", "live_ranks", "official_threshold",
-           "prune", "report", "soft_threshold", "sora_from_config", "sora_layers"]
+           "prune", "report", "save", "soft_threshold", "sora_from_config", "sora_layers"]
 
 VARIANTS = ("exact", "official")
 
@@ -83,8 +83,6 @@ class SoRAConfig(LowRank):
                                         "code)", choices=("lr", "none"))
     prox_variant: str = option("exact", "exact soft threshold, or the official code's update",
                                choices=VARIANTS)
-    save_adapter: str | None = option(None, "write the pruned adapter (peft LoRA format) to DIR",
-                                      metavar="DIR")
 
     def schedule(self) -> "SparsitySchedule":
         stages = self.sparse_stages if self.sparse_lambda != self.sparse_lambda_max else 1
@@ -197,8 +195,7 @@ def sora_from_config(model: nn.Module, config: dict, modules_to_save=None) -> nn
 
 def report(model: nn.Module, hooks, c: SoRAConfig, steps: int) -> dict:
     """What a SoRA run adds to its record: live ranks per module, parameter counts before and
-    after pruning, and the exported adapter (c.save_adapter). Every gate at zero is a result,
-    0 live ranks and no adapter left, not an error: the record says so and nothing is written."""
+    after pruning. Every gate at zero is a result, 0 live ranks, not an error."""
     from .inject import trainable_parameters
 
     live = live_ranks(model)
@@ -214,13 +211,17 @@ def report(model: nn.Module, hooks, c: SoRAConfig, steps: int) -> dict:
                live_gate_abs_mean=float(gates[gates > 0].mean()) if (gates > 0).any() else 0.0,
                initial_ranks_total=c.r * len(live), params_before_pruning=before,
                params_after_pruning=after,
-               live_ranks_history=getattr(hooks[0], "live_history", None), adapter=None)
+               live_ranks_history=getattr(hooks[0], "live_history", None))
     print(f"SoRA: {out['live_ranks_total']} of {out['initial_ranks_total']} ranks live; "
           f"{after:,} trainable parameters after pruning ({before:,} before)")
-    if c.save_adapter and out["live_ranks_total"]:
-        export_lora(model, c.save_adapter)
-        out["adapter"] = c.save_adapter
-    elif c.save_adapter:
-        print(f"SoRA: every gate is zero, so no adapter is left to write to {c.save_adapter}; "
-              "a lower --sparse-lambda keeps some ranks")
     return out
+
+
+def save(model: nn.Module, path) -> str | None:
+    """`finetune --save-adapter`: the pruned adapter in peft's LoRA format (export_lora). With
+    every gate at zero no adapter is left: nothing is written, and None says so."""
+    if not sum(live_ranks(model).values()):
+        print(f"SoRA: every gate is zero, so no adapter is left to write to {path}; a lower "
+              "--sparse-lambda keeps some ranks")
+        return None
+    return str(export_lora(model, path))

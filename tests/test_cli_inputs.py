@@ -194,13 +194,15 @@ def test_sora_with_every_gate_at_zero_keeps_its_record(tmp_path, option):
 
 
 def test_sora_report_of_an_empty_adapter_is_a_result(tmp_path, monkeypatch):
-    """0 live ranks: recorded, no adapter written, no error (sora.report as the registry's)."""
+    """0 live ranks: recorded, no adapter written, no error (sora.report and sora.save as the
+    registry's)."""
     monkeypatch.setitem(methods.METHODS, "sora", dataclasses.replace(
-        methods.METHODS["sora"], report=pelib.sora.report))
+        methods.METHODS["sora"], report=pelib.sora.report, save=pelib.sora.save))
     assert finetune(tmp_path, "--method", "sora", "--epochs", "3", "--threshold-scale", "none",
                     "--save-adapter", str(tmp_path / "adapter")) == 0
-    rep = json.loads((tmp_path / "x.json").read_text())["sora"]
-    assert rep["live_ranks_total"] == 0 and rep["adapter"] is None
+    rec = json.loads((tmp_path / "x.json").read_text())
+    rep = rec["sora"]
+    assert rep["live_ranks_total"] == 0 and rec["adapter"] is None
     assert rep["params_after_pruning"] == 32 * 77 + 77  # the 77-way head of the 32-wide toy
     assert not list((tmp_path / "adapter").iterdir())
 
