@@ -525,8 +525,8 @@ for t, o in bad[:3]:
 # class "invalid" that no row has: it lowers the recall of the row's own intent, and when any
 # occur the extra class enters the macro mean with F1 0 (macro-averaging over the labels seen in
 # either list, scikit-learn's default, does the same). The classifier rows are read from
-# `docs/tables/smollm2_banking77.csv` (full-size runs, one epoch, test split, the command in the
-# file).
+# `docs/tables/smollm2_banking77.csv` (full-size runs on the test split: LoRA one epoch, the
+# floor's head three; the command is in the file).
 
 # %%
 print(f"SmolLM2 on Banking77, by generation{TOY}")
@@ -546,7 +546,7 @@ with open(Path("..") / "docs" / "tables" / "smollm2_banking77.csv") as f:
         if row["method"] in ("head", "lora"):
             print(f"{'classifier: ' + row['label'].split(' (')[0]:26s} {'all':>5s} {float(row['test_f1_mean']):6.3f} "
                   f"{'':>6s} {'':>6s} {'-':>8s} {int(row['trainable']):10,d} {'':>7s}"
-                  f"  ({row['seeds']} seed(s), {row['date']}, one epoch)")
+                  f"  ({row['seeds']} seed(s), {row['date']}, {'3 epochs' if row['method'] == 'head' else '1 epoch'})")
 
 # %% [markdown]
 # The full-size rows are `python -m pelib compare --preset sft`: the zero-shot floor (section 5's
