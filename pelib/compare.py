@@ -115,7 +115,7 @@ SMOKE_SFT_SIZE = ["--tiny", "--train-limit", "32", "--eval-limit", "16"]
 SMOKE_ZERO_SHOT_SIZE = ["--tiny", "--eval-limit", "16"]  # no training rows: it trains nothing
 # Per-method extras: the floor's head trains 3 epochs (the frozen encoder only runs forward);
 # prefix tuning clips its gradient norm at 1: without it its loss spiked at the peak lr and the
-# run ended below the floor (docs/benchmarks.md).
+# run ended below the floor (docs/searches.md).
 EXTRA = {"head": ["--epochs", "3"], "prefix": ["--max-grad-norm", "1"]}
 # A learning rate chosen on another data set's own dev split, where it differs from Banking77's
 # (`--preset lr-clinc150`, docs/benchmarks.md): prefix tuning, the floor's head and SoRA on

@@ -45,7 +45,7 @@ from .recipe import Recipe, option
 @dataclass(frozen=True)
 class PrefixConfig(Recipe):
     """Prefix tuning's recipe: L_p = 16 through the MLP, lr 3e-3 (chosen on the Banking77 dev
-    split, docs/benchmarks.md)."""
+    split, docs/searches.md)."""
 
     lr: ClassVar[float] = 3e-3
     prefix_length: int = option(16, "prefix tuning: L_p", type=int)
