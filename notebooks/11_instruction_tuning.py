@@ -594,7 +594,7 @@ rows = examples[:5]
 assert all(torch.equal(a, b) for a, b in zip(pad_right(rows, 2).values(), sft.collate_train(rows, 2).values()))
 prompts = [build_prompt(t) for t in test.texts[:4]]
 assert all(torch.equal(a, b) for a, b in zip(pad_left(prompts, 2).values(), sft.collate_prompts(prompts, 2).values()))
-assert sft.zero_shot_prompt(tok, zs_texts[0], names) == zero_shot_prompt(zs_texts[0])
+assert sft.prompt_ids(tok, zs_texts[0], names) == zero_shot_prompt(zs_texts[0])
 
 # the chunked loss and gradients: this notebook's == pelib.linear_ce's, fp32, trainable head
 h = torch.randn(50, 24, requires_grad=True)

@@ -76,7 +76,7 @@ class HeadConfig(Recipe):
 @dataclass(frozen=True)
 class ZeroShotConfig(Recipe):
     """The floor of the instruction-tuning table (--task sft only): the Instruct model as it is,
-    nothing trained, asked with every label name in its prompt (pelib.sft.zero_shot_prompt). No
+    nothing trained, asked with every label name in its prompt (pelib.sft.prompt_ids with the names). No
     options; it has no head, so it is a floor as the head-only row is (head_lr None)."""
 
     head_lr: ClassVar[float | None] = None

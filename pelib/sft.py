@@ -44,13 +44,6 @@ def prompt_ids(tokenizer, text: str, names: list[str] | None = None) -> list[int
     return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
 
-def zero_shot_prompt(tokenizer, text: str, names: list[str]) -> list[int]:
-    """The zero-shot row's prompt (`pelib finetune --task sft --method zero-shot`): the untrained
-    Instruct model has never seen the names, so the question lists every one of them once, as an
-    answer is written (underscores as spaces), before the message."""
-    return prompt_ids(tokenizer, text, names)
-
-
 def answer_ids(tokenizer, label_name: str) -> list[int]:
     """The answer's tokens and the end-of-turn token that closes it."""
     return tokenizer(answer_text(label_name), add_special_tokens=False).input_ids + \
@@ -129,7 +122,7 @@ def generate_answers(model, tokenizer, texts: list[str], label_names: list[str],
                      max_new_tokens: int | None = None) -> Generated:
     """Greedy decoding (with the KV cache) of the answer to each text, batch by batch, left
     padded. `constrained`: only tokens that continue one of the label names. `zero_shot`: the
-    prompt lists the names (zero_shot_prompt), for a model no training taught them."""
+    prompt lists the names (prompt_ids with names), for a model no training taught them."""
     answers = [answer_ids(tokenizer, n) for n in label_names]
     by_text = {answer_text(n): i for i, n in enumerate(label_names)}
     trie = AnswerTrie(answers) if constrained else None
@@ -141,8 +134,8 @@ def generate_answers(model, tokenizer, texts: list[str], label_names: list[str],
     model.eval()
     try:
         for s in range(0, len(texts), batch_size):
-            prompts = [zero_shot_prompt(tokenizer, t, label_names) if zero_shot else
-                       prompt_ids(tokenizer, t) for t in texts[s:s + batch_size]]
+            prompts = [prompt_ids(tokenizer, t, label_names if zero_shot else None)
+                       for t in texts[s:s + batch_size]]
             batch = {k: v.to(device) for k, v in collate_prompts(prompts, pad).items()}
             T = batch["input_ids"].shape[1]
 

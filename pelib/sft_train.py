@@ -102,21 +102,30 @@ def train_sft(model: nn.Module, tokenizer, train_data, eval_data, cfg: TrainConf
     result.seconds_per_step = result.train_seconds / loop["step"]
     result.steps, result.resumed_at_step = loop["step"], loop["resumed_at"]
     result.peak_memory_mb, result.memory_kind = mem.mb, mem.kind
+    return result, score(model, tokenizer, eval_data, cfg, result, constrained)
+
+
+def score(model: nn.Module, tokenizer, eval_data, cfg: TrainConfig, result: TrainResult,
+          constrained: bool, zero_shot: bool = False) -> list[str]:
+    """Generate the answer to every eval_data row and put the metrics and the generation's
+    seconds into result; returns the answers."""
+    device = next(model.parameters()).device
     t0 = time.perf_counter()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         out = generate_answers(model, tokenizer, eval_data.texts, eval_data.label_names,
-                               constrained=constrained, batch_size=cfg.eval_batch_size)
-    result.eval_seconds = time.perf_counter() - t0  # the generation of every evaluation row
+                               constrained=constrained, zero_shot=zero_shot,
+                               batch_size=cfg.eval_batch_size)
+    result.eval_seconds = time.perf_counter() - t0
     result.metrics = generation_metrics(eval_data.labels, out.predictions,
                                         len(eval_data.label_names))
-    return result, out.texts
+    return out.texts
 
 
 def zero_shot(model: nn.Module, tokenizer, eval_data, cfg: TrainConfig,
               constrained: bool = False) -> tuple[TrainResult, list[str]]:
     """The floor of the instruction-tuning table: the model as it is (0 trainable parameters,
     0 steps) writes the answer to every eval_data row, asked with every label name listed in its
-    prompt (pelib.sft.zero_shot_prompt); scored as train_sft's outputs are. The peak memory is
+    prompt (pelib.sft.prompt_ids with the names); scored as train_sft's outputs are. The peak memory is
     the generation's, as there is no training to measure."""
     check_model(model)
     result = TrainResult(metrics={}, config=asdict(cfg))
@@ -125,15 +134,7 @@ def zero_shot(model: nn.Module, tokenizer, eval_data, cfg: TrainConfig,
         raise ValueError(f"a zero-shot row trains nothing, and this model has "
                          f"{result.trainable_params:,} trainable parameters; freeze it first "
                          "(model.requires_grad_(False))")
-    device = next(model.parameters()).device
-    with PeakMemory(device) as mem:
-        t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            out = generate_answers(model, tokenizer, eval_data.texts, eval_data.label_names,
-                                   constrained=constrained, zero_shot=True,
-                                   batch_size=cfg.eval_batch_size)
-        result.eval_seconds = time.perf_counter() - t0
+    with PeakMemory(next(model.parameters()).device) as mem:
+        texts = score(model, tokenizer, eval_data, cfg, result, constrained, zero_shot=True)
     result.peak_memory_mb, result.memory_kind = mem.mb, mem.kind
-    result.metrics = generation_metrics(eval_data.labels, out.predictions,
-                                        len(eval_data.label_names))
-    return result, out.texts
+    return result, texts

@@ -19,13 +19,13 @@ TINY = ["--model", "smollm2", "--task", "sft", "--method", "zero-shot", "--tiny"
 
 def test_the_prompt_lists_every_label_name_exactly_once():
     from pelib.backbone import load_tokenizer
-    from pelib.sft import prompt_ids, zero_shot_prompt
+    from pelib.sft import prompt_ids
 
     tok = load_tokenizer("smollm2")
     names = pelib.load_nlu("banking77", "test", limit=4).label_names
     assert len(names) == 77
     text = "I still have not received my new card, why?"
-    prompt = tok.decode(zero_shot_prompt(tok, text, names))
+    prompt = tok.decode(prompt_ids(tok, text, names))
     listed = prompt.split("from this list: ", 1)[1].split(".\nMessage: ", 1)
     assert listed[1].startswith(text) and prompt.count(text) == 1
     counts = Counter(listed[0].split(", "))
