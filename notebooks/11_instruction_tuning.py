@@ -32,7 +32,9 @@
 #   and constrained decoding with a prefix trie that can only write a name;
 # * a **zero-shot** row (the Instruct model with the intent list in its prompt, no training) and a
 #   short **LoRA** fine-tune, in one table beside notebook 10's classifier and, when they have
-#   been run, the one-epoch fine-tunes of `python -m pelib compare --preset sft`.
+#   been run, the one-epoch fine-tunes of `python -m pelib compare --preset sft`;
+# * the adapter on a **4-bit base**, written in peft's format and served by transformers +
+#   bitsandbytes + peft, which must write the answers pelib writes.
 #
 # Full mode is sized for a laptop's CPU: all 9,003 training rows for the padding statistics, 100
 # training steps (1,600 rows) for the fine-tune, and a seeded random 770 of the 3,080 test rows
@@ -464,7 +466,7 @@ print(f"zero-shot on {zs_rows} test rows ({len(zero_shot_prompt(zs_texts[0]))} p
 # bf16 autocast if the CPU has bf16 instructions. The loss is section 3's: the model's hidden
 # states, the labelled rows, the chunked cross-entropy. Full mode: the first 100 of the epoch's
 # shuffled length-grouped batches (1,600 rows), with warm-up and decay over those 100 steps;
-# `PELIB_FAST=1`: 4 steps. One epoch is 563 steps: the `sft` preset's runs (section 7).
+# `PELIB_FAST=1`: 4 steps. One epoch is 563 steps: the `sft` preset's runs (section 8).
 
 # %%
 targets = pelib.backbone.DEFAULT_TARGETS["smollm2"]
@@ -518,7 +520,58 @@ for t, o in bad[:3]:
     print(f"  message {t[:50]!r} -> answer {o[:50]!r}")
 
 # %% [markdown]
-# ## 7. The table, beside notebook 10's classifier head
+# ## 7. The adapter on a 4-bit base, in peft + bitsandbytes
+#
+# QLoRA trains the same $A$ and $B$ on a base whose linear layers are NF4 codes with double
+# quantisation (notebooks 04-06); a learner then ships the adapter alone, in peft's file format,
+# and serves it with transformers, bitsandbytes and peft. Here section 6's adapter goes onto
+# the base quantised by pelib (`pelib.apply_qlora`, the same $A$, $B$ copied in), is written by
+# `pelib.save_adapter` (`adapter_config.json`, `adapter_model.safetensors`), and is loaded by peft
+# onto the same fp32 weights quantised by bitsandbytes (`pelib.peers.quantized_4bit`; the LM head,
+# the tied embedding, stays dense in both). pelib's NF4 bytes equal bitsandbytes', so both models
+# compute the same function up to the order of floating-point sums, and greedy decoding should
+# write the same strings; the cell counts how many are identical.
+
+# %%
+import logging  # noqa: E402
+import tempfile  # noqa: E402
+import warnings  # noqa: E402
+
+from peft import PeftModel  # noqa: E402
+
+from pelib.sft import generate_answers  # noqa: E402
+
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU import logs a warning
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing")  # peft reads a deprecated property
+
+
+def fresh_base():  # the untrained Instruct model again (FAST: the same tiny random one)
+    torch.manual_seed(0)
+    if FAST:
+        return pelib.tiny_backbone("smollm2", task="causal_lm")[0]
+    return pelib.load_backbone("smollm2", task="causal_lm")[0]
+
+
+qlora_model = pelib.apply_qlora(fresh_base(), targets, r=8, alpha=16)      # NF4 + DQ base
+adapter = {k: v for k, v in model.state_dict().items() if ".lora_" in k}   # section 6's A, B
+assert not qlora_model.load_state_dict(adapter, strict=False).unexpected_keys
+adapter_dir = Path(tempfile.mkdtemp(prefix="pelib-nb11-")) / "qlora"
+pelib.save_adapter(qlora_model, adapter_dir)
+peft_model = PeftModel.from_pretrained(pelib.peers.quantized_4bit(fresh_base()), adapter_dir)
+print("wrote", sorted(p.name for p in adapter_dir.iterdir()), "; peft's 4-bit layers:",
+      sorted({type(m).__name__ for m in peft_model.modules() if "4bit" in type(m).__name__}))
+
+n_peft = 16 if FAST else 256
+ours_q = generate_answers(qlora_model, tok, test.texts[:n_peft], names)
+theirs_q = generate_answers(peft_model, tok, test.texts[:n_peft], names)
+same = sum(a == b for a, b in zip(ours_q.texts, theirs_q.texts))
+print(f"pelib QLoRA and transformers + bitsandbytes + peft write the same answer on {same} of "
+      f"{n_peft} test rows; pelib's QLoRA answers are right on "
+      f"{sum(p == y for p, y in zip(ours_q.predictions, test.labels))} of them{TOY}")
+assert same >= 0.9 * n_peft, "the reloaded adapter should write what pelib writes"
+
+# %% [markdown]
+# ## 8. The table, beside notebook 10's classifier head
 #
 # Macro-F1 with its macro precision and recall (`pelib.metrics`), the invalid-output rate, trainable
 # parameters and seconds per training step. An invalid answer is a prediction of an extra
@@ -580,7 +633,7 @@ for r in done:
 # over 77 classes instead of 49,152 tokens. In `PELIB_FAST=1` all rows but the classifier's
 # are toy numbers of a random tiny model.
 #
-# ## 8. Check against pelib
+# ## 9. Check against pelib
 #
 # `pelib.sft` and `pelib.linear_ce` hold the finished code of this notebook: the same prompt and
 # labels, padding, loss and gradients, trie, and greedy decoding (through `generate`, with

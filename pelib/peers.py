@@ -34,10 +34,11 @@ def lora(model: nn.Module, targets, r: int, alpha: float, dropout: float = 0.0,
 
 def quantized_4bit(model: nn.Module, device: str = "cpu") -> nn.Module:
     """The same weights reloaded through transformers' bitsandbytes NF4 + double quantisation
-    (fp32 compute; the classification head kept dense, as pelib keeps it), on `device`."""
+    (fp32 compute; the classification head or a causal LM's head kept dense, as pelib keeps
+    them), on `device`."""
     from transformers import BitsAndBytesConfig
 
-    heads = [n for n in CLASSIFIER_HEADS if hasattr(model, n)]
+    heads = [n for n in (*CLASSIFIER_HEADS, "lm_head") if hasattr(model, n)]
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                 bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=heads)
