@@ -73,7 +73,7 @@ else:
     model, tok = pelib.load_backbone("smollm2", task="causal_lm")
 names = pelib.data.label_names("banking77")                       # 77 intents, sorted
 train = pelib.load_nlu("banking77", "train", limit=64 if FAST else None, seed=0)
-test = pelib.load_nlu("banking77", "test", limit=32 if FAST else 770, seed=0)  # a seeded tenth
+test = pelib.load_nlu("banking77", "test", limit=32 if FAST else 770, seed=0)  # a seeded quarter
 V, H = model.lm_head.weight.shape                                  # (49152, 576): the head
 print(f"{len(train.texts)} train rows, {len(test.texts)} test rows, {len(names)} intents; "
       f"vocabulary V = {V:,}, hidden size H = {H}{TOY}")
