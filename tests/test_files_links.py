@@ -62,7 +62,7 @@ def test_the_cli_refuses_a_link_at_its_lock(tmp_path, victim):
 
 def test_the_write_probe_never_meets_a_planted_link(tmp_path, victim):
     out = tmp_path / "out"
-    for name in (".pelib-write-test", ".pelib-write-test.x"):  # the old fixed name, a guessed one
+    for name in (".pelib-write-test", ".pelib-write-test.x"):  # the fixed name, a guessed one
         plant(out / name, victim)
     assert writable_dir(out) == out
     assert victim.read_text() == SECRET

@@ -17,7 +17,7 @@ def test_a_misspelt_hook_event_is_an_error_when_the_class_is_defined(name):
 
 
 def test_a_hook_that_is_not_a_hook_is_refused_before_training():
-    class Duck:  # the old duck-typed shape: a misspelling here would pass unnoticed
+    class Duck:  # a duck-typed object: a misspelling here would pass unnoticed
         def step(self, model, step):
             pass
 

@@ -97,8 +97,8 @@ def test_rope_odd_head_dim(path):
 
 
 def test_rope_cos_sin_whose_halves_differ_match_the_reference():
-    """The kernel read only the first half of cos/sin; it now reads both, so any cos/sin gives
-    the reference's result, forward and backward (interpreter, tiny sizes)."""
+    """A kernel that read only the first half of cos/sin fails here: any cos/sin gives the
+    reference's result, forward and backward (interpreter, tiny sizes)."""
     q, k, _, _ = qkcs()
     g = torch.Generator().manual_seed(1)
     cos, sin = torch.randn(1, 6, 16, generator=g), torch.randn(1, 6, 16, generator=g)

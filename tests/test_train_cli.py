@@ -205,7 +205,7 @@ def test_checkpoint_of_another_run_is_refused(tmp_path):
 
 def test_head_lr_is_its_own_param_group():
     """The fresh head learns at head_lr, the rest at lr, also inside peft's wrapper; without
-    head_lr everything is one group (the old behaviour)."""
+    head_lr everything is one group."""
     from pelib import peers
     from pelib.optim import make_optimizer
 

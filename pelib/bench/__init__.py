@@ -8,7 +8,7 @@
 
 One module per benchmark (lora, quant, kernels with qlora_step, train_step), all measured by
 pelib.measure: one alternating-median timer, one peak-memory helper, the limit from measured
-rates. Each prints three numbers (DESIGN.md): ours, the peer's, and the physical limit.
+rates. Each prints three numbers: ours, the peer's, and the physical limit.
 `python -m pelib.bench ...` is the same entry point.
 """
 from importlib import import_module

@@ -6,8 +6,8 @@
 
 Every case is a forward+backward (or, for NF4 dequant, a forward) over realistic shapes; the
 last is a whole QLoRA training step of a SmolLM2-shaped model with `patch` on vs off
-(qlora_step.py; the goal: a speed-up of at least 1.5x). Each prints three numbers
-(DESIGN.md): our time, the peer's time, and the limit, which is
+(qlora_step.py; the goal: a speed-up of at least 1.5x). Each prints three numbers:
+our time, the peer's time, and the limit, which is
 max(bytes moved / bandwidth, FLOPs / matmul rate). The GPU limits use the H200's spec-sheet
 figures (4.8 TB/s HBM3e, 989 TFLOP/s dense bf16; no run of this code has measured a GPU yet);
 the measured copy rate of the current device is printed beside them. On the CPU the Triton
@@ -31,7 +31,7 @@ from ..kernels.lora import lora_linear_fused, lora_linear_ref
 from ..kernels.rmsnorm import rms_norm_ref, rms_norm_triton
 from ..kernels.rope import apply_rope_ref, apply_rope_triton
 from ..kernels.swiglu_kernel import swiglu_ref, swiglu_triton
-from ..measure import copy_bandwidth, peak_added_mb, time_ms
+from ..measure import copy_bandwidth, matmul_rate, peak_added_mb, time_ms
 from ..quant import QuantState, dequantize_4bit, dequantize_4bit_ref, get_code
 from .options import Parser
 from .qlora_step import SMOLLM2, TINY, qlora_step_row
@@ -158,7 +158,8 @@ def cases(sz, device, dtype):
 def run(sizes, device, dtype, out_dir, peaks=None):
     os.makedirs(out_dir, exist_ok=True)
     copy_bw = copy_bandwidth(device)
-    peaks = peaks or (H200 if device.type == "cuda" else {"bandwidth": copy_bw, "bf16_flops": 240e9})
+    peaks = peaks or (H200 if device.type == "cuda" else  # this CPU's own measured rates
+                      {"bandwidth": copy_bw, "bf16_flops": matmul_rate(device, torch.bfloat16, n=512)})
     rows = []
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "versions": _versions(),
