@@ -46,3 +46,16 @@ def test_exercise_5_accepts_torch_kron(nb01):
         return sum(torch.kron(A[i], B[i]) for i in range(A.shape[0]))
 
     nb01.exercise_5(with_kron)
+
+
+def test_exercise_3_rejects_pelibs_own_schedule(nb01):
+    import pelib.schedule
+
+    def via_pelib(s, S, w):
+        return pelib.schedule.lr_schedule(S, w, "cosine")(s)
+
+    import math
+
+    assert abs(via_pelib(30, 50, 5) - 0.5 * (1 + math.cos(math.pi * 25 / 45))) < 1e-12  # the right answer
+    with pytest.raises(AssertionError, match="the answer calls"):
+        nb01.exercise_3(via_pelib)

@@ -55,3 +55,26 @@ def test_exercise_3_rejects_peft_pissa(nb03):
 def test_exercise_2_rejects_peft_dora(nb03):
     with pytest.raises(AssertionError, match="the answer calls"):
         nb03.exercise_2(peft_dora_norm)
+
+
+def pelib_dora_merge(W, A, B, magnitude, scaling):
+    """pelib's DoRA layer with these tensors, merged: the weight the exercise asks for."""
+    from pelib.dora import DoRALinear
+
+    lin = nn.Linear(W.shape[1], W.shape[0], bias=False)
+    layer = DoRALinear(lin, r=A.shape[0], alpha=scaling * A.shape[0])
+    with torch.no_grad():
+        lin.weight.copy_(W)
+        layer.lora_A.weight.copy_(A)
+        layer.lora_B.weight.copy_(B)
+        layer.lora_magnitude_vector.copy_(magnitude)
+    layer.merge()
+    return layer.base_layer.weight.detach().clone()
+
+
+def test_exercise_2_rejects_pelibs_dora(nb03):
+    torch.manual_seed(1)
+    W, A, B, mag = torch.randn(12, 10), torch.randn(3, 10), torch.randn(12, 3), torch.rand(12)
+    assert torch.allclose(pelib_dora_merge(W, A, B, mag, 2.0), peft_dora_norm(W, A, B, mag, 2.0), atol=1e-5)
+    with pytest.raises(AssertionError, match="the answer calls"):
+        nb03.exercise_2(pelib_dora_merge)

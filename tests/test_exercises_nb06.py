@@ -46,3 +46,26 @@ def test_exercise_3_rejects_pelib_ledger():
 
     with pytest.raises(AssertionError, match="calls"):
         exercise_3(via_pelib)
+
+
+def test_exercise_3_rejects_a_model_built_by_apply_qlora():
+    """The notebook imports apply_qlora and qlora_nbytes by name; the answer builds the layers,
+    quantises them with pelib and counts their bytes."""
+    from checks.nb06 import exercise_3
+    from torch import nn
+
+    from pelib.quant import apply_qlora, qlora_nbytes
+
+    def via_pelib_model(shapes, r):
+        model = nn.Sequential(*[nn.Linear(i, o, bias=False) for o, i in shapes])
+        apply_qlora(model, [str(k) for k in range(len(shapes))], r=r)
+        nbytes = qlora_nbytes(model)
+        return dict(frozen=nbytes["packed"] + nbytes["scales"], lora=sum(16 * r * (o + i) for o, i in shapes))
+
+    from pelib.quant.ledger import quantized_nbytes
+
+    shapes = [(192, 576), (77, 383)]
+    assert via_pelib_model(shapes, 2)["frozen"] == sum(quantized_nbytes(o * i, 64, double_quant=True)
+                                                       for o, i in shapes)  # right outside the checker
+    with pytest.raises(AssertionError, match="calls"):
+        exercise_3(via_pelib_model)

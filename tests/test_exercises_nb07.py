@@ -38,3 +38,25 @@ def test_exercise_2_rejects_pelib_allocator():
 
     with pytest.raises(AssertionError, match="calls"):
         exercise_2((update_and_keep, scores_via_pelib))
+
+
+def test_exercise_1_rejects_pelibs_to_lora():
+    """An answer that rebuilds an SVDLinear from P, Λ, Q and lets pelib fold it."""
+    from checks.nb07 import exercise_1
+    from torch import nn
+
+    import pelib.adalora
+    from pelib.adalora import SVDLinear
+
+    def via_pelib(P, lam, Q, keep, scale):
+        layer = SVDLinear(nn.Linear(Q.shape[1], P.shape[0]), r=len(lam), alpha=scale * len(lam))
+        with torch.no_grad():
+            layer.lora_B.copy_(P), layer.lora_E.copy_((lam * keep).view(-1, 1)), layer.lora_A.copy_(Q)
+        delta = layer.delta_weight()  # (d_out, d_in), rank k
+        U, S, Vh = torch.linalg.svd(delta)
+        k = int(keep.sum())
+        return U[:, :k] * S[:k], Vh[:k]
+
+    assert pelib.adalora.to_lora.__name__ == "to_lora"
+    with pytest.raises(AssertionError, match="calls"):
+        exercise_1(via_pelib)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "notebooks"))
 checks = importlib.import_module("checks.nb09")
+solutions = importlib.import_module("solutions.nb09")  # for a real kernel to launch on the side
 sys.path.pop(0)
 
 
@@ -58,3 +59,20 @@ def test_the_pure_torch_answers_compute_the_right_numbers():
     assert torch.allclose(geglu_in_torch(g, u), F.gelu(g, approximate="tanh") * u, atol=1e-6)
     for a, r in zip(swiglu_bwd_in_torch(dh, g, u), swiglu_bwd_autograd(dh, g, u)):
         assert torch.allclose(a, r, atol=1e-6)
+
+
+def with_a_kernel_on_the_side(torch_answer):
+    """torch maths for the result, and a real @triton.jit launch beside it on a tensor the answer
+    does not return: it launches a kernel, but no kernel computed its result."""
+    def answer(*args):
+        solutions._layernorm(torch.randn(2, 8), torch.ones(8), torch.zeros(8), 1e-5, True)
+        return torch_answer(*args)
+    return answer
+
+
+@pytest.mark.integration  # launches a kernel in Triton's interpreter
+@pytest.mark.parametrize("k,answer", [(1, layernorm_in_torch), (2, geglu_in_torch),
+                                      (3, swiglu_bwd_in_torch)])
+def test_checker_rejects_torch_maths_beside_a_kernel(k, answer):
+    with pytest.raises(AssertionError, match="no kernel was handed"):
+        getattr(checks, f"exercise_{k}")(with_a_kernel_on_the_side(answer))

@@ -4,9 +4,9 @@
         got = answer(x)
     want = F.cross_entropy(x, y)                               # and works again here
 
-    with triton_launches() as n:                               # a Triton exercise must launch
-        got = answer(x)                                        # a @triton.jit kernel
-    assert n[0] > 0
+    with triton_launches() as seen:                            # a Triton exercise must launch
+        got = answer(x)                                        # a @triton.jit kernel that
+    assert seen.n > 0 and seen.wrote(got)                      # writes the answer
 
 A checker that compares an answer with a library function accepts that very function as an
 answer; poisoning it while the answer runs closes that hole without hiding anything else.
@@ -36,26 +36,41 @@ def forbidden(*targets):
             setattr(obj, name, original)
 
 
+class Launches:
+    """What the @triton.jit launches inside a `triton_launches` block did: how many there were,
+    and the storages of the tensors they were handed (where a kernel may have written)."""
+
+    def __init__(self):
+        self.n, self.storages = 0, set()
+
+    def wrote(self, t) -> bool:
+        """Was tensor t handed to a kernel (or a view of one that was)? An answer that computes
+        in torch and launches a kernel on the side returns a tensor no kernel ever saw."""
+        return t.untyped_storage().data_ptr() in self.storages
+
+
 @contextlib.contextmanager
 def triton_launches():
-    """Counts the @triton.jit kernel launches inside the block (compiled or interpreted): a
-    one-element list, so the count can be read after the block."""
+    """Records the @triton.jit kernel launches inside the block (compiled or interpreted)."""
+    import torch
     from triton.runtime import interpreter, jit
 
-    count = [0]
+    seen = Launches()
     classes = [jit.JITFunction, interpreter.InterpretedFunction]
     originals = [(cls, cls.run) for cls in classes]
 
-    def counting(original):
+    def recording(original):
         def run(self, *args, **kwargs):
-            count[0] += 1
+            seen.n += 1
+            seen.storages.update(a.untyped_storage().data_ptr() for a in (*args, *kwargs.values())
+                                 if isinstance(a, torch.Tensor))
             return original(self, *args, **kwargs)
         return run
 
     try:
         for cls, original in originals:
-            cls.run = counting(original)
-        yield count
+            cls.run = recording(original)
+        yield seen
     finally:
         for cls, original in originals:
             cls.run = original

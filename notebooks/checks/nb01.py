@@ -73,8 +73,12 @@ def exercise_3(cosine_factor):
     import transformers
     import transformers.optimization
 
+    import pelib.schedule
+    import pelib.train
+
     references = [(transformers, "get_cosine_schedule_with_warmup"),
-                  (transformers.optimization, "get_cosine_schedule_with_warmup")]
+                  (transformers.optimization, "get_cosine_schedule_with_warmup"),
+                  (pelib.schedule, "lr_schedule"), (pelib.train, "lr_schedule")]
     for S, w in [(50, 5), (846, 51), (12, 0)]:
         opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
         sched = transformers.get_cosine_schedule_with_warmup(opt, w, S)

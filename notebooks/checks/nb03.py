@@ -9,6 +9,7 @@ from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
 from checks._guard import forbidden
+from pelib.dora import DoRALinear
 
 
 class _Tiny(nn.Module):
@@ -64,7 +65,8 @@ def exercise_2(dora_weight):
         x = torch.randn(5, d_in)
         with torch.no_grad():
             ref = layer(x)
-            with forbidden((DoraLinearLayer, "forward"), (DoraLinearLayer, "get_weight_norm")):
+            with forbidden((DoraLinearLayer, "forward"), (DoraLinearLayer, "get_weight_norm"),
+                           (DoRALinear, "forward"), (DoRALinear, "weight_norm"), (DoRALinear, "merge")):
                 W_dora = dora_weight(W.clone(), A, B, mag.detach().clone(), layer.scaling["default"])
             got = F.linear(x, W_dora, b)
         err = (got - ref).abs().max().item()

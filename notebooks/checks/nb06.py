@@ -13,7 +13,7 @@ import pelib.quant
 import pelib.quant.ledger
 from pelib.quant import dequantize_4bit, quantize_4bit
 from pelib.quant.ledger import quantized_nbytes
-from pelib.quant.linear4bit import Dequant4bitLinear
+from pelib.quant.linear4bit import Dequant4bitLinear, Linear4bit
 
 from ._guard import forbidden
 
@@ -123,7 +123,8 @@ def exercise_3(qlora_training_bytes):
               (576, 1536)] * 2 + [(77, 383)]  # two SmolLM2 blocks and a ragged one
     for r in (1, 8):
         with forbidden((pelib.quant, "quantized_nbytes"), (pelib.quant.ledger, "quantized_nbytes"),
-                       (pelib.quant, "model_ledger"), (pelib.quant.ledger, "model_ledger")):
+                       (pelib.quant, "model_ledger"), (pelib.quant.ledger, "model_ledger"),
+                       (Linear4bit, "from_linear"), (pelib.quant, "qlora_nbytes")):
             got = qlora_training_bytes(shapes, r)
         frozen = sum(quantized_nbytes(o * i, 64, double_quant=True) for o, i in shapes)
         lora = sum(4 * 4 * r * (o + i) for o, i in shapes)  # weight, grad, two moments: fp32

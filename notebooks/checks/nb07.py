@@ -7,6 +7,7 @@ import contextlib
 import torch
 from torch import nn
 
+import pelib.adalora
 from pelib.adalora import RankAllocator, SVDLinear, apply_adalora
 
 from ._guard import forbidden
@@ -23,7 +24,8 @@ def exercise_1(fold):
                 p.normal_()
             layer.lora_E[~keep] = 0.0  # a pruned triplet has λ = 0, as the allocator leaves it
         P, lam, Q = layer.lora_B.detach(), layer.lora_E.detach().view(-1), layer.lora_A.detach()
-        B, A = fold(P.clone(), lam.clone(), Q.clone(), keep.clone(), 2 * r / r)
+        with forbidden((pelib.adalora, "to_lora"), (SVDLinear, "delta_weight")):
+            B, A = fold(P.clone(), lam.clone(), Q.clone(), keep.clone(), 2 * r / r)
         k = int(keep.sum())
         assert tuple(B.shape) == (d_out, k) and tuple(A.shape) == (k, d_in), \
             f"rank {k} of {r} kept: B must be ({d_out}, {k}) and A ({k}, {d_in}), got " \

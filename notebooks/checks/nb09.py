@@ -1,9 +1,10 @@
 """Checkers for notebook 09 (Triton). Each compares the learner's kernel with plain torch at small
 odd shapes (fast in Triton's interpreter) and prints what it checked.
 
-A pure-torch answer computes the same numbers, so every checker also counts the @triton.jit
-launches the answer makes (none: rejected), and poisons the torch function it compares against
-while the answer runs.
+A pure-torch answer computes the same numbers, so every checker also records the @triton.jit
+launches the answer makes: none, or none handed the tensor the answer returns (torch maths beside a
+dummy kernel), is rejected; and it poisons the torch function it compares against while the
+answer runs.
 """
 import torch
 import torch.nn.functional as F
@@ -22,9 +23,12 @@ def _close(name, got, want, atol, rtol):
 
 def _run_as_kernel(name, answer, *args, poison=()):
     """answer(*args) with the references poisoned; it must launch a Triton kernel."""
-    with forbidden(*poison), triton_launches() as n:
+    with forbidden(*poison), triton_launches() as seen:
         out = answer(*args)
-    assert n[0] > 0, f"{name}: no @triton.jit kernel was launched; write the computation as a Triton kernel"
+    assert seen.n > 0, f"{name}: no @triton.jit kernel was launched; write the computation as a Triton kernel"
+    for t in (out if isinstance(out, (tuple, list)) else (out,)):
+        assert seen.wrote(t), (f"{name}: a kernel was launched, but the result is a tensor no kernel "
+                               "was handed; let the kernel write the result")
     return out
 
 
