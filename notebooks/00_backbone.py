@@ -45,8 +45,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
 
-FAST = os.environ.get("PELIB_FAST") == "1"  # CI runs every notebook with tiny sizes
 torch.manual_seed(0)
+FAST = os.environ.get("PELIB_FAST") == "1"  # CI runs every notebook with tiny sizes
 
 # %% [markdown]
 # ## 1. Loading the backbones offline

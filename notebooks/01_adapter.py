@@ -66,7 +66,7 @@ from torch import nn
 
 FAST = os.environ.get("PELIB_FAST") == "1"  # CI: tiny sizes
 torch.manual_seed(0)
-# CI shares two cores with other jobs; one thread there avoids oversubscription (5x slower).
+# CI shares two cores with other jobs; one thread there avoids oversubscribing them.
 torch.set_num_threads(1 if FAST else max(1, os.cpu_count() or 1))
 
 # %% [markdown]
@@ -376,7 +376,7 @@ def forward_ms(model, enc, repeats):
 # %%
 base = pelib.load_backbone("minilm", num_labels=77)[0]
 models = {"base": base, "houlsby": runs["houlsby"][0], "pfeiffer": runs["pfeiffer"][0]}
-# (128 x 64 on one thread took ~10 minutes alone: 32 x 64 shows the trend at a fraction)
+# batch x length: 32 x 64 is the largest; the trend shows without a longer wait
 shapes = [(1, 16), (8, 32)] if FAST else [(1, 16), (8, 64), (32, 64)]
 repeats = 3 if FAST else 10
 ratios = {k: [] for k in ("houlsby", "pfeiffer")}

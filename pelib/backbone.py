@@ -130,14 +130,19 @@ def _smollm2_dir() -> Path:
 
 @contextlib.contextmanager
 def _quiet():
+    """No load report and no "Loading weights" bar (a local load takes a second), then
+    transformers' settings as they were."""
     from transformers.utils import logging
 
-    level = logging.get_verbosity()
+    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
     logging.set_verbosity_error()
+    logging.disable_progress_bar()
     try:
         yield
     finally:
         logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
 
 
 def load_backbone(name: str, num_labels: int | None = None, task: str = "classification",

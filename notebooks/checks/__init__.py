@@ -5,13 +5,14 @@ peer library) and prints what it checked. Solutions live in notebooks/solutions/
 """
 
 
-def attempt(check, answer, *args, **kwargs) -> bool:
+def attempt(check, answer, *args, **kwargs) -> bool | None:
     """Run `check(answer, ...)` unless the answer is still the notebook's stub: a stub raises
-    NotImplementedError, and the notebook says "not attempted yet" instead of failing."""
+    NotImplementedError, and the notebook says "not attempted yet" instead of failing.
+    True when the check ran and passed; None (shown as nothing in a notebook) for a stub."""
     try:
         check(answer, *args, **kwargs)
     except NotImplementedError:
         name = getattr(check, "__name__", "exercise")
         print(f"{name}: not attempted yet (a solution: notebooks/solutions/)")
-        return False
+        return None
     return True
