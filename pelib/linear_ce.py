@@ -27,11 +27,18 @@ Two savings, both exact:
 dW is computed only when W requires a gradient: with LoRA the head is frozen, and skipping
 dz^T h saves a third of the head's FLOPs. The matmuls run in h's dtype (bf16 under autocast), the
 softmax in fp32, as the unfused path under autocast does.
+
+On a GPU (pelib.dispatch.triton_wanted) the softmax and dz of each chunk are notebook 09's Triton
+cross-entropy kernels (`pelib.kernels.cross_entropy_kernel.ce_loss_and_grad_`): z_c stays in h's
+dtype, is read once for the log-sum-exp and once more to be overwritten by dz_c, with fp32 only
+in registers. On a CPU the chunk is torch's, in fp32.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .dispatch import triton_wanted
 
 IGNORE_INDEX = -100
 
@@ -70,6 +77,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if bad.any():
             raise ValueError(f"label {int(labels[bad][0])} is outside the vocabulary [0, {V})")
         want_dh, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        kernel = triton_wanted(h)
+        if kernel:
+            from .kernels.cross_entropy_kernel import ce_loss_and_grad_
         acc = torch.promote_types(h.dtype, torch.float32)            # fp32, or fp64 for fp64
         w = weight.to(h.dtype)                                        # (V, H), once per call
         dh = torch.zeros_like(h) if want_dh else None                 # (N, H)
@@ -83,12 +93,16 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             if not keep.all():
                 rows = keep.nonzero().squeeze(1)
                 h_c, y_c = h_c[rows], y_c[rows]
-            z = (h_c @ w.T).to(acc)                                   # (C, V) logits, fp32
-            lse = torch.logsumexp(z, dim=1)                           # (C,)
-            total += (lse - z.gather(1, y_c[:, None]).squeeze(1)).sum()
-            dz = torch.exp_(z.sub_(lse[:, None]))                     # softmax, in z's memory
-            dz[torch.arange(len(y_c), device=z.device), y_c] -= 1.0
-            dz = dz.div_(n).to(h.dtype)                               # (C, V)
+            if kernel:  # z_c in h's dtype, overwritten by dz_c (fp32 in registers only)
+                dz = h_c @ w.T                                        # (C, V)
+                total += ce_loss_and_grad_(dz, y_c, 1.0 / n)
+            else:
+                z = (h_c @ w.T).to(acc)                               # (C, V) logits, fp32
+                lse = torch.logsumexp(z, dim=1)                       # (C,)
+                total += (lse - z.gather(1, y_c[:, None]).squeeze(1)).sum()
+                dz = torch.exp_(z.sub_(lse[:, None]))                 # softmax, in z's memory
+                dz[torch.arange(len(y_c), device=z.device), y_c] -= 1.0
+                dz = dz.div_(n).to(h.dtype)                           # (C, V)
             if want_dh:
                 g = dz @ w                                            # (C, H)
                 if keep.all():

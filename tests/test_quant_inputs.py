@@ -61,11 +61,11 @@ def test_a_bogus_kernels_backend_is_refused_by_the_cpu_dequantiser_too(monkeypat
     value pelib.kernels would refuse, instead of running as auto."""
     import sys
 
-    from pelib.quant import blockwise
+    from pelib import dispatch
 
     monkeypatch.setitem(sys.modules, "pelib.kernels._dispatch", None)  # as if never imported
     monkeypatch.setenv("PELIB_KERNELS", "bogus")
     with pytest.raises(ValueError, match=r"PELIB_KERNELS='bogus' is not a kernels backend"):
-        blockwise._triton_wanted(torch.zeros(4))
+        dispatch.triton_wanted(torch.zeros(4))
     monkeypatch.setenv("PELIB_KERNELS", "ref")
-    assert blockwise._triton_wanted(torch.zeros(4)) is False
+    assert dispatch.triton_wanted(torch.zeros(4)) is False

@@ -128,6 +128,28 @@ class CrossEntropyFunction(torch.autograd.Function):
         return dx, None, None, None, None, None
 
 
+def ce_loss_and_grad_(logits, labels, scale: float, ignore_index=-100) -> torch.Tensor:
+    """The chunk step of a fused linear cross-entropy (pelib.linear_ce): returns the sum of the
+    rows' losses (an fp32 scalar) and overwrites `logits` (N, V) with scale * (softmax - onehot)
+    per labelled row (0 for ignored rows), in the logits' own dtype: the forward kernel, then
+    the backward kernel in place. No other (N, V) buffer is made."""
+    _check(logits, labels, "sum")
+    if logits.stride(-1) != 1 or logits.stride(0) != logits.shape[1]:
+        raise ValueError("ce_loss_and_grad_ overwrites the logits in place: pass a contiguous tensor")
+    N, V = logits.shape
+    labels = labels.contiguous()
+    loss_rows = torch.empty(N, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(N, dtype=torch.float32, device=logits.device)
+    g = torch.full((1,), scale, dtype=torch.float32, device=logits.device)
+    BLOCK_N, BLOCK_V = _blocks(N, V, None)
+    grid = (triton.cdiv(N, BLOCK_N),)
+    _ce_fwd_kernel[grid](logits, labels, loss_rows, lse, N, V, V, ignore_index,
+                         BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V)
+    _ce_bwd_kernel[grid](logits, labels, lse, g, logits, N, V, V, V, ignore_index,
+                         BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V)
+    return loss_rows.sum()
+
+
 def _divisor(labels, ignore_index, reduction, num_items):
     if reduction == "sum":
         return torch.ones((), dtype=torch.float32, device=labels.device)

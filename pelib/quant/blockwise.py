@@ -36,13 +36,12 @@ can land one code off (0.2-0.5% of the constants). "bnb" (the default) does the 
 and state equal the peer's; "nearest" is the exact rule of the equations (notebook 05).
 """
 import math
-import os
-import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ..dispatch import triton_wanted
 from .codes import create_dynamic_map, get_code
 
 SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -311,19 +310,6 @@ def dequantize_4bit_ref(packed: torch.Tensor, state: QuantState,
     return W.view(state.shape).to(dtype or state.dtype)
 
 
-def _triton_wanted(t: torch.Tensor) -> bool:
-    """The Triton kernel for a CUDA tensor (unless the kernels backend is "ref"), or wherever
-    the backend is "triton". On the CPU "auto" keeps the torch path below: there Triton only
-    interprets (a correctness tool), and pelib.kernels (which imports Triton) need not load.
-    """
-    d = sys.modules.get("pelib.kernels._dispatch")  # loaded only if someone uses the kernels
-    backend = d.get_backend() if d else os.environ.get("PELIB_KERNELS", "auto")
-    if backend not in ("auto", "triton", "ref"):  # as pelib.kernels refuses it
-        raise ValueError(f"PELIB_KERNELS={backend!r} is not a kernels backend; set it to one of "
-                         "auto, triton, ref, or unset it")
-    return backend == "triton" or (t.is_cuda and backend != "ref")
-
-
 # Byte -> (high nibble, low nibble): the 256 x 2 index table behind the fast path.
 _BYTE_NIBBLES = torch.stack([torch.arange(256) >> 4, torch.arange(256) & 0xF], dim=1)  # (256, 2)
 # Bytes of packed weights a chunk. With several threads every op is a fork/join (slow on a busy
@@ -369,7 +355,7 @@ def dequantize_4bit(
                                     or chunk_bytes % (B // 2)):
         raise ValueError(f"chunk_bytes must be a positive multiple of blocksize // 2 = {B // 2} bytes "
                          f"(whole blocks), got {chunk_bytes!r}")
-    if _triton_wanted(packed):
+    if triton_wanted(packed):  # on a GPU, or with the kernels backend "triton"
         from ..kernels.nf4 import dequantize_4bit_triton  # imports Triton: only when it runs
 
         t = {k: getattr(state, k) for k in ("absmax", "qabsmax", "absmax2", "code2", "offset")}
