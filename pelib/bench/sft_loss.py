@@ -11,9 +11,10 @@
 For each: the bytes autograd keeps for the backward (the ledger: saved tensors, each storage
 once, without the head and the hidden states, which exist anyway), the peak RSS the forward +
 backward add (sampled, a loose upper bound), and the median ms of forward + backward, timed in
-alternating turns. The hidden states are random bf16 (B, T, H)
-with a frozen head (V, H) (LoRA freezes it; SmolLM2 ties it to the embedding). The limit: the
-head's FLOPs at this machine's measured bf16 matmul rate. A benchmark, not a test.
+alternating turns. The hidden states are random (B, T, H) with a frozen head (V, H) (LoRA
+freezes it; SmolLM2 ties it to the embedding), in bf16 where the CPU multiplies bf16 in hardware
+and fp32 elsewhere (`--dtype`). The limit: the head's FLOPs at this machine's measured matmul
+rate in that dtype. A benchmark, not a test.
 """
 import json
 import os
@@ -52,14 +53,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--vocab", type=positive_int, default=49152)
     ap.add_argument("--hidden", type=positive_int, default=576)
     ap.add_argument("--repeats", type=positive_int, default=5)
+    ap.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                    help="of the head and hidden states; auto: bf16 where the CPU multiplies it in "
+                         "hardware (as finetune trains), else fp32")
     args = ap.parse_args(argv)
+    from ..finetune import cpu_has_fast_bf16
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(
+        args.dtype, torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)
     if args.answer >= args.tokens:
         raise SystemExit(f"pelib: --answer {args.answer} must be below --tokens {args.tokens}")
 
     g = torch.Generator().manual_seed(0)
     B, T, H, V = args.batch, args.tokens, args.hidden, args.vocab
-    w = (torch.randn(V, H, generator=g) / H**0.5).bfloat16()             # frozen head (V, H)
-    hidden = torch.randn(B * T, H, generator=g).bfloat16().requires_grad_()  # (B*T, H)
+    w = (torch.randn(V, H, generator=g) / H**0.5).to(dtype)              # frozen head (V, H)
+    hidden = torch.randn(B * T, H, generator=g).to(dtype).requires_grad_()  # (B*T, H)
     labels = torch.full((B, T), -100)
     labels[:, T - args.answer:] = torch.randint(0, V, (B, args.answer), generator=g)
     labels = labels.flatten()                                              # (B*T,)
@@ -78,10 +86,10 @@ def main(argv: list[str] | None = None) -> None:
     ms = time_ms({k: (lambda fn=fn: fn().backward()) for k, fn in ways.items()},
                  repeats=args.repeats)
     n = B * args.answer
-    limit_ms = 1e3 * 2 * 2 * n * H * V / matmul_rate(dtype=torch.bfloat16)  # z and dh, bf16
+    limit_ms = 1e3 * 2 * 2 * n * H * V / matmul_rate(dtype=dtype)          # z and dh
     for k in ways:
         result[k]["ms"] = round(ms[k], 1)
-    print(json.dumps({"shape": {"B": B, "T": T, "H": H, "V": V, "labelled": n},
+    print(json.dumps({"shape": {"B": B, "T": T, "H": H, "V": V, "labelled": n}, "dtype": str(dtype),
                       **result, "limit_ms_labelled_rows": round(limit_ms, 1),
                       "cpu": platform.processor() or platform.machine(),
                       "load": [round(x, 2) for x in os.getloadavg()]}))
