@@ -472,17 +472,24 @@ if attempt(exercise_1, activation_bytes):
         print(f"LoRA, batch {tuple(longer['input_ids'].shape)}: {n / MiB:.2f} MiB saved for backward{TOY}")
 
 # %% [markdown]
-# **2. Which methods are worth their parameters?** Write `pareto(rows)` that takes
-# `{label: {"trainable": int, "f1": float}}` and returns the set of labels no other row
-# dominates (another row dominates if it has no more trainable parameters and no lower F1, and
-# is strictly better in one of the two). The checker runs it on the course's two full-size
-# result tables (`docs/tables/`: MiniLM and SmolLM2 on Banking77) and on random tables with ties;
-# the cell then prints the front of section 1's table.
+# **2. DoRA's bill, before you build it.** Section 3 measured what LoRA, QLoRA and SoRA hold; DoRA
+# (notebook 03) was not among them. Write `dora_bill(model, targets, r)` that predicts, from the
+# plain model's shapes alone, the bytes DoRA r on the `targets` projections would add to one
+# training step: `{"trainable": ..., "gradients": ..., "optimizer state": ...}`, fp32, AdamW, the
+# classification head (`score`) training too. Work out which tensors a DoRA layer adds to
+# LoRA's $A$ and $B$, and count what `torch.optim.AdamW` keeps per parameter tensor (look at
+# `optimizer.state` after one step of a toy model). The checker builds DoRA on a tiny SmolLM2
+# for three settings and compares with `pelib.measure.memory_ledger`; both, and `apply_dora`, are
+# disabled while your function runs. With it, the cell prints DoRA's bill against LoRA's on
+# SmolLM2-135M.
 
 # %%
-def pareto(rows):
+def dora_bill(model, targets, r):
     raise NotImplementedError
 
 
-if attempt(exercise_2, pareto):
-    print("the front of section 1's table:", sorted(pareto(rows)))
+if attempt(exercise_2, dora_bill):
+    dora = dora_bill(backbone()[0], TARGETS, 8)
+    lora = ledgers["lora"]
+    for k, name in (("trainable", "trainable (adapter + head)"), ("optimizer state", "optimizer state")):
+        print(f"{k}: DoRA r=8 {dora[k] / MiB:.2f} MiB, LoRA r=8 {lora[name] / MiB:.2f} MiB (measured){TOY}")

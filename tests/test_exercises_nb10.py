@@ -21,6 +21,18 @@ def test_checker_rejects_an_answer_that_calls_the_ledger():
         checks.exercise_1(asks_the_ledger)
 
 
-def test_pareto_tables_are_the_course_results():
-    rows = checks.course_table("banking77_minilm.csv")
-    assert len(rows) >= 5 and all(0 < v["f1"] < 1 and v["trainable"] > 0 for v in rows.values())
+def builds_dora_and_asks_the_ledger(model, targets, r):  # the reference, under another name
+    import torch
+
+    import pelib
+
+    batch = {"input_ids": torch.randint(0, 100, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long),
+             "labels": torch.tensor([0, 1])}
+    led = memory_ledger(pelib.apply_dora(model, targets, r=r), batch)
+    return {"trainable": led["trainable (adapter + head)"], "gradients": led["gradients"],
+            "optimizer state": led["optimizer state"]}
+
+
+def test_dora_checker_rejects_an_answer_that_builds_dora():
+    with pytest.raises(AssertionError, match="calls"):
+        checks.exercise_2(builds_dora_and_asks_the_ledger)

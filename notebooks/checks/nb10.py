@@ -1,17 +1,12 @@
 """Checkers for notebook 10 (the comparison): a measurement of the activations a training step
-keeps for backward, and the Pareto front of F1 against trainable parameters on the course's own
-result tables."""
-import csv
-import random
-from pathlib import Path
-
+keeps for backward, and a prediction of DoRA's memory bill from the model's shapes, each
+against pelib's tensor ledger (hidden while the answer runs)."""
 import torch
 
 import pelib
 import pelib.measure
 from checks._guard import forbidden
 
-TABLES = Path(__file__).resolve().parents[2] / "docs" / "tables"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -42,29 +37,31 @@ def exercise_1(activation_bytes):
           f"about {per_token:,.0f} bytes per extra token on this tiny model")
 
 
-def _front(rows):
-    def dominates(a, b):
-        return a["trainable"] <= b["trainable"] and a["f1"] >= b["f1"] and \
-            (a["trainable"] < b["trainable"] or a["f1"] > b["f1"])
-    return {k for k, v in rows.items() if not any(dominates(w, v) for j, w in rows.items() if j != k)}
+def exercise_2(dora_bill):
+    """dora_bill(model, targets, r) == the trainable, gradient and optimizer bytes that
+    pelib.measure.memory_ledger measures once pelib.apply_dora(model, targets, r) is built (the
+    head trains too; fp32; AdamW), predicted from the plain model's shapes."""
+    import copy
 
+    import pelib.dora
 
-def course_table(name):
-    """{label: {"trainable", "f1"}} from one of the course's result tables in docs/tables."""
-    with open(TABLES / name) as f:
-        return {r["label"]: dict(trainable=int(r["trainable"]), f1=float(r["test_f1_mean"]))
-                for r in csv.DictReader(f)}
-
-
-def exercise_2(pareto):
-    tables = {name: course_table(name) for name in ("banking77_minilm.csv", "smollm2_banking77.csv")}
-    for name, rows in tables.items():
-        assert set(pareto(rows)) == _front(rows), f"{name}: {set(pareto(rows))} != {_front(rows)}"
-    rng = random.Random(10)
-    for k in range(30):  # ties in both coordinates included
-        rnd = {f"m{i}": dict(trainable=rng.choice([1, 2, 3, 5]), f1=rng.choice([0.1, 0.5, 0.9]))
-               for i in range(rng.randint(1, 7))}
-        assert set(pareto(rnd)) == _front(rnd), f"{rnd}: {set(pareto(rnd))} != {_front(rnd)}"
-    for name, rows in tables.items():
-        print(f"exercise_2: {name}: the front is {sorted(_front(rows))}")
-    print("exercise_2: and 30 random tables with ties agree with the brute-force front")
+    model, tok = pelib.tiny_backbone("smollm2", 77, hidden_size=64, intermediate_size=128,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    batch = _batch(tok, 16)
+    kinds = {"trainable": "trainable (adapter + head)", "gradients": "gradients",
+             "optimizer state": "optimizer state"}
+    for targets, r in ((TARGETS, 8), (["q_proj", "v_proj"], 4), (["down_proj"], 1)):
+        with forbidden((pelib, "apply_dora"), (pelib.dora, "apply_dora"),
+                       (pelib.dora.DoRALinear, "__init__"), (pelib.measure, "memory_ledger"),
+                       (torch.Tensor, "backward"), (torch.optim, "AdamW")):
+            got = dora_bill(copy.deepcopy(model), list(targets), r)
+        built = pelib.apply_dora(copy.deepcopy(model), list(targets), r=r)
+        ledger = pelib.measure.memory_ledger(built, batch)
+        for k, name in kinds.items():
+            assert int(got[k]) == ledger[name], (
+                f"targets {targets}, r={r}: {k} {int(got[k]):,} bytes, the ledger measures "
+                f"{ledger[name]:,}: which tensors does a DoRA layer add to LoRA's A and B, and what "
+                "does AdamW keep per parameter tensor besides its two moments?")
+        print(f"exercise_2: DoRA r={r} on {', '.join(targets)}: trainable "
+              f"{ledger[kinds['trainable']]:,} B, gradients {ledger['gradients']:,} B, AdamW "
+              f"{ledger['optimizer state']:,} B == the ledger")

@@ -36,18 +36,33 @@ def activation_bytes_every_tensor(model, batch):  # wrong: counts views twice an
     return total[0]
 
 
-def pareto(rows):
-    def dominates(a, b):
-        return a["trainable"] <= b["trainable"] and a["f1"] >= b["f1"] and \
-            (a["trainable"] < b["trainable"] or a["f1"] > b["f1"])
-    return {k for k, v in rows.items() if not any(dominates(w, v) for j, w in rows.items() if j != k)}
+def dora_bill(model, targets, r):
+    """Bytes of DoRA r on `targets` before building it: each adapted nn.Linear (d_in -> d_out)
+    adds A (r, d_in), B (d_out, r) and the magnitude m (d_out,); the head trains as it is. All
+    fp32: a gradient per weight, AdamW's two moments per weight and a 4-byte `step` per tensor."""
+    weights = tensors = 0
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+            weights += r * (m.in_features + m.out_features) + m.out_features
+            tensors += 3                                                  # A, B, m
+    for name, p in model.named_parameters():
+        if name.split(".")[0] in ("score", "classifier"):                # the head
+            weights, tensors = weights + p.numel(), tensors + 1
+    return {"trainable": 4 * weights, "gradients": 4 * weights,
+            "optimizer state": 8 * weights + 4 * tensors}
 
 
-def pareto_strict(rows):  # drops ties: a row equal to another counts as dominated
-    return {k for k, v in rows.items()
-            if not any(w["trainable"] <= v["trainable"] and w["f1"] >= v["f1"]
-                       for j, w in rows.items() if j != k)}
+def lora_bill(model, targets, r):  # wrong: LoRA's bill, the magnitude vector forgotten
+    weights = tensors = 0
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+            weights, tensors = weights + r * (m.in_features + m.out_features), tensors + 2
+    for name, p in model.named_parameters():
+        if name.split(".")[0] in ("score", "classifier"):
+            weights, tensors = weights + p.numel(), tensors + 1
+    return {"trainable": 4 * weights, "gradients": 4 * weights,
+            "optimizer state": 8 * weights + 4 * tensors}
 
 
-SOLUTIONS = {1: activation_bytes, 2: pareto}
-WRONG = {1: activation_bytes_every_tensor, 2: pareto_strict}
+SOLUTIONS = {1: activation_bytes, 2: dora_bill}
+WRONG = {1: activation_bytes_every_tensor, 2: lora_bill}
