@@ -129,7 +129,7 @@ def _smollm2_dir() -> Path:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_transformers():
     """No load report and no "Loading weights" bar (a local load takes a second), then
     transformers' settings as they were."""
     from transformers.utils import logging
@@ -155,7 +155,7 @@ def load_backbone(name: str, num_labels: int | None = None, task: str = "classif
     _check_num_labels(num_labels, task)
     path = _package_dir("minilm") / "model" if name == "minilm" else _smollm2_dir()
     tokenizer = load_tokenizer(name)
-    with _quiet():  # the load report only says that the new head is newly initialised
+    with quiet_transformers():  # the load report only says that the new head is newly initialised
         if task == "causal_lm":
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
         else:

@@ -38,11 +38,13 @@ def quantized_4bit(model: nn.Module, device: str = "cpu") -> nn.Module:
     them), on `device`."""
     from transformers import BitsAndBytesConfig
 
+    from .backbone import quiet_transformers
+
     heads = [n for n in (*CLASSIFIER_HEADS, "lm_head") if hasattr(model, n)]
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                 bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=heads)
-    with tempfile.TemporaryDirectory() as tmp:  # same base weights and head as pelib's run
+    with tempfile.TemporaryDirectory() as tmp, quiet_transformers():  # same weights and head
         model.save_pretrained(tmp)
         return type(model).from_pretrained(  # the same class: the same pooling
             tmp, quantization_config=config, dtype=torch.float32, device_map={"": device},
