@@ -6,10 +6,10 @@ import pelib
 
 PELIB = Path(pelib.__file__).resolve().parent
 # Each module may import only modules of a lower rank (its own package's modules excepted).
-RANK = {"files": 0, "recipe": 0, "linear_ce": 0, "metrics": 0, "data": 0, "classifier": 0,
+RANK = {"files": 0, "recipe": 0, "dispatch": 0, "metrics": 0, "data": 0, "classifier": 0,
         "measure": 0, "kernels": 0, "probe": 0, "distributed": 0, "batching": 0, "schedule": 0,
         "proximal": 0,
-        "backbone": 1, "inject": 1, "io": 1, "evaluation": 1, "checkpoint": 1, "settings": 1,
+        "linear_ce": 1, "backbone": 1, "inject": 1, "io": 1, "evaluation": 1, "checkpoint": 1, "settings": 1,
         "lora": 2, "adapter": 2, "prefix": 2, "hooks": 2, "optim": 2, "sft": 2,
         "svd_adaptation": 3, "gated_lora": 3, "dora": 3, "quant": 3,
         "rank_allocation": 4, "sora": 4, "train": 4, "adalora": 5, "peers": 5, "sft_train": 5, "methods": 6,
