@@ -24,6 +24,7 @@ from pathlib import Path
 from . import distributed
 from .backbone import DEFAULT_TARGETS
 from .files import writable_dir
+from .measure import cpu_has_fast_bf16
 from .methods import METHODS, Run
 from .options import check, config_of, options, parse
 from .report import plot_losses, table
@@ -49,15 +50,6 @@ def device_of(args) -> str:
         raise ValueError("--device cuda, but torch sees no CUDA GPU; use --device auto or cpu")
     return "cuda" if args.device == "cuda" or (args.device == "auto" and
                                                torch.cuda.is_available()) else "cpu"
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Does this CPU multiply bf16 in hardware (AVX-512 BF16 or AMX)? On AVX2 alone bf16
-    matmuls are converted to fp32 and run slower than fp32 (docs/benchmarks.md)."""
-    import torch
-
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private: may vanish
-    return any(getattr(torch.cpu, f, lambda: False)() for f in probes)
 
 
 def uses_bf16(args) -> bool:

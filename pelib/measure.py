@@ -303,3 +303,10 @@ def memory_ledger(model: torch.nn.Module, batch: dict, optimizer_factory: Callab
                 model.__dict__.pop(k, None)
         model.train(before["training"])
         torch.set_rng_state(before["rng"])
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Does this CPU multiply bf16 in hardware (AVX-512 BF16 or AMX)? On AVX2 alone bf16
+    matmuls are converted to fp32 and run slower than fp32 (docs/benchmarks.md)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private: may vanish
+    return any(getattr(torch.cpu, f, lambda: False)() for f in probes)

@@ -23,7 +23,7 @@ import platform
 import torch
 
 from ..linear_ce import labelled_rows, linear_cross_entropy, linear_cross_entropy_ref
-from ..measure import matmul_rate, peak_added_mb, time_ms
+from ..measure import cpu_has_fast_bf16, matmul_rate, peak_added_mb, time_ms
 from .options import Parser, positive_int
 
 
@@ -57,8 +57,6 @@ def main(argv: list[str] | None = None) -> None:
                     help="of the head and hidden states; auto: bf16 where the CPU multiplies it in "
                          "hardware (as finetune trains), else fp32")
     args = ap.parse_args(argv)
-    from ..finetune import cpu_has_fast_bf16
-
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(
         args.dtype, torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)
     if args.answer >= args.tokens:
