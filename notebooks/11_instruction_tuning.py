@@ -624,7 +624,7 @@ for r in done:
     m = r["metrics"]
     print(f"{r['label']:26s} {r['eval_rows']:5d} {m['f1']:6.3f} {m['precision']:6.3f} "
           f"{m['recall']:6.3f} {100 * m['invalid_rate']:7.1f}% {r['trainable_params']:10,d} "
-          f"{r['seconds_per_step']:7.2f}  peak RSS {r['peak_memory_mb']:,.0f} MB")
+          f"{r['seconds_per_step']:7.2f}  peak RSS {r['peak_memory_mb']:,.0f} MiB")
 
 # %% [markdown]
 # Read the rows against each other: zero-shot against LoRA is what fine-tuning buys; the

@@ -42,7 +42,7 @@ def plot_losses(losses: list[float], path: Path, title: str) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["run", "acc", "P", "R", "F1", "trainable", "s/epoch", "peak MB"]
+    cols = ["run", "acc", "P", "R", "F1", "trainable", "s/epoch", "peak MiB"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         m = r["metrics"]
@@ -100,7 +100,7 @@ def summary(records) -> str:
                   f"batch {r0['args']['batch_size']}, max length {r0['args']['max_length']}", "",
                   "| method | impl | seeds | epochs | accuracy | precision | recall | macro-F1 | " +
                   ("invalid | " if sft else "") +
-                  "trainable | % of model | peak MB | s/step | train s | dev F1 |",
+                  "trainable | % of model | peak MiB | s/step | train s | dev F1 |",
                   "|---" * (15 if sft else 14) + "|"]
         for (label, impl), rs in rows.items():
             m = lambda k: [r["metrics"][k] for r in rs]  # noqa: E731

@@ -246,7 +246,8 @@ def test_bench_runs(capsys):
     from pelib.bench.quant import bench_dequant, main
 
     res = bench_dequant(n=128, repeats=1)
-    assert {"pelib_ms", "bnb_ms", "ratio", "floor_ms"} <= set(res) and "ratio" in capsys.readouterr().out
+    assert {"pelib_ms", "bnb_ms", "ratio", "floor_ms", "bandwidth_share"} <= set(res)
+    assert "ratio" in capsys.readouterr().out and 0 < res["bandwidth_share"]
 
     main(["--n", "128", "--tokens", "8", "--repeats", "1"])  # also the layer (it checks equality)
     assert "bnb Linear4bit" in capsys.readouterr().out

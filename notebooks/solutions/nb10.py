@@ -53,15 +53,12 @@ def dora_bill(model, targets, r):
 
 
 def lora_bill(model, targets, r):  # wrong: LoRA's bill, the magnitude vector forgotten
-    weights = tensors = 0
-    for name, m in model.named_modules():
-        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
-            weights, tensors = weights + r * (m.in_features + m.out_features), tensors + 2
-    for name, p in model.named_parameters():
-        if name.split(".")[0] in ("score", "classifier"):
-            weights, tensors = weights + p.numel(), tensors + 1
-    return {"trainable": 4 * weights, "gradients": 4 * weights,
-            "optimizer state": 8 * weights + 4 * tensors}
+    bill = dora_bill(model, targets, r)
+    mags = [m.out_features for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets]
+    m_bytes = 4 * sum(mags)                                               # one m per layer
+    return {"trainable": bill["trainable"] - m_bytes, "gradients": bill["gradients"] - m_bytes,
+            "optimizer state": bill["optimizer state"] - 2 * m_bytes - 4 * len(mags)}
 
 
 SOLUTIONS = {1: activation_bytes, 2: dora_bill}

@@ -10,6 +10,7 @@ load; we print the medians, the peak memory each call adds, their ratio, pelib w
 preallocated `out`, and two floors:
   - traffic: bytes that must move (n/2 packed bytes in, n * itemsize out, scales) divided
     by the bandwidth of a large tensor copy measured here;
+    pelib writing into `out` is also given as a share of that bandwidth (traffic / time);
   - a fresh output: allocating and first touching an n-element buffer. The OS maps and
     zeroes every new page, and both libraries return a new tensor each call, so this cost
     is in both timings.
@@ -64,13 +65,16 @@ def bench_dequant(n: int = 4096, repeats: int = 9, dtype: torch.dtype = torch.fl
                **{f"{k}_ms": v for k, v in ms.items()},
                ratio=ms["pelib"] / ms["bnb"],
                traffic_MB=traffic / 1e6, copy_GBps=bandwidth / 1e9, floor_ms=ms_floor,
+               # the achieved rate as a share of the copy's: traffic / time over traffic / floor
+               bandwidth_share=ms_floor / ms["pelib_out"],
                fresh_output_ms=ms_fresh,
                pelib_peak_MB=peak["pelib"], bnb_peak_MB=peak["bnb"])
     print(f"dequantize_4bit NF4+DQ, {n}x{n} -> {dtype}, {res['threads']} threads, median of {repeats}")
     print(f"  pelib          {ms['pelib']:8.2f} ms  (peak added {peak['pelib']:.0f} MB)")
     print(f"  bitsandbytes   {ms['bnb']:8.2f} ms  (peak added {peak['bnb']:.0f} MB)")
     print(f"  ratio          {res['ratio']:8.2f}     (pelib / bitsandbytes)")
-    print(f"  pelib, out=    {ms['pelib_out']:8.2f} ms  (into a preallocated output)")
+    print(f"  pelib, out=    {ms['pelib_out']:8.2f} ms  (into a preallocated output: "
+          f"{traffic / ms['pelib_out'] / 1e6:.1f} GB/s, {res['bandwidth_share']:.0%} of the copy bandwidth)")
     print(f"  traffic floor  {ms_floor:8.2f} ms  ({traffic / 1e6:.1f} MB at "
           f"{bandwidth / 1e9:.1f} GB/s copy bandwidth)")
     print(f"  fresh output   {ms_fresh:8.2f} ms  (allocate + first touch of a new output: "
