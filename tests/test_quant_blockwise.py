@@ -287,3 +287,24 @@ def test_bitsandbytes_cpu_dequant_bug_rows_shorter_than_a_block(shape):
     assert diff == 0 or diff > 0.1, diff
     if avx512 is False:
         assert diff == 0
+
+
+def test_dequantize_into_out_allocates_nothing_after_the_first_call():
+    """With `out` a QLoRA layer's dequantisation reuses its index and scale buffers (this thread's
+    scratch): a warm call allocates only the 2 KiB byte table, a call without `out` its output
+    and buffers. The profiler's allocation events are the independent count."""
+    from pelib.quant.blockwise import free_scratch
+
+    def allocated(fn) -> int:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                    profile_memory=True) as prof:
+            fn()
+        return sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
+
+    packed, state = quantize_4bit(weight((300, 640), seed=5), 64, "nf4", True)
+    out = torch.empty(300, 640)
+    free_scratch()
+    assert allocated(lambda: dequantize_4bit(packed, state, out=out)) > 300 * 640 // 2  # first: buffers
+    assert allocated(lambda: dequantize_4bit(packed, state, out=out)) <= 2048  # warm: the table alone
+    assert torch.equal(out, dequantize_4bit_ref(packed, state))
+    assert allocated(lambda: dequantize_4bit(packed, state)) >= 300 * 640 * 4  # a fresh output

@@ -36,6 +36,7 @@ can land one code off (0.2-0.5% of the constants). "bnb" (the default) does the 
 and state equal the peer's; "nearest" is the exact rule of the equations (notebook 05).
 """
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,30 @@ BNB_BINS = 65536  # bins of [-1, 1] in bitsandbytes' CPU 8-bit quantiser
 GRAIN = 32768  # torch's parallel grain size (at::internal::GRAIN_SIZE): smaller ops stay serial
 
 _CODE2: list[torch.Tensor] = []  # the 8-bit dynamic map, built once
+_local = threading.local()  # this thread's scratch tensors (scratch())
+
+
+def scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A 1-D tensor of `numel` elements that this thread keeps for the next call asking for `name`
+    (grown to the largest asked). A QLoRA step dequantises every layer twice; with its buffers
+    reused it allocates nothing on the way, so the heap does not fill with holes between the
+    activations. Safe for buffers that never outlive the call that filled them."""
+    key = (name, dtype, torch.device(device))
+    pool = _local.__dict__.setdefault("pool", {})
+    if key not in pool or pool[key].numel() < numel:
+        pool.pop(key, None)  # the smaller one goes before the larger one is allocated
+        pool[key] = torch.empty(numel, dtype=dtype, device=device)
+    return pool[key][:numel]
+
+
+def _buffer(reuse: bool, name: str, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """This thread's scratch `name` with `reuse`, else a new tensor."""
+    return scratch(name, numel, dtype, device) if reuse else torch.empty(numel, dtype=dtype, device=device)
+
+
+def free_scratch() -> None:
+    """Drop this thread's scratch tensors."""
+    _local.__dict__.pop("pool", None)
 _BIN_TABLES: dict = {}  # code (as a tuple) -> its (65536,) bin table
 
 
@@ -94,10 +119,11 @@ class QuantState:
     def n_blocks(self) -> int:
         return -(-self.numel // self.blocksize)
 
-    def block_absmax(self) -> torch.Tensor:
+    def block_absmax(self, reuse: bool = False) -> torch.Tensor:
         """The fp32 scale of every block, (n_blocks,): stored, or decoded from 8 bits,
         code2[qabsmax_b] * absmax2_{b // B2} + offset (the same fp32 operations as
-        dequantize_blockwise(...) + offset, so the same bits).
+        dequantize_blockwise(...) + offset, so the same bits). With `reuse` the decoded scales
+        are written into this thread's scratch (valid until the next such call).
 
         The decode is little work (n / B values) in several ops. torch runs an op on more
         than GRAIN elements in parallel, and on a busy machine each fork/join can cost
@@ -106,9 +132,9 @@ class QuantState:
         """
         if not self.double_quant:
             return self.absmax
-        n_blocks, B2 = self.qabsmax.numel(), self.blocksize2
-        absmax = torch.empty(n_blocks, dtype=torch.float32, device=self.qabsmax.device)
-        idx = torch.empty(min(GRAIN, n_blocks), dtype=torch.int32, device=self.qabsmax.device)
+        n_blocks, B2, device = self.qabsmax.numel(), self.blocksize2, self.qabsmax.device
+        absmax = _buffer(reuse, "absmax", n_blocks, torch.float32, device)
+        idx = _buffer(reuse, "absmax index", min(GRAIN, n_blocks), torch.int32, device)
         for p0 in range(0, n_blocks, GRAIN):  # GRAIN is a multiple of B2: pieces hold whole blocks
             a, i = absmax[p0 : p0 + GRAIN], idx[: min(GRAIN, n_blocks - p0)]
             i.copy_(self.qabsmax[p0 : p0 + GRAIN])  # uint8 -> int32 (an index, not a mask)
@@ -329,7 +355,8 @@ def dequantize_4bit(
 ) -> torch.Tensor:
     """Packed bytes + state -> W~ of state.shape, in `dtype` (default: the original dtype).
 
-    `out`, if given, is a contiguous tensor of that shape and dtype to write into.
+    `out`, if given, is a contiguous tensor of that shape and dtype to write into; the call then
+    allocates nothing after its first (its index and scale buffers are this thread's scratch).
 
     Fast path, equal (torch.equal) to dequantize_4bit_ref:
       1. a 256-entry table maps a byte straight to its two code values,
@@ -364,7 +391,8 @@ def dequantize_4bit(
     if chunk_bytes is None:
         chunk_bytes = CHUNK_BYTES_1_THREAD if torch.get_num_threads() == 1 else CHUNK_BYTES
     lut = state.code[_BYTE_NIBBLES.to(device)].reshape(-1).view(torch.int64)  # (256,): two fp32 each
-    absmax = state.block_absmax()  # (n_blocks,) fp32
+    reuse = out is not None  # the caller manages memory: reuse the scratch buffers too
+    absmax = state.block_absmax(reuse)  # (n_blocks,) fp32
     packed = packed.reshape(-1)  # (n_bytes,) uint8
     n_bytes = packed.numel()
 
@@ -374,13 +402,13 @@ def dequantize_4bit(
     if out is None:
         out = torch.empty(2 * n_bytes if direct else n, dtype=dtype, device=device)
     out_flat = out.view(-1)
-    scratch = None if direct else torch.empty(min(chunk_bytes, n_bytes), dtype=torch.int64, device=device)
-    idx = torch.empty(min(chunk_bytes, n_bytes), dtype=torch.int32, device=device)
+    pair_buf = None if direct else _buffer(reuse, "pairs", min(chunk_bytes, n_bytes), torch.int64, device)
+    idx = _buffer(reuse, "index", min(chunk_bytes, n_bytes), torch.int32, device)
     for c0 in range(0, n_bytes, chunk_bytes):
         c1 = min(c0 + chunk_bytes, n_bytes)
         i = idx[: c1 - c0]
         i.copy_(packed[c0:c1])  # uint8 -> int32
-        pairs = out_flat.view(torch.int64)[c0:c1] if direct else scratch[: c1 - c0]
+        pairs = out_flat.view(torch.int64)[c0:c1] if direct else pair_buf[: c1 - c0]
         torch.index_select(lut, 0, i, out=pairs)
         vals = pairs.view(torch.float32)  # (2 * (c1 - c0),) code values
         full = vals.numel() - vals.numel() % B  # whole blocks; a ragged tail only in the last chunk

@@ -15,7 +15,6 @@ Under autocast the layer acts as nn.Linear does there: W~ is dequantised straigh
 autocast's dtype (2 bytes a weight written, not 4 and then a cast) and the output is in it.
 """
 import math
-import threading
 from dataclasses import replace
 
 import torch
@@ -29,11 +28,11 @@ from .blockwise import (
     _check_blocksize,
     dequantize_4bit,
     dynamic_code,
+    free_scratch,
     quantize_4bit,
+    scratch,
 )
 from .codes import get_code
-
-_local = threading.local()
 
 
 def workspace(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -41,16 +40,13 @@ def workspace(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> to
 
     Safe because W~ never outlives the forward or backward that wrote it (nothing saves it).
     """
-    n, key = math.prod(shape), (dtype, torch.device(device))
-    buffers = _local.__dict__.setdefault("buffers", {})
-    if key not in buffers or buffers[key].numel() < n:
-        buffers[key] = torch.empty(n, dtype=dtype, device=device)
-    return buffers[key][:n].view(shape)
+    return scratch("W~", math.prod(shape), dtype, device).view(shape)
 
 
 def free_workspace() -> None:
-    """Drop this thread's workspaces (they hold the largest dequantised weight seen)."""
-    _local.__dict__.pop("buffers", None)
+    """Drop this thread's workspaces (they hold the largest dequantised weight seen) and the
+    dequantisation's index and scale buffers."""
+    free_scratch()
 
 
 class Dequant4bitLinear(torch.autograd.Function):
