@@ -255,8 +255,9 @@ print(f"QLoRA's frozen weights are {frozen_ratio:.2f} of LoRA's; the saved activ
 #   so the fp32 weights were resident once; glibc keeps much of the freed memory in its heap
 #   rather than returning it to the OS, and RSS counts what the process holds, not what tensors use;
 # * every forward and every backward dequantises $\tilde W$ again, into a scratch tensor reused
-#   per thread and dtype, as large as the largest weight seen (`workspace`), plus the decoded
-#   scales of that layer: transient memory the ledger does not list (nothing saves it);
+#   per thread and dtype, as large as the largest weight seen (`workspace`), beside the buffers
+#   for the decoded scales and the byte indices, reused the same way: memory the ledger does
+#   not list (nothing saves it), allocated once instead of at every layer;
 # * compute is fp32 here (`compute_dtype`, the default), so $\tilde W$ is an fp32 copy of one layer;
 #   the embedding and the head stay dense in both methods.
 #
