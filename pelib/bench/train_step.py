@@ -29,6 +29,8 @@ import torch
 from ..measure import PeakMemory, count_flops, matmul_rate, time_ms
 from .options import Parser, int_at_least, positive_int, thread_count
 
+MiB = 2**20  # every memory figure of pelib is in MiB
+
 
 def main(argv: list[str] | None = None) -> None:
     import pelib
@@ -100,9 +102,9 @@ def main(argv: list[str] | None = None) -> None:
         model=args.model, method=args.method, r=args.r, batch=f"{args.batch}x{args.tokens}", bf16=args.bf16,
         base_dtype=args.base_dtype,
         threads=torch.get_num_threads(), load_avg=round(os.getloadavg()[0], 2),
-        state_MB={k: round(v / 1e6, 1) for k, v in qlora_nbytes(model).items()},
-        saved_activations_MB=round(sum(saved.values()) / 1e6, 1),  # of the last step
-        rss_model_MB=round(rss_model / 1e6), rss_before_MB=round(rss_before / 1e6),
-        peak_rss_MB=round(mem.peak / 1e6),
+        state_MiB={k: round(v / MiB, 1) for k, v in qlora_nbytes(model).items()},
+        saved_activations_MiB=round(sum(saved.values()) / MiB, 1),  # of the last step
+        rss_model_MiB=round(rss_model / MiB), rss_before_MiB=round(rss_before / MiB),
+        peak_rss_MiB=round(mem.peak / MiB),
         s_per_step=round(ms / 1e3, 3), limit_s_per_step=round(limit_ms / 1e3, 3),
         gflop_per_step=round(flops / 1e9, 1))))
