@@ -457,8 +457,14 @@ plt.show()
 #   vary with the heap's fragmentation and can exceed the differences between methods: RSS
 #   compresses, and can reorder, what the ledger shows (the results page measures it, and the
 #   trade of handing freed tensors back at once: less RSS, slower steps). `make run`'s memory
-#   figure draws both: the ledger of each run stacked by kind, its peak RSS as a marker. On a GPU, `torch.cuda.max_memory_allocated()` counts tensors
-#   only and stays close to the ledger.
+#   figure draws both: the ledger of each run stacked by kind, its peak RSS as a marker. On a
+#   GPU, `torch.cuda.max_memory_allocated()` counts tensors only and stays close to the ledger.
+# * *LoRA's fair baseline in 16 bits.* Under bf16 autocast an fp32 frozen weight is cast to
+#   bf16 in every forward, and autograd keeps that copy for the backward: an fp32 base holds
+#   6 bytes a weight, not 4. QLoRA dequantises straight into bf16 and keeps nothing. So LoRA is
+#   compared with QLoRA on a bf16 base, as in the QLoRA paper; pelib stores the frozen weights
+#   in bf16 whenever training runs in bf16 (`--base-dtype auto`). The results page measures
+#   both bases ("The frozen base in bf16 under bf16 autocast").
 #
 # The numbers that matter for a decision come from the machine you will train on: measure
 # seconds a step and peak memory there, with the batch you will use. docs/benchmarks.md
