@@ -66,7 +66,7 @@ def lora_vs_peft(steps: int = 60, threads: int | None = None, r: int = 8) -> dic
           f"pelib {out['pelib_ms']:.1f} ms/step, peft {out['peft_ms']:.1f} ms/step, "
           f"pelib/peft {out['ratio']:.3f}, limit {limit_ms:.1f} ms "
           f"({flops / 1e9:.1f} GFLOP at the measured matmul rate); "
-          f"peak added pelib {peak['pelib']:.0f} MB, peft {peak['peft']:.0f} MB")
+          f"peak added pelib {peak['pelib']:.0f} MiB, peft {peak['peft']:.0f} MiB")
     return out
 
 

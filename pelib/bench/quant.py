@@ -70,8 +70,8 @@ def bench_dequant(n: int = 4096, repeats: int = 9, dtype: torch.dtype = torch.fl
                fresh_output_ms=ms_fresh,
                pelib_peak_MB=peak["pelib"], bnb_peak_MB=peak["bnb"])
     print(f"dequantize_4bit NF4+DQ, {n}x{n} -> {dtype}, {res['threads']} threads, median of {repeats}")
-    print(f"  pelib          {ms['pelib']:8.2f} ms  (peak added {peak['pelib']:.0f} MB)")
-    print(f"  bitsandbytes   {ms['bnb']:8.2f} ms  (peak added {peak['bnb']:.0f} MB)")
+    print(f"  pelib          {ms['pelib']:8.2f} ms  (peak added {peak['pelib']:.0f} MiB)")
+    print(f"  bitsandbytes   {ms['bnb']:8.2f} ms  (peak added {peak['bnb']:.0f} MiB)")
     print(f"  ratio          {res['ratio']:8.2f}     (pelib / bitsandbytes)")
     print(f"  pelib, out=    {ms['pelib_out']:8.2f} ms  (into a preallocated output: "
           f"{traffic / ms['pelib_out'] / 1e6:.1f} GB/s, {res['bandwidth_share']:.0%} of the copy bandwidth)")

@@ -53,6 +53,7 @@ BNB_BINS = 65536  # bins of [-1, 1] in bitsandbytes' CPU 8-bit quantiser
 GRAIN = 32768  # torch's parallel grain size (at::internal::GRAIN_SIZE): smaller ops stay serial
 
 _CODE2: list[torch.Tensor] = []  # the 8-bit dynamic map, built once
+_BIN_TABLES: dict = {}  # code (as a tuple) -> its (65536,) bin table
 _local = threading.local()  # this thread's scratch tensors (scratch())
 
 
@@ -77,7 +78,6 @@ def _buffer(reuse: bool, name: str, numel: int, dtype: torch.dtype, device) -> t
 def free_scratch() -> None:
     """Drop this thread's scratch tensors."""
     _local.__dict__.pop("pool", None)
-_BIN_TABLES: dict = {}  # code (as a tuple) -> its (65536,) bin table
 
 
 def dynamic_code() -> torch.Tensor:
