@@ -9,7 +9,10 @@ prediction on the assistant's tokens only:
     labels    = [-100 ..........][answer ...][eos]     (-100: no loss, F.cross_entropy's ignore)
 
 Batches are padded on the right for training (pads get label -100 and attention 0) and on the
-left for generation, so that every row's next token is written at the same position.
+left for generation, so that every row's next token is written at the same position. The tokens
+every prompt starts with (the template's system turn, the question; for zero-shot also the list
+of names, most of the prompt) are run once: their KV cache is copied for every batch, and only
+each row's own tokens, left padded after that shared prefix, are computed per row.
 
 Evaluation generates greedily and scores exact matches against the label names; an output that
 is no name counts as invalid (and wrong). Constrained decoding lets the model emit only tokens
@@ -18,6 +21,7 @@ that continue some name: a prefix trie of the names' token ids, queried at every
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +76,16 @@ def collate_train(rows, pad_id: int):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def shared_prefix(prompts: list[list[int]]) -> int:
+    """How many leading tokens all prompts share, leaving every prompt at least one of its own
+    (generation needs one uncached token per row to start from)."""
+    first, most = prompts[0], min(len(p) for p in prompts) - 1
+    n = 0
+    while n < most and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return n
+
+
 def collate_prompts(prompts: list[list[int]], pad_id: int):
     """Left padding: prompts -> input_ids, attention_mask (B, T), every row ending at T - 1."""
     T = max(len(p) for p in prompts)
@@ -119,32 +133,48 @@ class Generated:
 
 def generate_answers(model, tokenizer, texts: list[str], label_names: list[str], *,
                      constrained: bool = False, zero_shot: bool = False, batch_size: int = 32,
-                     max_new_tokens: int | None = None) -> Generated:
+                     max_new_tokens: int | None = None, share_prefix: bool = True) -> Generated:
     """Greedy decoding (with the KV cache) of the answer to each text, batch by batch, left
     padded. `constrained`: only tokens that continue one of the label names. `zero_shot`: the
-    prompt lists the names (prompt_ids with names), for a model no training taught them."""
+    prompt lists the names (prompt_ids with names), for a model no training taught them.
+    `share_prefix`: run the prompts' common leading tokens once and start every batch from a
+    copy of their cache (rows are then [prefix][pads][own tokens]; the positions come from the
+    attention mask, so the answers are those of full prompts)."""
     answers = [answer_ids(tokenizer, n) for n in label_names]
     by_text = {answer_text(n): i for i, n in enumerate(label_names)}
     trie = AnswerTrie(answers) if constrained else None
     max_new = max_new_tokens or max(len(a) for a in answers) + 2
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    prompts = [prompt_ids(tokenizer, t, label_names if zero_shot else None) for t in texts]
     out_texts, preds = [], []
     was_training = model.training
     device = next(model.parameters()).device
     model.eval()
     try:
-        for s in range(0, len(texts), batch_size):
-            prompts = [prompt_ids(tokenizer, t, label_names if zero_shot else None)
-                       for t in texts[s:s + batch_size]]
-            batch = {k: v.to(device) for k, v in collate_prompts(prompts, pad).items()}
-            T = batch["input_ids"].shape[1]
+        P = shared_prefix(prompts) if share_prefix and prompts else 0
+        prefix = torch.tensor([prompts[0][:P]], dtype=torch.long, device=device)   # (1, P)
+        if P:
+            with torch.no_grad():
+                prefix_cache = model(input_ids=prefix, use_cache=True, logits_to_keep=1).cache
+        for s in range(0, len(prompts), batch_size):
+            tails = collate_prompts([p[P:] for p in prompts[s:s + batch_size]], pad)
+            B = tails["input_ids"].shape[0]
+            ids = torch.cat([prefix.expand(B, -1), tails["input_ids"].to(device)], 1)  # (B, T)
+            mask = torch.cat([torch.ones(B, P, dtype=torch.long, device=device),
+                              tails["attention_mask"].to(device)], 1)
+            cache = None
+            if P:
+                cache = copy.deepcopy(prefix_cache)    # generate appends to the cache it is given
+                cache.batch_repeat_interleave(B)
+            T = ids.shape[1]
 
             def allowed(_, ids, T=T):
                 nxt = trie.next(ids[T:].tolist())
                 return nxt or [eos]        # a finished answer: only eos (then padding)
 
             with torch.no_grad():
-                out = model.generate(**batch, do_sample=False, max_new_tokens=max_new,
+                out = model.generate(input_ids=ids, attention_mask=mask, cache=cache,
+                                     do_sample=False, max_new_tokens=max_new,
                                      eos_token_id=eos, pad_token_id=pad,
                                      prefix_allowed_tokens_fn=allowed if constrained else None)
             for row in out[:, T:].tolist():

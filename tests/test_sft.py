@@ -13,6 +13,7 @@ from pelib.sft import (
     generate_answers,
     prompt_ids,
     sft_loss,
+    shared_prefix,
 )
 
 NAMES = ["card_arrival", "lost_or_stolen_card", "card_not_working", "top_up_failed"]
@@ -83,3 +84,31 @@ def test_an_answer_is_never_truncated(tiny):
     _, tok = tiny
     with pytest.raises(ValueError, match="raise max_length"):
         encode(tok, "word " * 200, "card_arrival", max_length=64)
+
+
+def test_the_shared_prefix_leaves_every_prompt_a_token_of_its_own():
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 5]]) == 2
+    assert shared_prefix([[1, 2, 3], [1, 2, 3]]) == 2
+    assert shared_prefix([[7], [7, 8]]) == 0
+    assert shared_prefix([[1, 2], [3, 2]]) == 0
+
+
+@pytest.mark.parametrize("zero_shot", [False, True])
+def test_a_shared_prefix_run_once_gives_the_answers_of_full_prompts(tiny, zero_shot):
+    model, tok = tiny
+    texts = ["a", "my card has not arrived yet, what should I do", "top up", "help"]
+    prompts = [prompt_ids(tok, t, NAMES if zero_shot else None) for t in texts]
+    assert shared_prefix(prompts) > 10               # the template and the question at least
+    seen = []
+    hook = model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        shared = generate_answers(model, tok, texts, NAMES, zero_shot=zero_shot, batch_size=3)
+    finally:
+        hook.remove()
+    full = generate_answers(model, tok, texts, NAMES, zero_shot=zero_shot, batch_size=3,
+                            share_prefix=False)
+    assert shared.texts == full.texts and shared.predictions == full.predictions
+    longest_tail = max(len(p) for p in prompts) - shared_prefix(prompts)
+    assert seen[0] == shared_prefix(prompts)          # the prefix, once
+    assert max(seen[1:]) == longest_tail              # then only the rows' own tokens
