@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .files import atomic_write, open_lock
 from .methods import METHODS
-from .options import config_of, method_options, options, parse
+from .options import HEAD_OPTIONS, config_of, method_options, options, parse
 
 # The value an option had before its default changed: a record written without it ran at that.
 BEFORE = {"label_smoothing": 0.0}
@@ -35,6 +35,9 @@ def numbers(opts: dict) -> dict:
     out["head_lr"] = opts["head_lr"] if opts["head_lr"] is not None else config.head_lr or out["lr"]
     if out["label_smoothing"] is None:
         out["label_smoothing"] = config.label_smoothing
+    if out.get("task") == "sft":  # no classification head: its settings are not the run's
+        for k in (*HEAD_OPTIONS, "head_init"):
+            out.pop(k, None)
     return dict(out, config=dataclasses.asdict(resolved))
 
 

@@ -25,6 +25,7 @@ import copy
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 from .linear_ce import IGNORE_INDEX, labelled_rows, linear_cross_entropy, shift_for_next_token
 
@@ -133,7 +134,8 @@ class Generated:
 
 def generate_answers(model, tokenizer, texts: list[str], label_names: list[str], *,
                      constrained: bool = False, zero_shot: bool = False, batch_size: int = 32,
-                     max_new_tokens: int | None = None, share_prefix: bool = True) -> Generated:
+                     max_new_tokens: int | None = None, share_prefix: bool = True,
+                     progress: bool = False) -> Generated:
     """Greedy decoding (with the KV cache) of the answer to each text, batch by batch, left
     padded. `constrained`: only tokens that continue one of the label names. `zero_shot`: the
     prompt lists the names (prompt_ids with names), for a model no training taught them.
@@ -156,7 +158,8 @@ def generate_answers(model, tokenizer, texts: list[str], label_names: list[str],
         if P:
             with torch.no_grad():
                 prefix_cache = model(input_ids=prefix, use_cache=True, logits_to_keep=1).cache
-        for s in range(0, len(prompts), batch_size):
+        for s in tqdm(range(0, len(prompts), batch_size), desc="answers", unit="batch",
+                      disable=not progress, dynamic_ncols=True):
             tails = collate_prompts([p[P:] for p in prompts[s:s + batch_size]], pad)
             B = tails["input_ids"].shape[0]
             ids = torch.cat([prefix.expand(B, -1), tails["input_ids"].to(device)], 1)  # (B, T)

@@ -114,7 +114,7 @@ def score(model: nn.Module, tokenizer, eval_data, cfg: TrainConfig, result: Trai
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         out = generate_answers(model, tokenizer, eval_data.texts, eval_data.label_names,
                                constrained=constrained, zero_shot=zero_shot,
-                               batch_size=cfg.eval_batch_size)
+                               batch_size=cfg.eval_batch_size, progress=cfg.progress)
     result.eval_seconds = time.perf_counter() - t0
     result.metrics = generation_metrics(eval_data.labels, out.predictions,
                                         len(eval_data.label_names))

@@ -14,7 +14,7 @@ from pelib.__main__ import main
 from pelib.finetune import build
 from pelib.options import config_of, options, parse
 from pelib.recipe import TASKS
-from pelib.runs import finished, same_run
+from pelib.runs import finished, numbers, same_run
 from pelib.sft_train import train_sft
 from pelib.train import TrainConfig
 
@@ -34,6 +34,13 @@ def test_the_task_sets_the_loops_defaults_and_classify_keeps_todays():
     assert same_run(old, options(parse(["--tiny"])))
     assert not same_run(options(parse(["--tiny"])), options(parse(["--tiny", "--task", "sft",
                                                                    "--model", "smollm2"])))
+
+
+def test_an_sft_runs_numbers_hold_no_setting_of_a_classification_head():
+    run = numbers(options(parse(["--task", "sft", "--model", "smollm2"])))
+    assert not {"head_lr", "label_smoothing", "pooling", "head_init"} & set(run)
+    assert run["lr"] == 2e-3 and run["task"] == "sft"
+    assert {"head_lr", "label_smoothing"} <= set(numbers(options(parse([]))))  # classify keeps them
 
 
 def test_sft_run_writes_a_record_scored_by_generation(tmp_path, capsys):
