@@ -434,6 +434,17 @@ def decode_all(texts, constrained=False, prompt=build_prompt, batch_size=32):
 # The source article compared its fine-tunes with a zero-shot GPT-4. Our zero-shot row asks
 # SmolLM2-135M-Instruct itself, with all 77 names in the prompt (a prompt of several hundred
 # tokens, so only part of the test split in full mode; the cell prints how many rows).
+#
+# Almost all of that prompt is the same for every row: the template's opening, the question and
+# the 77 names come before the message. The prompt's pass costs about $2N$ FLOPs per token for
+# $N$ parameters, so $R$ rows of $T$ tokens cost $\approx 2NRT$. If the first $P$ tokens are
+# shared, their keys and values are the same in every row (causal attention: a token sees only
+# what precedes it), so they can be computed once and their KV cache copied into each batch:
+# $\approx 2N\,(P + R\,(T-P))$. A row is then `[shared prefix][pads][its own tokens]`: the pads
+# sit in the middle, masked, and the positions counted from the mask stay those of the full
+# prompt. This cell's loop runs every prompt whole; `pelib.sft.generate_answers` shares the prefix
+# (section 9 checks that it writes the same answers), which is how `python -m pelib finetune
+# --task sft --method zero-shot` answers all 3,080 test rows.
 
 # %%
 ZERO_SHOT = ("Which banking intent does this customer message express? Answer with exactly one "
@@ -637,7 +648,8 @@ for r in done:
 #
 # `pelib.sft` and `pelib.linear_ce` hold the finished code of this notebook: the same prompt and
 # labels, padding, loss and gradients, trie, and greedy decoding (through `generate`, with
-# `prefix_allowed_tokens_fn` for the trie).
+# `prefix_allowed_tokens_fn` for the trie). pelib's decoding also runs the prompts' shared
+# prefix once (section 5), so the last check compares it with this notebook's whole prompts.
 
 # %%
 from pelib import linear_ce, sft  # noqa: E402
