@@ -24,6 +24,8 @@ from pelib.bench import main
     (["quant", "--tokens", "100000"], r"argument --tokens: must be an integer in \[1, 16384\]"),
     (["quant", "--threads", "-1"], r"argument --threads: must be an integer >= 1"),
     (["sft-loss", "--batch", "0"], r"argument --batch: must be an integer >= 1"),
+    (["generate", "--rows", "1"], r"argument --rows: must be an integer >= 2 \(test rows; one row"),
+    (["generate", "--threads", "0"], r"argument --threads: must be an integer >= 1"),
 ])
 def test_bad_options_end_in_one_line(capsys, argv, message):
     with pytest.raises(SystemExit) as e:
@@ -45,6 +47,6 @@ def test_gpu_without_cuda_is_refused(capsys, monkeypatch):
 
 
 def test_an_unknown_benchmark_is_named(capsys):
-    names = r"\{lora,quant,kernels,train-step,sft-loss\}"
+    names = r"\{lora,quant,kernels,train-step,sft-loss,generate\}"
     with pytest.raises(SystemExit, match=r"usage: python -m pelib bench " + names):
         main(["lroa"])

@@ -5,16 +5,17 @@
     python -m pelib bench kernels [--gpu] [--out DIR]                  Triton kernels vs torch eager
     python -m pelib bench train-step [--model smollm2] [--method qlora] one method's step: time, memory
     python -m pelib bench sft-loss [--batch 16] [--tokens 64]         the LM head + loss, chunked vs not
+    python -m pelib bench generate [--rows 32] [--zero-shot]           answers, shared prompt prefix vs not
 
-One module per benchmark (lora, quant, kernels with qlora_step, train_step), all measured by
-pelib.measure: one alternating-median timer, one peak-memory helper, the limit from measured
-rates. Each prints three numbers: ours, the peer's, and the physical limit.
+One module per benchmark (lora, quant, kernels with qlora_step, train_step, sft_loss,
+generate), all measured by pelib.measure: one alternating-median timer, one peak-memory helper,
+the limit from measured rates. Each prints three numbers: ours, the peer's, and the physical limit.
 `python -m pelib.bench ...` is the same entry point.
 """
 from importlib import import_module
 
 COMMANDS = {"lora": "lora", "quant": "quant", "kernels": "kernels", "train-step": "train_step",
-            "sft-loss": "sft_loss"}
+            "sft-loss": "sft_loss", "generate": "generate"}
 
 
 def main(argv: list[str]) -> None:
