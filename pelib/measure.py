@@ -35,6 +35,8 @@ from typing import Callable
 
 import torch
 
+MiB = 2**20  # every memory figure of pelib is in MiB
+
 
 def _once_ms(fn: Callable, cuda: bool) -> float:
     if cuda:
@@ -105,12 +107,12 @@ class PeakMemory:
 
     @property
     def mb(self) -> float:
-        return self.peak / 2**20
+        return self.peak / MiB
 
     @property
     def added_mb(self) -> float:
         """MiB above what was held on entry."""
-        return (self.peak - self.base) / 2**20
+        return (self.peak - self.base) / MiB
 
 
 def peak_added_mb(fn: Callable, device: torch.device | str = "cpu"):

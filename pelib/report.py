@@ -13,6 +13,7 @@ import statistics
 from pathlib import Path
 
 from .files import atomic_write
+from .measure import MiB  # PeakMemory's "MB" are MiB too
 from .methods import METHODS
 
 
@@ -122,7 +123,6 @@ def summary(records) -> str:
     return "\n".join(lines)
 
 
-MiB = 2**20  # PeakMemory's "MB" are MiB too
 # The ledger's kinds (pelib.measure.LEDGER_KINDS; not imported: that would load torch here) and
 # what the table and the figure call them
 LEDGER_SHORT = {"frozen weights": "frozen weights", "trainable (adapter + head)": "trainable weights",

@@ -23,7 +23,7 @@ import platform
 import torch
 
 from ..linear_ce import labelled_rows, linear_cross_entropy, linear_cross_entropy_ref
-from ..measure import cpu_has_fast_bf16, matmul_rate, peak_added_mb, time_ms
+from ..measure import MiB, cpu_has_fast_bf16, matmul_rate, peak_added_mb, time_ms
 from .options import Parser, positive_int
 
 
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         loss, kept = _saved_bytes(fn, (w, hidden))
         del loss
         _, rss = peak_added_mb(lambda fn=fn: fn().backward())
-        result[name] = {"ledger_mb": round(kept / 2**20, 1), "peak_rss_added_mb": round(rss, 1)}
+        result[name] = {"ledger_mb": round(kept / MiB, 1), "peak_rss_added_mb": round(rss, 1)}
     ms = time_ms({k: (lambda fn=fn: fn().backward()) for k, fn in ways.items()},
                  repeats=args.repeats)
     n = B * args.answer

@@ -26,10 +26,8 @@ import os
 import psutil
 import torch
 
-from ..measure import PeakMemory, count_flops, matmul_rate, time_ms
+from ..measure import MiB, PeakMemory, count_flops, matmul_rate, time_ms
 from .options import Parser, int_at_least, positive_int, thread_count
-
-MiB = 2**20  # every memory figure of pelib is in MiB
 
 
 def main(argv: list[str] | None = None) -> None:
