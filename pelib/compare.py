@@ -7,6 +7,7 @@
     python -m pelib compare --preset sft          # SmolLM2 SFT: zero-shot floor, LoRA, QLoRA, SoRA, DoRA
     python -m pelib compare --preset lr           # each method's lr at 1/2, 1, 2x: dev F1
     python -m pelib compare --preset lr-clinc150  # the same grid on CLINC150's dev split
+    python -m pelib compare --preset sft-lr       # SFT LoRA's lr at 1/2, 1, 2x on a third of an epoch
     python -m pelib compare --preset smoke        # toy models, seconds (runs inside `make test`)
     python -m pelib compare --preset full --finished   # run nothing: tables of the runs done
 
@@ -112,7 +113,10 @@ SMOKE_SIZE = ["--tiny", "--train-limit", "64", "--eval-limit", "32", "--epochs",
               "--batch-size", "16", "--max-length", "32"]
 # an instruction-tuning row keeps its task's max length: the chat prompt alone is ~40 tokens
 SMOKE_SFT_SIZE = ["--tiny", "--train-limit", "32", "--eval-limit", "16"]
-SMOKE_ZERO_SHOT_SIZE = ["--tiny", "--eval-limit", "16"]  # no training rows: it trains nothing
+SMOKE_ZERO_SHOT_SIZE = ["--tiny", "--eval-limit", "16"]
+# SFT's dev grid trains on a third of the rows (a seeded sample): at about an hour a full epoch on
+# 2 cores, three full runs would take the afternoon
+SFT_GRID_SIZE = ["--train-limit", "3000"]  # no training rows: it trains nothing
 # Per-method extras: the floor's head trains 3 epochs (the frozen encoder only runs forward);
 # prefix tuning clips its gradient norm at 1: without it its loss spiked at the peak lr and the
 # run ended below the floor (docs/searches.md).
@@ -162,6 +166,8 @@ PRESETS = {
     # SmolLM2-135M instruction-tuned on all Banking77 rows, one epoch each, greedy decoding on
     # the test split, below the zero-shot floor (the same model untrained, the names in its prompt)
     "sft": (Part("smollm2", B77, SFT_ROWS, ()),),
+    # SFT LoRA's lr at 1/2, 1 and 2x, on 3,000 training rows, by greedy decoding on the dev split
+    "sft-lr": (Part("smollm2", B77, ("sft-lora",), SFT_GRID_SIZE, lr_grid=True),),
 }
 
 

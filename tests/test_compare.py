@@ -105,6 +105,10 @@ def test_presets_cover_every_method_and_the_peer():
         lrs[label.split(" lr=")[0]].append(a[a.index("--lr") + 1])
     assert lrs["prefix tuning L=16"] == ["0.00075", "0.0015", "0.003"]
     assert lrs["LoRA r=8"] == ["0.001", "0.002", "0.004"]
+    sft = preset("sft-lr")  # instruction tuning's LoRA around its lr, on a third of the rows, on dev
+    assert [a[a.index("--lr") + 1] for _, a in sft] == ["0.001", "0.002", "0.004"]
+    assert all(a[a.index("--task") + 1] == "sft" and a[a.index("--eval-split") + 1] == "dev"
+               and a[a.index("--train-limit") + 1] == "3000" and a.count("--lr") == 1 for _, a in sft)
 
 
 def test_bad_inputs_are_clear(tmp_path):
