@@ -113,10 +113,10 @@ SMOKE_SIZE = ["--tiny", "--train-limit", "64", "--eval-limit", "32", "--epochs",
               "--batch-size", "16", "--max-length", "32"]
 # an instruction-tuning row keeps its task's max length: the chat prompt alone is ~40 tokens
 SMOKE_SFT_SIZE = ["--tiny", "--train-limit", "32", "--eval-limit", "16"]
-SMOKE_ZERO_SHOT_SIZE = ["--tiny", "--eval-limit", "16"]
+SMOKE_ZERO_SHOT_SIZE = ["--tiny", "--eval-limit", "16"]  # no training rows: it trains nothing
 # SFT's dev grid trains on a third of the rows (a seeded sample): at about an hour a full epoch on
 # 2 cores, three full runs would take the afternoon
-SFT_GRID_SIZE = ["--train-limit", "3000"]  # no training rows: it trains nothing
+SFT_GRID_SIZE = ["--train-limit", "3000"]
 # Per-method extras: the floor's head trains 3 epochs (the frozen encoder only runs forward);
 # prefix tuning clips its gradient norm at 1: without it its loss spiked at the peak lr and the
 # run ended below the floor (docs/searches.md).
