@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 
 from .files import atomic_write
-from .measure import MiB  # PeakMemory's "MB" are MiB too
+from .measure import LEDGER_KINDS, MiB  # PeakMemory's "MB" are MiB too
 from .methods import METHODS
 
 
@@ -123,11 +123,9 @@ def summary(records) -> str:
     return "\n".join(lines)
 
 
-# The ledger's kinds (pelib.measure.LEDGER_KINDS; not imported: that would load torch here) and
-# what the table and the figure call them
-LEDGER_SHORT = {"frozen weights": "frozen weights", "trainable (adapter + head)": "trainable weights",
-                "gradients": "gradients", "optimizer state": "optimizer state",
-                "activations saved for backward": "saved activations"}
+# The ledger's kinds, in pelib.measure's order, and what the table and the figure call them
+LEDGER_SHORT = dict(zip(LEDGER_KINDS, ("frozen weights", "trainable weights", "gradients",
+                                       "optimizer state", "saved activations"), strict=True))
 RSS_NOTE = ("Peak RSS adds what no tensor of the step is: the Python interpreter and the code and "
             "data of torch and the other libraries, the same for every method, and the freed memory "
             "the allocator keeps, which varies from run to run and can exceed the differences "
