@@ -5,6 +5,7 @@
     python -m pelib compare --preset full         # every method, both data sets, 3 epochs x 3 seeds (hours)
     python -m pelib compare --preset llm          # SmolLM2: head, full, LoRA, QLoRA, SoRA, one epoch (hours)
     python -m pelib compare --preset sft          # SmolLM2 SFT: zero-shot floor, LoRA, QLoRA, SoRA, DoRA
+    python -m pelib compare --preset sft-seeds    # SFT LoRA and QLoRA over 3 seeds (seed 0 is reused)
     python -m pelib compare --preset lr           # each method's lr at 1/2, 1, 2x: dev F1
     python -m pelib compare --preset lr-clinc150  # the same grid on CLINC150's dev split
     python -m pelib compare --preset sft-lr       # SFT LoRA's lr at 1/2, 1, 2x on a third of an epoch
@@ -166,6 +167,8 @@ PRESETS = {
     # SmolLM2-135M instruction-tuned on all Banking77 rows, one epoch each, greedy decoding on
     # the test split, below the zero-shot floor (the same model untrained, the names in its prompt)
     "sft": (Part("smollm2", B77, SFT_ROWS, ()),),
+    # SFT's LoRA and QLoRA over seeds 0-2: the gap between them is smaller than one seed's noise
+    "sft-seeds": (Part("smollm2", B77, ("sft-lora", "sft-qlora"), (), (0, 1, 2)),),
     # SFT LoRA's lr at 1/2, 1 and 2x, on 3,000 training rows, by greedy decoding on the dev split
     "sft-lr": (Part("smollm2", B77, ("sft-lora",), SFT_GRID_SIZE, lr_grid=True),),
 }

@@ -109,6 +109,11 @@ def test_presets_cover_every_method_and_the_peer():
     assert [a[a.index("--lr") + 1] for _, a in sft] == ["0.001", "0.002", "0.004"]
     assert all(a[a.index("--task") + 1] == "sft" and a[a.index("--eval-split") + 1] == "dev"
                and a[a.index("--train-limit") + 1] == "3000" and a.count("--lr") == 1 for _, a in sft)
+    seeds = preset("sft-seeds")  # LoRA and QLoRA over 3 seeds; seed 0 is the sft preset's run
+    assert [(label, a[a.index("--seed") + 1]) for label, a in seeds] == [
+        (label, seed) for seed in "012" for label in ("LoRA r=8, SFT", "QLoRA r=8 (NF4+DQ), SFT")]
+    sft = [a for _, a in preset("sft")]
+    assert all(a in sft for _, a in seeds[:2])  # the same arguments, so the same file: reused
 
 
 def test_bad_inputs_are_clear(tmp_path):
