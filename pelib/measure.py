@@ -235,7 +235,8 @@ def memory_ledger(model: torch.nn.Module, batch: dict, optimizer_factory: Callab
                          for m in model.modules() if hasattr(m, "gradient_checkpointing")},
                   # transformers' enable also hooks the input embeddings (enable_input_require_grads)
                   hooks={k: model.__dict__[k] for k in ("_require_grads_hooks", "_require_grads_hook")
-                         if k in model.__dict__})
+                         if k in model.__dict__},
+                  use_cache=getattr(getattr(model, "config", None), "use_cache", None))
     saved: dict[int, int] = {}
 
     def keep(t: torch.Tensor) -> None:
@@ -249,6 +250,8 @@ def memory_ledger(model: torch.nn.Module, batch: dict, optimizer_factory: Callab
 
     try:
         if checkpointing:
+            if before["use_cache"]:  # a training step writes no KV cache; transformers warns if asked
+                model.config.use_cache = False
             enable = getattr(model, "activation_checkpointing_enable", None)
             if enable is not None:
                 enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -284,6 +287,8 @@ def memory_ledger(model: torch.nn.Module, batch: dict, optimizer_factory: Callab
         del optimizer
         return {k: ledger[k] for k in LEDGER_KINDS}
     finally:
+        if before["use_cache"] is not None:
+            model.config.use_cache = before["use_cache"]
         with torch.no_grad():
             for p, d, g in zip(trainable, before["data"], before["grads"]):
                 p.copy_(d)

@@ -53,12 +53,19 @@ def test_weights_gradients_and_adamw_equal_the_hand_count(name, targets):
     assert ledger[LEDGER_KINDS[4]] > 0
 
 
-def test_checkpointing_saves_fewer_activations_and_the_model_is_left_as_found():
+def test_checkpointing_saves_fewer_activations_and_the_model_is_left_as_found(monkeypatch):
+    from transformers.utils import generic
+
+    warned = []  # transformers warns once per process: record every call instead
+    monkeypatch.setattr(generic.logger, "warning_once", lambda msg, *a, **k: warned.append(msg))
     model = llama()
     model.eval()
+    assert model.config.use_cache
     state = {k: v.clone() for k, v in model.state_dict().items()}
     plain = memory_ledger(model, step_batch())
     ckpt = memory_ledger(model, step_batch(), checkpointing=True)
+    assert not [m for m in warned if "use_cache" in m]  # a training step asks for no KV cache
+    assert model.config.use_cache  # and the generation default is put back
     kind = "activations saved for backward"
     assert 0 < ckpt[kind] < plain[kind]
     assert {k: v for k, v in ckpt.items() if k != kind} == {k: v for k, v in plain.items() if k != kind}
