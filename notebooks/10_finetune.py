@@ -83,6 +83,11 @@ else:  # the llm preset, in results/ (shared with `python -m pelib compare --pre
     OUT.mkdir(exist_ok=True)
     runs = preset("llm")
 before = {p.name: p.stat().st_mtime for p in OUT.glob("*.json")}
+missing = len(runs) - len(run_all(runs, OUT, progress=False, finished_only=True))
+if missing and not FAST:  # said before it starts: at full size a run takes up to an hour here
+    print(f"TRAINING {missing} OF THE {len(runs)} RUNS OF `python -m pelib compare --preset llm` NOW "
+          "(their records are not in results/): hours on a laptop's CPU; stop the kernel and run "
+          "the preset from a terminal to keep them going in the background")
 t0 = time.time()
 records = run_all(runs, OUT, progress=False)
 reused = [r["name"] for r in records if before.get(r["name"] + ".json") is not None
