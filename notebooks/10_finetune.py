@@ -84,7 +84,7 @@ else:  # the llm preset, in results/ (shared with `python -m pelib compare --pre
     runs = preset("llm")
 before = {p.name: p.stat().st_mtime for p in OUT.glob("*.json")}
 missing = len(runs) - len(run_all(runs, OUT, progress=False, finished_only=True))
-if missing and not FAST:  # said before it starts: at full size a run takes up to an hour here
+if missing and not FAST:  # said before it starts: at full size a run takes up to an hour on 2 cores
     print(f"TRAINING {missing} OF THE {len(runs)} RUNS OF `python -m pelib compare --preset llm` NOW "
           "(their records are not in results/): hours on a laptop's CPU; stop the kernel and run "
           "the preset from a terminal to keep them going in the background")

@@ -167,7 +167,7 @@ PRESETS = {
     # SmolLM2-135M instruction-tuned on all Banking77 rows, one epoch each, greedy decoding on
     # the test split, below the zero-shot floor (the same model untrained, the names in its prompt)
     "sft": (Part("smollm2", B77, SFT_ROWS, ()),),
-    # SFT's LoRA and QLoRA over seeds 0-2: the gap between them is smaller than one seed's noise
+    # SFT's LoRA and QLoRA over seeds 0-2, to compare means; seed 0 is the sft preset's run
     "sft-seeds": (Part("smollm2", B77, ("sft-lora", "sft-qlora"), (), (0, 1, 2)),),
     # SFT LoRA's lr at 1/2, 1 and 2x, on 3,000 training rows, by greedy decoding on the dev split
     "sft-lr": (Part("smollm2", B77, ("sft-lora",), SFT_GRID_SIZE, lr_grid=True),),

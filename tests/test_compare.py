@@ -112,8 +112,8 @@ def test_presets_cover_every_method_and_the_peer():
     seeds = preset("sft-seeds")  # LoRA and QLoRA over 3 seeds; seed 0 is the sft preset's run
     assert [(label, a[a.index("--seed") + 1]) for label, a in seeds] == [
         (label, seed) for seed in "012" for label in ("LoRA r=8, SFT", "QLoRA r=8 (NF4+DQ), SFT")]
-    sft = [a for _, a in preset("sft")]
-    assert all(a in sft for _, a in seeds[:2])  # the same arguments, so the same file: reused
+    one_seed = [a for _, a in preset("sft")]
+    assert all(a in one_seed for _, a in seeds[:2])  # the same arguments, so the same file: reused
 
 
 def test_bad_inputs_are_clear(tmp_path):
